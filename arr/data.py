@@ -1,0 +1,319 @@
+"""Data: SFT examples with response-only loss masks, a packed replay stream, and their interleaving.
+
+Each source keeps its own loss mask: an SFT row trains on its assistant turns only, a replay row on every token.
+Rows carry `is_replay` so the objective can tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from .errors import DataError
+from .objective import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# --------------------------------------------------------------------------------------------------------- SFT
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of a JSONL file, or of a JSON file holding a list of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(path, f"not valid UTF-8 (byte {e.start})", line) from None
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON: {e.msg}", e.lineno) from None
+        if not isinstance(records, list):
+            raise DataError(path, "a .json SFT file must hold a list of records")
+        pairs = list(enumerate(records, start=1))
+    else:
+        pairs = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", lineno) from None
+    if not pairs:
+        raise DataError(path, "no records: the file is empty")
+    for lineno, record in pairs:
+        if not isinstance(record, dict):
+            raise DataError(path, f"expected a JSON object, got {type(record).__name__}", lineno)
+    return pairs
+
+
+def detect_format(record: dict) -> str | None:
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def record_to_turns(record: dict, fmt: str) -> tuple[list[dict], bool]:
+    """Messages of one record, and whether they came from a chat format (which needs a chat template).
+    Raises ValueError with a one-line reason; the caller adds the file and line."""
+    fmt = detect_format(record) if fmt == "auto" else fmt
+    if fmt is None:
+        raise ValueError(
+            f"no known fields (keys: {', '.join(sorted(record)) or 'none'}); expected 'messages', "
+            "'instruction'+'output' or 'prompt'+'completion'"
+        )
+    if fmt == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} needs a string 'content'")
+            if m.get("role") not in ROLES:
+                raise ValueError(f"message {i} has unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        turns, chat = [{"role": m["role"], "content": m["content"]} for m in messages], True
+    elif fmt == "alpaca":
+        fields = [record.get(k) for k in ("instruction", "input", "output")]
+        if not all(isinstance(v, str) for v in (fields[0], fields[2])):
+            raise ValueError("alpaca records need string 'instruction' and 'output'")
+        prompt = fields[0] if not fields[1] else f"{fields[0]}\n\n{fields[1]}"
+        turns, chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields[2]}], False
+    elif fmt == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("'prompt' and 'completion' must be strings")
+        turns, chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], False
+    else:
+        raise ValueError(f"unknown sft_format {fmt!r}")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise ValueError("no assistant turn to train on")
+    for i, t in enumerate(turns):
+        if t["role"] == "assistant" and not t["content"].strip():
+            raise ValueError(f"assistant turn (message {i}) is empty")
+    return turns, chat
+
+
+def render_chat(turns: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of a conversation and the character spans of its assistant turns. A span covers the
+    turn's content and its end-of-turn token (the tokenizer's EOS), not the template's newline after it."""
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    eos = tokenizer.eos_token or ""
+    spans = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        start_text = tokenizer.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        end_text = tokenizer.apply_chat_template(turns[: i + 1], tokenize=False)
+        if not (text.startswith(start_text) and text.startswith(end_text)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; cannot mask turns")
+        start, end = len(start_text), len(end_text)
+        eos_at = text.rfind(eos, start, end) if eos else -1
+        spans.append((start, eos_at + len(eos) if eos_at >= 0 else end))
+    return text, spans
+
+
+def render_plain(turns: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Prompt and completion concatenated, for tokenizers without a chat template; the completion and EOS train."""
+    prompt, completion = turns[0]["content"], turns[1]["content"] + (tokenizer.eos_token or "")
+    return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+
+
+def tokenize_turns(turns: list[dict], chat: bool, tokenizer, max_length: int) -> dict:
+    """input_ids and labels (unshifted; -100 outside the assistant spans), cut to max_length from the right."""
+    if tokenizer.chat_template:
+        text, spans = render_chat(turns, tokenizer)
+    elif chat or len(turns) != 2:
+        raise ValueError("chat data needs a tokenizer with a chat template, and this tokenizer has none")
+    else:
+        text, spans = render_plain(turns, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = enc["input_ids"][:max_length]
+    labels = [
+        tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+        for tok, (s, _) in zip(input_ids, enc["offset_mapping"])
+    ]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise ValueError(f"no trainable (assistant) token is left after truncation to max_length={max_length}")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_sft_examples(records: Sequence[tuple[object, dict]], source, tokenizer, max_length: int,
+                       fmt: str = "auto") -> list[dict]:
+    """Tokenize (line, record) pairs; any bad record raises a DataError naming `source` and its line."""
+    if not records:
+        raise DataError(source, "no SFT records")
+    examples = []
+    for line, record in tqdm(records, desc="Tokenizing SFT data", disable=len(records) < 1000):
+        try:
+            examples.append(tokenize_turns(*record_to_turns(record, fmt), tokenizer, max_length))
+        except ValueError as e:
+            raise DataError(source, str(e), line) from None
+    return examples
+
+
+def load_sft_examples(data, tokenizer, max_length: int, fmt: str = "auto") -> list[dict]:
+    """SFT examples from a JSONL/JSON path, a list of records, or a `datasets.Dataset` of records."""
+    if isinstance(data, (str, Path)):
+        return build_sft_examples(read_jsonl(data), data, tokenizer, max_length, fmt)
+    return build_sft_examples([(f"record {i}", dict(r)) for i, r in enumerate(data)], "train_dataset", tokenizer,
+                              max_length, fmt)
+
+
+# ------------------------------------------------------------------------------------------------------ replay
+
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def stream_replay_texts(source: str, text_field: str = "text", split: str = "train", seed: int = 0) -> Iterator[str]:
+    """Texts of a replay corpus, streamed (never loaded whole) and shuffled in a buffer, via `datasets`.
+    A .txt file gives one document per paragraph (blank-line separated)."""
+    from datasets import load_dataset  # heavy import, only needed for corpora given by path or hub id
+
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+    if path.exists():
+        builders = {_BUILDERS.get(p.suffix) for p in files}
+        if not files or None in builders or len(builders) != 1:
+            raise DataError(source, f"replay corpus must be one kind of {', '.join(_BUILDERS)} file")
+        if any(p.stat().st_size == 0 for p in files):
+            raise DataError(next(p for p in files if p.stat().st_size == 0), "empty replay corpus file")
+        builder = builders.pop()
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        stream = load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
+    else:
+        stream = load_dataset(source, split=split, streaming=True)
+    texts = 0
+    for i, row in enumerate(stream.shuffle(seed=seed, buffer_size=10_000)):
+        if text_field not in row:
+            raise DataError(source, f"replay record {i} has no field {text_field!r} (has: {', '.join(row)})")
+        text = row[text_field].strip() if isinstance(row[text_field], str) else ""
+        if text:
+            texts += 1
+            yield text
+    if not texts:
+        raise DataError(source, "the replay corpus holds no text")
+
+
+def pack_replay(texts: Iterable[str], tokenizer, seq_length: int, max_sequences: int, source="replay corpus"
+                ) -> torch.Tensor:
+    """Tokenize texts (each followed by EOS) into one stream and cut it into [n, seq_length] blocks, reading only
+    as many texts as `max_sequences` blocks need. The tail shorter than a block is dropped."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    blocks, buffer = [], []
+    with tqdm(total=max_sequences, desc="Packing replay sequences", unit="seq") as bar:
+        for text in texts:
+            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+            while len(buffer) >= seq_length and len(blocks) < max_sequences:
+                blocks.append(buffer[:seq_length])
+                buffer = buffer[seq_length:]
+                bar.update()
+            if len(blocks) >= max_sequences:
+                break
+    if not blocks:
+        raise DataError(source, f"replay corpus is empty or shorter than one sequence of {seq_length} tokens")
+    return torch.tensor(blocks, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------- interleaving
+
+
+class MixedDataset(Dataset):
+    """Indices [0, n_sft) are SFT examples, [n_sft, n_sft + n_replay) packed replay sequences."""
+
+    def __init__(self, sft: list[dict], replay: torch.Tensor | None = None):
+        self.sft = sft
+        self.replay = replay if replay is not None else torch.empty(0, 0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.sft) + len(self.replay)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.sft):
+            return {**self.sft[i], "is_replay": False}
+        block = self.replay[i - len(self.sft)].tolist()
+        return {"input_ids": block, "labels": block, "is_replay": True}
+
+
+def _rounded(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+class ReplayMixSampler(Sampler[int]):
+    """Orders a MixedDataset so that every optimizer step (`global_batch` consecutive indices: per-device batch x
+    gradient accumulation x processes) holds round((s+1)*g*r) - round(s*g*r) replay sequences at step s. The count
+    of replay sequences after S steps is round(S * g * r): the ratio is exact over a run up to one sequence.
+
+    SFT and replay indices come from two endless streams of seeded permutations, so the whole order is a pure
+    function of (seed, step): deterministic, resumable, and identical on every rank (accelerate then hands each
+    rank its own slice of every step)."""
+
+    def __init__(self, n_sft: int, n_replay: int, global_batch: int, ratio: float, seed: int):
+        if not 0 < ratio < 1 or n_replay < 1:
+            raise ValueError("ReplayMixSampler needs 0 < ratio < 1 and a non-empty replay pool")
+        self.n_sft, self.n_replay, self.global_batch, self.ratio, self.seed = n_sft, n_replay, global_batch, ratio, seed
+        self.steps_per_epoch = math.ceil(n_sft / (global_batch * (1 - ratio)))
+        self.epoch = 0
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+
+    def replay_before(self, step: int) -> int:
+        """Replay sequences drawn in steps [0, step)."""
+        return _rounded(step * self.global_batch * self.ratio)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.global_batch
+
+    def _stream(self, which: int, n: int, position: int) -> int:
+        cycle = position // n
+        key = (which, cycle)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * cycle + which)
+            self._perms[key] = torch.randperm(n, generator=g)
+        return int(self._perms[key][position % n])
+
+    def __iter__(self) -> Iterator[int]:
+        first = self.epoch * self.steps_per_epoch
+        for step in range(first, first + self.steps_per_epoch):
+            r0, r1 = self.replay_before(step), self.replay_before(step + 1)
+            s0, s1 = step * self.global_batch - r0, (step + 1) * self.global_batch - r1
+            yield from (self._stream(0, self.n_sft, p) for p in range(s0, s1))
+            yield from (self.n_sft + self._stream(1, self.n_replay, p) for p in range(r0, r1))
+
+
+class Collator:
+    """Right-pads a list of rows into input_ids / attention_mask / labels (-100 on padding) / is_replay."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            attention_mask[i, :n] = 1
+        is_replay = torch.tensor([bool(r.get("is_replay", False)) for r in rows])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "is_replay": is_replay}

@@ -1,0 +1,131 @@
+"""The training recipe, start to end (setup / train / save), as one readable function."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import resources
+from .config import ARRConfig, DataArguments, ModelArguments
+from .data import stream_replay_texts
+from .errors import ConfigError
+from .trainer import LOSS_PART_NAMES, ARRTrainer
+
+CONFIG_FILE = "arr_config.yaml"
+METRICS_FILE = "metrics.json"
+
+
+def lora_config(model_args: ModelArguments) -> LoraConfig:
+    init = model_args.init_lora_weights
+    init = {"true": True, "false": False}.get(str(init).lower(), init)
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        init_lora_weights=init,
+    )
+
+
+def load_model_and_tokenizer(model_args: ModelArguments):
+    path = model_args.model_name_or_path or str(resources.default_model_path())
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype, None)
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise ConfigError(f"dtype: unknown dtype {model_args.dtype!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:  # a missing folder, an unreachable or unknown hub id, a broken config
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"model_name_or_path: cannot load {path!r}: {reason}") from None
+    return model, tokenizer
+
+
+def check_output_dir(path: str) -> None:
+    """Fail before any work if the output directory cannot be written."""
+    out = Path(path)
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {path!r} is not writable")
+
+
+def save_atomically(write, directory: Path, last: str) -> None:
+    """Run `write(tmp_dir)`, then move its files into `directory`, the file `last` at the end: a reader that sees
+    `last` sees every other file complete. Used for the final adapter and the metrics."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+        write(Path(tmp))
+        names = sorted(os.listdir(tmp), key=lambda n: n == last)
+        for name in names:
+            target = directory / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(Path(tmp) / name, target)
+
+
+def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
+    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return json.loads(json.dumps(
+        {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training}, default=str))
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
+    """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics."""
+    check_output_dir(config.output_dir)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    sft = data_args.sft_data or resources.date_task("train")
+    replay = None
+    if config.uses_replay:
+        replay = (stream_replay_texts(data_args.replay_data, data_args.replay_text_field, data_args.replay_split,
+                                      config.seed)
+                  if data_args.replay_data else resources.wiki_replay_texts(seed=config.seed))
+    trainer = ARRTrainer(
+        model=model, args=config, train_dataset=sft, processing_class=tokenizer, peft_config=lora_config(model_args),
+        replay_dataset=replay, sft_format=data_args.sft_format,
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - start
+
+    parts_history = [
+        {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES) if k in h}}
+        for h in trainer.state.log_history if "sft_ce" in h
+    ]
+    metrics = {
+        "train_seconds": round(seconds, 2),
+        "global_steps": result.global_step,
+        "train_loss": result.training_loss,
+        "replay_sequences": len(trainer.train_dataset.replay),
+        "sft_examples": len(trainer.train_dataset.sft),
+        "final": parts_history[-1] if parts_history else {},
+        "history": parts_history,
+    }
+    out = Path(config.output_dir)
+    if trainer.is_world_process_zero():
+        def write(tmp: Path):
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config(model_args, data_args, config),
+                                                          sort_keys=False))
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+        save_atomically(write, out, last="adapter_config.json")
+        if config.save_merged_model:
+            merged = trainer.model.merge_and_unload()
+            save_atomically(lambda tmp: (merged.save_pretrained(tmp / "merged"), tokenizer.save_pretrained(
+                tmp / "merged")), out, last="merged")
+    return metrics

@@ -1,0 +1,132 @@
+"""`ARRTrainer`: a `transformers.Trainer` whose `compute_loss` is the ARR objective.
+
+It is a drop-in where a TRL `SFTTrainer` script stands: `ARRTrainer(model, args=ARRConfig(...), train_dataset=...,
+processing_class=tokenizer, peft_config=LoraConfig(...), replay_dataset=...)`. Everything distributed (DDP, FSDP,
+DeepSpeed), checkpointing, logging and mixed precision is the Trainer's, driven by accelerate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+from .config import ARRConfig
+from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
+                   stream_replay_texts)
+from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
+from .reference import check_reference_is_initial, reference_logits
+
+LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce")
+
+
+class ARRTrainer(Trainer):
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        args: ARRConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        replay_dataset: str | Iterable[str] | torch.Tensor | None = None,
+        sft_format: str = "auto",
+        **kwargs,
+    ):
+        """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
+        already tokenized rows with `input_ids` and `labels`. `replay_dataset`: a corpus path or hub id, an iterable
+        of texts, or packed [n, seq_length] token blocks; needed when `args.replay_ratio > 0`."""
+        args = args or ARRConfig()
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if peft_config is not None and not isinstance(model, PeftModel):
+            model = get_peft_model(model, peft_config)
+        if not isinstance(model, PeftModel):
+            raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
+        check_reference_is_initial(model)
+        tokenizer = processing_class
+
+        sft = train_dataset
+        if sft is None:
+            raise ValueError("train_dataset is required")
+        if not (isinstance(sft, list) and sft and "input_ids" in sft[0]):
+            sft = load_sft_examples(sft, tokenizer, args.max_length, sft_format)
+
+        self.replay_sampler = None
+        replay = None
+        if args.uses_replay:
+            if replay_dataset is None:
+                raise ValueError("replay_ratio > 0 needs a replay_dataset")
+            global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            probe = ReplayMixSampler(len(sft), 1, global_batch, args.replay_ratio, args.seed)
+            total_steps = args.max_steps if args.max_steps > 0 else int(probe.steps_per_epoch * args.num_train_epochs)
+            needed = max(1, probe.replay_before(total_steps))
+            if args.replay_max_sequences is not None:
+                needed = min(needed, args.replay_max_sequences)
+            replay = replay_dataset
+            if isinstance(replay, str):
+                replay = stream_replay_texts(replay, seed=args.seed)
+            if not isinstance(replay, torch.Tensor):
+                replay = pack_replay(replay, tokenizer, args.replay_seq_length, needed)
+            self.replay_sampler = ReplayMixSampler(len(sft), len(replay), global_batch, args.replay_ratio, args.seed)
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
+                         data_collator=kwargs.pop("data_collator", Collator(pad_id)),
+                         processing_class=tokenizer, **kwargs)
+        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight)
+        # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
+        self.loss_is_scaled_for_ga = True
+        self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
+        self._part_steps_logged = 0
+
+    # ------------------------------------------------------------------------------------------------- data
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.replay_sampler or super()._get_train_sampler(train_dataset)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Per-part token counts [sft, kl, replay] of one optimizer step, summed over its micro-batches and (as
+        the Trainer does for its own count) over all processes."""
+        if not batch_samples:
+            return None
+        counts = sum(count_tokens(b, self.args.kl_on).as_tensor() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts
+
+    # ------------------------------------------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, is_replay = inputs["labels"], inputs["is_replay"]
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay")}
+        counts = TokenCounts.from_tensor(num_items_in_batch) if num_items_in_batch is not None else None
+        ref_logits = None
+        if self.objective.needs_reference:
+            ref_logits = reference_logits(model, self.accelerator.unwrap_model(model), model_inputs)
+        outputs = model(**model_inputs)
+        parts: LossParts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits,
+                                          counts)
+        loss = parts.total
+        if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._part_sums += torch.stack([p.detach().float().cpu() for p in parts[1:]])
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""
+        steps = self.state.global_step - self._part_steps_logged
+        if "loss" in logs and steps > 0:
+            sums = self._part_sums.to(self.args.device)
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs.update({name: round(v / steps, 6) for name, v in zip(LOSS_PART_NAMES, sums.tolist())})
+            logs["beta"] = self.objective.beta
+            self._part_sums.zero_()
+            self._part_steps_logged = self.state.global_step
+        super().log(logs, start_time)

@@ -1,0 +1,176 @@
+import pytest
+import torch
+
+from arr import resources
+from arr.data import (IGNORE_INDEX, Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay)
+from arr.errors import DataError
+from conftest import make_tokenizer, write_jsonl
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+
+def test_single_turn_trains_on_answer_and_end_of_turn_only(tokenizer):
+    [ex] = load_sft_examples([{"messages": [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Capital of France?"},
+                                            {"role": "assistant", "content": "Paris."}]}], tokenizer, 128)
+    assert trained_text(tokenizer, ex) == "Paris.<|im_end|>"
+    full = tokenizer.decode(ex["input_ids"])
+    assert full.endswith("<|im_start|>assistant\nParis.<|im_end|>\n")  # the newline after the turn is not trained
+    assert ex["labels"][-1] == IGNORE_INDEX
+
+
+def test_multi_turn_trains_every_assistant_turn(tokenizer):
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
+             {"role": "user", "content": "the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    [ex] = load_sft_examples([{"messages": turns}], tokenizer, 256)
+    assert trained_text(tokenizer, ex) == "hello world<|im_end|>Paris.<|im_end|>"
+    masked = tokenizer.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l == IGNORE_INDEX])
+    assert "the capital of France?" in masked and "user" in masked
+
+
+def test_alpaca_and_prompt_completion_use_the_chat_template(tokenizer):
+    alpaca, pc, msgs = load_sft_examples([
+        {"instruction": "Add", "input": "1 and 2", "output": "3"},
+        {"prompt": "Add\n\n1 and 2", "completion": "3"},
+        {"messages": [{"role": "user", "content": "Add\n\n1 and 2"}, {"role": "assistant", "content": "3"}]},
+    ], tokenizer, 128)
+    assert alpaca == pc == msgs
+    assert trained_text(tokenizer, alpaca) == "3<|im_end|>"
+
+
+def test_plain_prompt_completion_without_chat_template():
+    tok = make_tokenizer(chat_template=None)
+    [ex] = load_sft_examples([{"prompt": "Q: 2+2? A:", "completion": " 4"}], tok, 64)
+    assert tok.decode(ex["input_ids"]) == "Q: 2+2? A: 4<|im_end|>"
+    assert trained_text(tok, ex) == " 4<|im_end|>"
+
+
+def test_truncation_keeps_the_start(tokenizer):
+    [ex] = load_sft_examples([{"prompt": "hi", "completion": "the quick brown fox jumps over the lazy dog"}],
+                             tokenizer, 14)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 14
+    assert tokenizer.decode(ex["input_ids"]).startswith("<|im_start|>user\nhi")
+
+
+@pytest.mark.parametrize("content, line, message", [
+    ('{"messages": [}', 2, "invalid JSON"),
+    ('{"text": "no known fields"}', 2, "no known fields"),
+    ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', 2, "unknown role"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}', 2, "is empty"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', 2, "no assistant turn"),
+    ('{"instruction": "x"}', 2, "no known fields"),
+    ('[1, 2]', 2, "expected a JSON object"),
+    ('{"prompt": "' + "long prompt " * 40 + '", "completion": "y"}', 2, "no trainable"),
+])
+def test_bad_records_name_file_and_line(tmp_path, tokenizer, content, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "fine"}\n' + content + "\n")
+    with pytest.raises(DataError, match=rf"data\.jsonl:{line}: .*{message}"):
+        load_sft_examples(str(path), tokenizer, 32)
+
+
+def test_empty_missing_and_non_utf8_files(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        load_sft_examples(str(empty), tokenizer, 32)
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
+        load_sft_examples(str(tmp_path / "missing.jsonl"), tokenizer, 32)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(DataError, match="latin1.jsonl:2: not valid UTF-8"):
+        load_sft_examples(str(bad), tokenizer, 32)
+
+
+def test_chat_data_needs_a_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "x"},
+                                                               {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(DataError, match="chat.jsonl:1: chat data needs a tokenizer with a chat template"):
+        load_sft_examples(path, make_tokenizer(chat_template=None), 32)
+
+
+@pytest.mark.parametrize("global_batch, ratio", [(8, 0.25), (8, 0.3), (6, 0.5), (16, 0.1)])
+def test_replay_ratio_is_exact_and_deterministic(global_batch, ratio):
+    sampler = ReplayMixSampler(n_sft=50, n_replay=7, global_batch=global_batch, ratio=ratio, seed=3)
+    order = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order += list(sampler)
+    steps = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    assert all(len(s) == global_batch for s in steps)
+    replay_per_step = [sum(i >= 50 for i in s) for s in steps]
+    exact = global_batch * ratio
+    assert all(abs(c - exact) < 1 for c in replay_per_step)  # every step within one sequence of the ratio
+    for n in range(1, len(steps) + 1):  # cumulative count is the rounded exact count
+        assert abs(sum(replay_per_step[:n]) - n * exact) <= 0.5
+    # each epoch's SFT draws cover the data set (no example starved), and the order is a function of the seed
+    first_epoch_sft = [i for i in order[:len(sampler)] if i < 50]
+    assert set(first_epoch_sft) == set(range(50))
+    again = ReplayMixSampler(50, 7, global_batch, ratio, seed=3)
+    assert list(again) == order[:len(sampler)]
+    assert list(ReplayMixSampler(50, 7, global_batch, ratio, seed=4)) != order[:len(sampler)]
+
+
+def test_mixed_rows_keep_their_own_loss_mask(tokenizer):
+    sft = load_sft_examples([{"prompt": "hi", "completion": "yo"}], tokenizer, 64)
+    replay = torch.arange(10, 30).reshape(2, 10)
+    batch = Collator(tokenizer.pad_token_id)([MixedDataset(sft, replay)[i] for i in range(3)])
+    assert batch["is_replay"].tolist() == [False, True, True]
+    assert torch.equal(batch["labels"][1, :10], replay[0])  # replay trains on every token
+    sft_labels = batch["labels"][0][batch["attention_mask"][0].bool()]
+    assert (sft_labels == IGNORE_INDEX).sum() > 0  # SFT prompt masked
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding never trains
+
+
+def test_pack_replay_reads_only_what_it_needs(tokenizer):
+    consumed = []
+
+    def texts():
+        for i in range(1000):
+            consumed.append(i)
+            yield f"document {i} about foxes and dogs."
+
+    blocks = pack_replay(texts(), tokenizer, seq_length=16, max_sequences=5)
+    assert blocks.shape == (5, 16)
+    assert len(consumed) < 20
+    flat = blocks.flatten().tolist()
+    assert tokenizer.eos_token_id in flat  # documents are separated by EOS
+    with pytest.raises(DataError, match="empty"):
+        pack_replay(iter([]), tokenizer, 16, 5)
+
+
+def test_stream_replay_corpus_files(tmp_path, tokenizer):
+    from arr.data import stream_replay_texts
+
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    assert sorted(stream_replay_texts(str(txt))) == ["first paragraph\nstill first", "second paragraph"]
+    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"body": "a"}, {"body": "b"}])
+    assert sorted(stream_replay_texts(jsonl, text_field="body")) == ["a", "b"]
+    with pytest.raises(DataError, match="c.jsonl: replay record 0 has no field 'text'"):
+        list(stream_replay_texts(jsonl))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty.txt: empty replay corpus"):
+        list(stream_replay_texts(str(tmp_path / "empty.txt")))
+
+
+def test_wiki_replay_never_draws_a_heldout_title():
+    heldout = {r["extract"] for r in resources.wiki_split("heldout")}
+    replay = resources.wiki_split("replay")
+    assert 800 < len(heldout) < 1200 and len(replay) > 8000
+    assert not heldout & {r["extract"] for r in replay}
+    assert not {r["title"] for r in resources.wiki_split("heldout")} & {r["title"] for r in replay}
+    stream = resources.wiki_replay_texts(seed=0)
+    drawn = [next(stream) for _ in range(2 * len(replay))]  # two full passes
+    assert not heldout & set(drawn)
+    assert set(drawn) == {r["extract"] for r in replay}
+
+
+def test_date_task_is_deterministic_and_disjoint():
+    train, test = resources.date_task("train"), resources.date_task("test")
+    assert len(train) == 200 and len(test) == 100
+    assert train == resources.date_task("train")
+    answers = lambda rows: {r["messages"][1]["content"] for r in rows}  # noqa: E731
+    assert not answers(train) & answers(test)

@@ -1,0 +1,126 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from arr.data import Collator, load_sft_examples
+from arr.objective import ARRObjective, token_kl
+from arr.reference import reference_logits
+from conftest import replay_texts, sft_records
+
+LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+
+def batch_of(tokenizer, n=4, replay_rows=0):
+    rows = [{**ex, "is_replay": False} for ex in load_sft_examples(sft_records(n), tokenizer, 64)]
+    for text in replay_texts(replay_rows):
+        ids = tokenizer(text)["input_ids"][:16]
+        rows.append({"input_ids": ids, "labels": ids, "is_replay": True})
+    return Collator(tokenizer.pad_token_id)(rows)
+
+
+def peft_model(model_dir, init="true", seed=0):
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(**LORA, init_lora_weights=True if init == "true" else init))
+    for name, p in model.named_parameters():  # move B off zero so gradients reach every LoRA matrix
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_beta0_no_replay_equals_plain_lora_loss_and_gradients(model_dir, tokenizer):
+    batch = batch_of(tokenizer)
+    model = peft_model(model_dir)
+    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    plain.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    parts = ARRObjective(beta=0.0)(logits, batch["labels"], batch["attention_mask"], batch["is_replay"])
+    parts.total.backward()
+    assert parts.total.item() == pytest.approx(plain.item(), abs=1e-6)
+    assert parts.kl.item() == 0 and parts.replay_ce.item() == 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-7, rtol=1e-5)
+
+
+def naive_kl(logits, ref_logits, direction):
+    """Token by token, float64, straight from the definition."""
+    out = []
+    for row, ref_row in zip(logits.double(), ref_logits.double()):
+        p, q = torch.softmax(row, -1), torch.softmax(ref_row, -1)
+        out.append((q * (q.log() - p.log())).sum() if direction == "forward" else (p * (p.log() - q.log())).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_and_its_gradient_match_naive_definition(direction):
+    torch.manual_seed(0)
+    logits = torch.randn(7, 50, requires_grad=True)
+    ref = torch.randn(7, 50)
+    ours = token_kl(logits, ref, direction)
+    naive = naive_kl(logits, ref, direction)
+    torch.testing.assert_close(ours.double(), naive, atol=1e-5, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_naive,) = torch.autograd.grad(naive.sum(), logits)
+    torch.testing.assert_close(g_ours, g_naive, atol=1e-6, rtol=1e-5)
+    if direction == "forward":  # d KL(q||p) / d logits = p - q
+        torch.testing.assert_close(g_ours, torch.softmax(logits, -1) - torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokenizer):
+    batch = batch_of(tokenizer, replay_rows=2)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    untouched = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        expected = untouched(**inputs).logits
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**LORA))
+    objective = ARRObjective(beta=1.0, kl_on="all")
+
+    ref = reference_logits(model, model, inputs)
+    torch.testing.assert_close(ref, expected, atol=0, rtol=0)
+    parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"], ref)
+    assert parts.kl.item() == pytest.approx(0.0, abs=1e-7)
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # B = 0 at init, so step one moves only B; step two moves the logits
+        parts.total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"],
+                          reference_logits(model, model, inputs))
+    assert parts.kl.item() > 1e-4
+    # the reference is still the untouched model after training
+    torch.testing.assert_close(reference_logits(model, model, inputs), expected, atol=0, rtol=0)
+
+
+def test_kl_on_selects_positions(tokenizer):
+    batch = batch_of(tokenizer, n=2, replay_rows=2)
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, 20)
+    ref = torch.randn_like(logits)
+    mask = batch["attention_mask"][:, 1:].bool()
+    rows = batch["is_replay"][:, None]
+    per_token = token_kl(logits[:, :-1], ref[:, :-1], "forward")
+    for kl_on, selected in [("sft", mask & ~rows), ("replay", mask & rows), ("all", mask)]:
+        labels = torch.zeros_like(batch["labels"])
+        parts = ARRObjective(beta=1.0, kl_on=kl_on)(logits, labels, batch["attention_mask"], batch["is_replay"], ref)
+        assert parts.kl.item() == pytest.approx(per_token[selected].mean().item(), rel=1e-5)
+
+
+def test_replay_ce_is_mean_over_every_replay_token(tokenizer):
+    batch = batch_of(tokenizer, n=2, replay_rows=2)
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, len(tokenizer))
+    parts = ARRObjective(beta=0.0, replay_weight=0.5)(logits, batch["labels"], batch["attention_mask"],
+                                                      batch["is_replay"])
+    replay = batch["is_replay"]
+    ce = torch.nn.functional.cross_entropy(logits[replay, :-1].reshape(-1, logits.shape[-1]),
+                                           batch["labels"][replay, 1:].reshape(-1), reduction="none")
+    n_real = batch["attention_mask"][replay, 1:].sum()
+    assert parts.replay_ce.item() == pytest.approx((ce.sum() / n_real).item(), rel=1e-6)
+    assert parts.total.item() == pytest.approx(parts.sft_ce.item() + 0.5 * parts.replay_ce.item(), rel=1e-6)
