@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -17,13 +18,16 @@ import yaml
 
 from .errors import ARRError, ConfigError
 
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+
 USAGE = """usage: arr <command> [options]
 
 Fine-tune causal language models with LoRA without forgetting (Approximate Regularized Replay).
 
 commands:
   train [CONFIG.yaml] [key=value ...] [--resume] [--debug]
-        Fine-tune. With no config: SmolLM2-135M-Instruct on the bundled date task with Wikipedia replay.
+        Fine-tune. With no config: the embedded default recipe (arr/recipes/default.yaml), SmolLM2-135M-Instruct
+        on the bundled date task with Wikipedia replay.
         `arr train --help` explains every key.
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
@@ -46,7 +50,7 @@ def _parser():
     parser = HfArgumentParser(_dataclasses(), prog="arr train", epilog=TRAIN_EPILOG)
 
     def error(message):  # argparse would print usage and exit; we want one line naming the key
-        raise ConfigError(message.replace("argument --", "config key ").replace("/--", "/"))
+        raise ConfigError(re.sub(r"argument --(\w+)(/--[\w-]+)?", r"config key \1", message))
 
     parser.error = error
     return parser
@@ -113,6 +117,9 @@ def train_command(args: list[str]) -> int:
         raise ConfigError(f"unknown flag {unknown_flags[0]!r}; options are key=value (see arr train --help)")
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
+    if config_path is None:
+        config_path = str(DEFAULT_RECIPE)
+        print(f"No CONFIG.yaml given: running the embedded default recipe {DEFAULT_RECIPE}", flush=True)
     model_args, data_args, config = build_config(read_config(config_path, overrides))
 
     from .train import run

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import resources
 from .config import ARRConfig, DataArguments, ModelArguments
-from .data import stream_replay_texts
-from .errors import ConfigError
+from .data import load_sft_examples, stream_replay_texts
+from .errors import ARRError, ConfigError
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
 CONFIG_FILE = "arr_config.yaml"
@@ -41,26 +41,36 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
     )
 
 
-def load_model_and_tokenizer(model_args: ModelArguments):
+def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tokenizer: None):
+    """Tokenizer, then `before_model(tokenizer)` (cheap data checks, so bad data fails fast), then the model."""
     path = model_args.model_name_or_path or str(resources.default_model_path())
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype, None)
     if not isinstance(dtype, (str, torch.dtype)):
         raise ConfigError(f"dtype: unknown dtype {model_args.dtype!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        checked = before_model(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:  # a missing folder, an unreachable or unknown hub id, a broken config
+        if isinstance(e, ARRError):
+            raise
         reason = " ".join(str(e).split())
         raise ConfigError(f"model_name_or_path: cannot load {path!r}: {reason}") from None
-    return model, tokenizer
+    return tokenizer, model, checked
 
 
 def check_output_dir(path: str) -> None:
-    """Fail before any work if the output directory cannot be written."""
-    out = Path(path)
-    existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: {path!r} is not writable")
+    """Fail before any work if the output directory cannot be created and written; leave nothing behind."""
+    out = Path(path).absolute()
+    first_missing = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ConfigError(f"output_dir: {path!r} is not writable ({e.strerror})") from None
+    finally:
+        if first_missing is not None and first_missing.exists():
+            shutil.rmtree(first_missing)
 
 
 def save_atomically(write, directory: Path, last: str) -> None:
@@ -86,17 +96,15 @@ def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
 def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics."""
     check_output_dir(config.output_dir)
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    sft = data_args.sft_data or resources.date_task("train")
+    tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
+        data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
     replay = None
     if config.uses_replay:
         replay = (stream_replay_texts(data_args.replay_data, data_args.replay_text_field, data_args.replay_split,
                                       config.seed)
                   if data_args.replay_data else resources.wiki_replay_texts(seed=config.seed))
-    trainer = ARRTrainer(
-        model=model, args=config, train_dataset=sft, processing_class=tokenizer, peft_config=lora_config(model_args),
-        replay_dataset=replay, sft_format=data_args.sft_format,
-    )
+    trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
+                         peft_config=lora_config(model_args), replay_dataset=replay)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - start

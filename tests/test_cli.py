@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from arr.cli import main
+from conftest import replay_texts, sft_records, write_jsonl
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def files(tmp_path, llama_dir):
+    sft = write_jsonl(tmp_path / "sft.jsonl", sft_records(16))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(replay_texts(40)))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(llama_dir), "sft_data": sft, "replay_data": str(corpus),
+        "output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
+        "replay_seq_length": 16, "beta": 0.2, "replay_ratio": 0.25, "save_strategy": "no",
+        "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"], "disable_tqdm": True,
+    }))
+    return {"sft": sft, "corpus": str(corpus), "config": str(config), "out": tmp_path / "out"}
+
+
+def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_dir):
+    code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01")
+    assert code == 0, err
+    assert "sft_ce=" in out and "kl=" in out and "replay_ce=" in out
+    saved = yaml.safe_load((files["out"] / "arr_config.yaml").read_text())
+    assert saved["learning_rate"] == 0.01 and saved["beta"] == 0.2 and saved["lora_target_modules"] == ["q_proj",
+                                                                                                          "v_proj"]
+    metrics = json.loads((files["out"] / "metrics.json").read_text())
+    assert metrics["global_steps"] == 3 and len(metrics["history"]) == 3
+    assert set(metrics["final"]) >= {"loss", "sft_ce", "kl", "replay_ce"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), files["out"])
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    assert not [p for p in os.listdir(files["out"]) if p.startswith(".saving")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("betta=0.1", "unknown config key 'betta'; did you mean 'beta'?"),
+    ("beta=-1", "beta must be >= 0, got -1"),
+    ("beta=abc", "config key beta: invalid float value: 'abc'"),
+    ("replay_ratio=1", "replay_ratio must be in [0, 1), got 1"),
+    ("replay_ratio=-0.1", "replay_ratio must be in [0, 1), got -0.1"),
+    ("kl_on=prompt", "kl_on must be one of sft, replay, all, got 'prompt'"),
+    ("kl_direction=sideways", "kl_direction must be one of forward, reverse"),
+    ("lora_r=four", "config key lora_r: invalid int value: 'four'"),
+    ("model_name_or_path=/nonexistent/model", "model_name_or_path: cannot load '/nonexistent/model'"),
+    ("output_dir=/proc/arr-out", "output_dir: '/proc/arr-out' is not writable"),
+    ("beta", "override 'beta' is not key=value"),
+])
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(files, capsys, override, message):
+    code, out, err = run_cli(capsys, "train", files["config"], override)
+    assert code == 2
+    assert err.strip().splitlines() == [f"arr: error: {err.strip().removeprefix('arr: error: ')}"]
+    assert message in err
+    assert not files["out"].exists()
+
+
+def test_bad_data_names_file_and_line_and_writes_nothing(files, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(files["sft"]).read() + '{"messages": "oops"\n')
+    code, _, err = run_cli(capsys, "train", files["config"], f"sft_data={bad}")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"arr: error: {bad}:17: invalid JSON")
+    assert err.count("arr: error") == 1 and "Traceback" not in err and "Loading weights" not in err
+    assert not files["out"].exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run_cli(capsys, "train", files["config"], f"replay_data={empty}")
+    assert code == 2 and "empty.txt: empty replay corpus file" in err
+    assert not files["out"].exists()
+
+
+def test_debug_shows_traceback(files, capsys):
+    code, _, err = run_cli(capsys, "train", files["config"], "beta=-1", "--debug")
+    assert code == 2 and "Traceback" in err and "beta must be >= 0" in err
+
+
+def test_help_explains_every_option():
+    from dataclasses import fields
+
+    from arr.config import ARRConfig, DataArguments, ModelArguments
+
+    env = {**os.environ, "COLUMNS": "200"}
+    top = subprocess.run([sys.executable, "-m", "arr", "--help"], capture_output=True, text=True, env=env)
+    assert top.returncode == 0 and "arr train" in top.stdout
+    train = subprocess.run([sys.executable, "-m", "arr", "train", "--help"], capture_output=True, text=True, env=env)
+    assert train.returncode == 0
+    for cls in (ModelArguments, DataArguments, ARRConfig):
+        for f in fields(cls):
+            if f.init and not f.name.startswith("_"):
+                assert f"--{f.name}" in train.stdout, f.name
+    assert "KL(initial || trained)" in train.stdout

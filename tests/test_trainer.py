@@ -1,0 +1,80 @@
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from arr import ARRConfig, ARRTrainer, ConfigError
+from arr.data import Collator, load_sft_examples
+from conftest import replay_texts, sft_records
+
+LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+STEPS = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
+             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=7)
+
+
+def fresh_peft(model_dir, **lora):
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**{**LORA, **lora}))
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_beta0_no_replay_trains_exactly_like_plain_peft_trainer(model_dir, tokenizer, tmp_path):
+    examples = load_sft_examples(sft_records(20), tokenizer, 64)
+    plain = fresh_peft(model_dir)
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **STEPS),
+            train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id)).train()
+
+    ours = fresh_peft(model_dir)
+    trainer = ARRTrainer(ours, ARRConfig(output_dir=str(tmp_path / "arr"), beta=0.0, replay_ratio=0.0, **STEPS),
+                         train_dataset=sft_records(20), processing_class=tokenizer)
+    trainer.train()
+    expected, got = adapter_state(plain), adapter_state(ours)
+    assert expected.keys() == got.keys()
+    moved = max((e - adapter_state(fresh_peft(model_dir))[n]).abs().max().item() for n, e in expected.items())
+    assert moved > 1e-3  # training really moved the adapter
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    plain_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(h["kl"] == 0 and h["replay_ce"] == 0 for h in trainer.state.log_history if "kl" in h)
+    assert len(plain_losses) == 4
+
+
+def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llama_dir, tokenizer, tmp_path):
+    config = ARRConfig(output_dir=str(tmp_path / "out"), beta=0.5, replay_ratio=0.25, replay_seq_length=16, **STEPS)
+    trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    seen = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: seen.append(sum(r["is_replay"] for r in rows)) or collate(rows)
+    trainer.train()
+    assert len(seen) == 8 and sum(seen) == round(4 * 8 * 0.25)  # 4 steps x global batch 8 x 0.25
+    assert [seen[i] + seen[i + 1] for i in range(0, 8, 2)] == [2, 2, 2, 2]
+    history = [h for h in trainer.state.log_history if "kl" in h]
+    assert len(history) == 4
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["kl"] > 0 and all(h["replay_ce"] > 0 and h["sft_ce"] > 0 for h in history)
+    assert history[-1]["loss"] == pytest.approx(
+        history[-1]["sft_ce"] + 0.5 * history[-1]["kl"] + history[-1]["replay_ce"], rel=1e-4)
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    inputs = Collator(tokenizer.pad_token_id)(load_sft_examples(sft_records(3), tokenizer, 64))
+    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter")
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(llama_dir)(**inputs).logits
+    assert (base - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_init_is_refused(llama_dir, tokenizer, tmp_path, init):
+    model = fresh_peft(llama_dir, init_lora_weights=init)
+    with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'.*rewrites the base weights"):
+        ARRTrainer(model, ARRConfig(output_dir=str(tmp_path), **STEPS), train_dataset=sft_records(4),
+                   processing_class=tokenizer, replay_dataset=replay_texts(4))
+    assert not any(tmp_path.iterdir())
