@@ -7,15 +7,20 @@ DeepSpeed), checkpointing, logging and mixed precision is the Trainer's, driven 
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from collections.abc import Iterable
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import ARRConfig
 from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
                    stream_replay_texts)
+from .errors import ARRError
 from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
 from .reference import check_reference_is_initial, reference_logits
 
@@ -43,6 +48,7 @@ class ARRTrainer(Trainer):
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
         if peft_config is not None and not isinstance(model, PeftModel):
+            set_seed(args.seed)  # the LoRA init draws random numbers: same seed, same adapter
             model = get_peft_model(model, peft_config)
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
@@ -82,6 +88,7 @@ class ARRTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
         self._part_steps_logged = 0
+        self._staging_dir = None
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -115,7 +122,12 @@ class ARRTrainer(Trainer):
             # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
             loss = loss * self.accelerator.num_processes
         if model.training:
-            self._part_sums += torch.stack([p.detach().float().cpu() for p in parts[1:]])
+            values = torch.stack([p.detach().float().cpu() for p in parts[1:]])
+            if not torch.isfinite(values).all():
+                name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
+                raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
+                               "lower learning_rate or check the data")
+            self._part_sums += values
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -130,3 +142,29 @@ class ARRTrainer(Trainer):
             self._part_sums.zero_()
             self._part_steps_logged = self.state.global_step
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed into place once complete, so a
+        crash never leaves a `checkpoint-N` that looks complete but is not (resume picks the newest one)."""
+        run_dir = super()._get_output_dir(trial)
+        self._staging_dir = os.path.join(run_dir, ".staging")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(run_dir, ".staging", name), final)
+            os.rmdir(os.path.join(run_dir, ".staging"))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()

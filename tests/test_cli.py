@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -34,7 +35,7 @@ def files(tmp_path, llama_dir):
 
 
 def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_dir):
-    code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01")
+    code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01", "save_merged_model=true")
     assert code == 0, err
     assert "sft_ce=" in out and "kl=" in out and "replay_ce=" in out
     saved = yaml.safe_load((files["out"] / "arr_config.yaml").read_text())
@@ -46,6 +47,10 @@ def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), files["out"])
     assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
     assert not [p for p in os.listdir(files["out"]) if p.startswith(".saving")]
+    merged = AutoModelForCausalLM.from_pretrained(files["out"] / "merged")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("override, message", [
