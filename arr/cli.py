@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import sys
 import traceback
@@ -92,7 +93,7 @@ def build_config(values: dict):
         if value is None:
             continue
         items = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(str(v) for v in items)]
+        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
     try:
         parsed = _parser().parse_args_into_dataclasses(args=argv)
     except ARRError:
@@ -125,6 +126,8 @@ def train_command(args: list[str]) -> int:
     from .train import run
 
     metrics = run(model_args, data_args, config, resume="--resume" in flags)
+    if not config.should_log:  # only the main process reports
+        return 0
     final = metrics["final"]
     print(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps: "
           + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")

@@ -68,6 +68,13 @@ class DataArguments:
     )
     replay_text_field: str = field(default="text", metadata={"help": "Text column of a JSONL/parquet/hub corpus."})
     replay_split: str = field(default="train", metadata={"help": "Split of a `datasets` hub corpus."})
+    replay_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of a `datasets` hub corpus (e.g. 20231101.en)."}
+    )
+
+    def __post_init__(self):
+        if self.sft_format not in SFT_FORMATS:
+            raise ConfigError(f"sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
 
 
 @dataclass

@@ -179,7 +179,8 @@ def load_sft_examples(data, tokenizer, max_length: int, fmt: str = "auto") -> li
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def stream_replay_texts(source: str, text_field: str = "text", split: str = "train", seed: int = 0) -> Iterator[str]:
+def stream_replay_texts(source: str, text_field: str = "text", split: str = "train", seed: int = 0,
+                        config_name: str | None = None) -> Iterator[str]:
     """Texts of a replay corpus, streamed (never loaded whole) and shuffled in a buffer, via `datasets`.
     A .txt file gives one document per paragraph (blank-line separated)."""
     from datasets import load_dataset  # heavy import, only needed for corpora given by path or hub id
@@ -196,7 +197,10 @@ def stream_replay_texts(source: str, text_field: str = "text", split: str = "tra
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         stream = load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
     else:
-        stream = load_dataset(source, split=split, streaming=True)
+        try:
+            stream = load_dataset(source, config_name, split=split, streaming=True)
+        except (OSError, ValueError) as e:  # no such local path and no such (or unreachable) hub data set
+            raise DataError(source, f"cannot load the replay corpus: {' '.join(str(e).split())}") from None
     texts = 0
     for i, row in enumerate(stream.shuffle(seed=seed, buffer_size=10_000)):
         if text_field not in row:

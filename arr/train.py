@@ -101,7 +101,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     replay = None
     if config.uses_replay:
         replay = (stream_replay_texts(data_args.replay_data, data_args.replay_text_field, data_args.replay_split,
-                                      config.seed)
+                                      config.seed, data_args.replay_config)
                   if data_args.replay_data else resources.wiki_replay_texts(seed=config.seed))
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          peft_config=lora_config(model_args), replay_dataset=replay)

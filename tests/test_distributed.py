@@ -1,0 +1,48 @@
+"""Two CPU processes (torch.distributed with gloo, launched by torchrun), under DDP and under FSDP, give the
+per-step losses of one process at the same global batch, replay interleaving included."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import replay_texts, sft_records, write_jsonl
+
+
+FSDP = {"fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True}}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    sft = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(replay_texts(80)))
+    base = dict(model_name_or_path=str(llama_dir), sft_data=sft, replay_data=str(tmp_path / "corpus.txt"),
+                max_steps=4, learning_rate=1e-2, replay_seq_length=16, beta=0.5, replay_ratio=0.25,
+                save_strategy="no", lora_r=4, lora_dropout=0.0, disable_tqdm=True, seed=5, use_cpu=True)
+    runs = {"one": (8, [sys.executable, "-m", "arr"]),
+            "two": (4, [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "arr"])}
+    history = {}
+    for name, (batch, launcher) in runs.items():
+        config = tmp_path / f"{name}.yaml"
+        extra = FSDP if engine == "fsdp" and name == "two" else {}
+        config.write_text(yaml.safe_dump({**base, **extra, "per_device_train_batch_size": batch,
+                                          "output_dir": str(tmp_path / name)}))
+        proc = subprocess.run([*launcher, "train", str(config)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("done in") == 1  # only the main process reports
+        history[name] = json.loads((tmp_path / name / "metrics.json").read_text())["history"]
+    assert len(history["one"]) == len(history["two"]) == 4
+    for one, two in zip(history["one"], history["two"]):
+        for key in ("loss", "sft_ce", "kl", "replay_ce"):
+            assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert history["one"][-1]["kl"] > 0 and history["one"][-1]["replay_ce"] > 0
