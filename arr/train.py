@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -93,6 +94,13 @@ def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
         {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training}, default=str))
 
 
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch when on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics."""
     check_output_dir(config.output_dir)
@@ -115,6 +123,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     ]
     metrics = {
         "train_seconds": round(seconds, 2),
+        "peak_mem_mb": peak_memory_mb(),
         "global_steps": result.global_step,
         "train_loss": result.training_loss,
         "replay_sequences": len(trainer.train_dataset.replay),

@@ -1,0 +1,297 @@
+"""What did the model forget, and what did it learn? General-capability probes before and after a fine-tune.
+
+Every probe runs on data the replay corpus never contains (Wikipedia titles held out by `resources.is_heldout_title`,
+chat exchanges, MMLU questions, the model's own answers). "Before" is the same network with its adapter disabled,
+which for the standard LoRA init is exactly the initial model (see reference.py).
+
+Probes (units in brackets; ↓ = lower is better):
+- heldout_nll     mean next-token NLL per token on held-out Wikipedia lead paragraphs [nats/token ↓]. The PEFT-style
+                  forgetting metric; labels are shifted (token t is scored from tokens < t).
+- knowledge_mc    title -> its Wikipedia description among 4 (3 distractors from other held-out titles), scored by
+                  the mean log-likelihood per continuation token (length-normalised) [accuracy ↑].
+- mmlu            the MMLU questions shipped in lm-eval (tasks/mmlu/flan_cot_fewshot: 282 few-shot samples over 57
+                  subjects, 281 usable; one answers "(E)" to a four-choice question), zero-shot, scored by the
+                  log-likelihood of the answer letter after "The answer is (" [accuracy ↑]. A 135M model is near
+                  chance (0.25) here; it matters for bigger models.
+- chat_nll        NLL per token of the reference answers of chatterbot-corpus English exchanges, in the chat
+                  template [nats/token ↓].
+- behaviour_kl    mean per-token KL(initial || tuned) on the initial model's own greedy answers to fixed general
+                  prompts [nats/token ↓; 0 before by definition].
+- task_em/task_nll  the new task on held-out examples: exact match of the greedy answer [↑], answer NLL [↓].
+
+Headline `forgetting` = mean of (chat_nll after - before, behaviour_kl) in nats/token: the two probes whose text is
+furthest from the replay corpus, so replaying Wikipedia cannot pass for retention. The held-out Wikipedia NLL and the
+multiple-choice accuracies are reported beside it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import resources
+from .objective import token_kl
+
+CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
+GENERAL_PROMPTS = (
+    "What is the capital of France?", "Give me three tips for staying healthy.", "Explain what a rainbow is.",
+    "Write a short poem about the sea.", "How do I boil an egg?", "What is photosynthesis?",
+    "Tell me a fun fact about space.", "Why is the sky blue?", "Summarize the plot of Romeo and Juliet.",
+    "What are the primary colors?", "How many days are there in a leap year?", "Who wrote Pride and Prejudice?",
+    "Suggest a name for a pet cat.", "What is the boiling point of water?", "Describe a healthy breakfast.",
+    "What does a computer processor do?",
+)
+LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
+
+
+@dataclass
+class EvalArgs:
+    """Sizes of the probes (the defaults finish in a few minutes on 2 CPU cores for a 135M model)."""
+
+    heldout_docs: int = field(default=48, metadata={"help": "Held-out Wikipedia paragraphs for heldout_nll."})
+    max_doc_tokens: int = field(default=128, metadata={"help": "Tokens kept of each held-out paragraph."})
+    knowledge_items: int = field(default=80, metadata={"help": "Questions of knowledge_mc."})
+    mmlu_items: int = field(default=48, metadata={"help": "MMLU questions (at most 281)."})
+    chat_items: int = field(default=100, metadata={"help": "chatterbot exchanges for chat_nll."})
+    drift_prompts: int = field(default=12, metadata={"help": f"General prompts for behaviour_kl (<= {len(GENERAL_PROMPTS)})."})
+    drift_tokens: int = field(default=32, metadata={"help": "Greedy answer length for behaviour_kl."})
+    task_items: int = field(default=60, metadata={"help": "Held-out task examples (the bundled task has 100)."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe samples."})
+
+
+# ---------------------------------------------------------------------------------------------- probe data
+
+
+def heldout_documents(n: int, seed: int) -> list[str]:
+    records = resources.wiki_split("heldout")
+    return [r["extract"] for r in random.Random(seed).sample(records, min(n, len(records)))]
+
+
+def knowledge_questions(n: int, seed: int) -> list[tuple[str, list[str], int]]:
+    """(prompt, 4 continuations, index of the right one) from held-out titles with a description."""
+    records = [r for r in resources.wiki_split("heldout") if r.get("description")]
+    rng = random.Random(seed)
+    items = []
+    for record in rng.sample(records, min(n, len(records))):
+        distractors = rng.sample([r["description"] for r in records if r["description"] != record["description"]], 3)
+        choices = distractors + [record["description"]]
+        rng.shuffle(choices)
+        items.append((f"Question: What is {record['title']}?\nAnswer:", [f" {c}" for c in choices],
+                      choices.index(record["description"])))
+    return items
+
+
+def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt ending in 'The answer is (', index of the right letter) from lm-eval's packaged few-shot samples."""
+    folder = resources.package_file(LM_EVAL_PACKAGE, "mmlu/flan_cot_fewshot/_mmlu.yaml").parent
+    items = []
+    for path in sorted(folder.glob("mmlu_*.yaml")):
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for sample in spec["fewshot_config"]["samples"]:
+            answer = re.search(r"answer is \(([ABCD])\)", sample["target"])
+            if answer:
+                items.append((f"{spec['description']}\n\nQ: {sample['question'].strip()}\nA: The answer is (",
+                              "ABCD".index(answer.group(1))))
+    return random.Random(seed).sample(items, min(n, len(items)))
+
+
+def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
+    folder = resources.package_file(CHAT_PACKAGE, "english/greetings.yml").parent
+    pairs = []
+    for path in sorted(folder.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            if len(conversation) >= 2 and all(isinstance(t, str) and t.strip() for t in conversation[:2]):
+                pairs.append((conversation[0].strip(), conversation[1].strip()))
+    return random.Random(seed).sample(pairs, min(n, len(pairs)))
+
+
+# --------------------------------------------------------------------------------------------- scoring core
+
+
+def _batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _pad(rows: list[list[int]], pad_id: int):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int, desc: str
+                          ) -> list[tuple[float, int]]:
+    """Sum of log p(continuation token | everything before it) and the number of continuation tokens, for each
+    (context ids, continuation ids) pair. The logits at position t score token t + 1 (shifted labels)."""
+    device = next(model.parameters()).device
+    results = []
+    for batch in tqdm(list(_batches(pairs, batch_size)), desc=desc, leave=False):
+        ids, mask = _pad([c + x for c, x in batch], tokenizer.pad_token_id or 0)
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for i, (context, continuation) in enumerate(batch):
+            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+            targets = torch.tensor(continuation, device=device)
+            results.append((logprobs[i, positions, targets].sum().item(), len(continuation)))
+    return results
+
+
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, contexts: list[list[int]], candidates: list[int], batch_size: int,
+                        desc: str) -> list[list[float]]:
+    """log p(candidate | context) for single-token candidates: one forward per context, not one per candidate."""
+    device = next(model.parameters()).device
+    results = []
+    for batch in tqdm(list(_batches(contexts, batch_size)), desc=desc, leave=False):
+        ids, mask = _pad(batch, tokenizer.pad_token_id or 0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = logits[torch.arange(len(batch)), mask.sum(1).to(device) - 1].float()
+        results += torch.log_softmax(last, -1)[:, candidates].tolist()
+    return results
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tokenizer, user: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    return encode(tokenizer, text)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return encode(tokenizer, answer) + [tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy answer token ids (up to and including EOS) for chat prompts, batched with left padding."""
+    device = next(model.parameters()).device
+    answers = []
+    for batch in _batches(prompts, batch_size):
+        rows = [chat_prompt_ids(tokenizer, p) for p in batch]
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, width:].tolist():
+            answers.append(row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    return answers
+
+
+def _nll(scores):
+    return -sum(s for s, _ in scores) / max(1, sum(n for _, n in scores))
+
+
+def _accuracy(scores, items, normalise: bool):
+    correct, k = 0, 0
+    for _, choices, right in items:
+        group = scores[k:k + len(choices)]
+        k += len(choices)
+        values = [s / n if normalise else s for s, n in group]
+        correct += values.index(max(values)) == right
+    return correct / max(1, len(items))
+
+
+# ------------------------------------------------------------------------------------------------- probes
+
+
+def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=None) -> dict[str, float]:
+    """All probes on `model`. `reference` (a context manager factory giving the initial model) and
+    `drift_answers` (its greedy answers) enable behaviour_kl; without them it is 0 (the model is the reference)."""
+    b = args.batch_size
+    out = {}
+    docs = [encode(tokenizer, d)[: args.max_doc_tokens] for d in heldout_documents(args.heldout_docs, args.seed)]
+    out["heldout_nll"] = _nll(continuation_logprobs(model, tokenizer, [(d[:1], d[1:]) for d in docs if len(d) > 1],
+                                                    b, "heldout_nll"))
+    items = knowledge_questions(args.knowledge_items, args.seed)
+    pairs = [(encode(tokenizer, p), encode(tokenizer, c)) for p, choices, _ in items for c in choices]
+    out["knowledge_mc"] = _accuracy(continuation_logprobs(model, tokenizer, pairs, b, "knowledge_mc"), items, True)
+    questions = mmlu_questions(args.mmlu_items, args.seed)
+    letters = [encode(tokenizer, letter)[0] for letter in "ABCD"]
+    scores = next_token_logprobs(model, tokenizer, [encode(tokenizer, q) for q, _ in questions], letters, b, "mmlu")
+    out["mmlu"] = sum(row.index(max(row)) == right for row, (_, right) in zip(scores, questions)) / len(questions)
+    pairs = [(chat_prompt_ids(tokenizer, q), answer_ids(tokenizer, a))
+             for q, a in chat_exchanges(args.chat_items, args.seed)]
+    out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
+    out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
+    task = resources.date_task("test", n=args.task_items)
+    pairs = [(chat_prompt_ids(tokenizer, r["messages"][0]["content"]), answer_ids(tokenizer, r["messages"][1]["content"]))
+             for r in task]
+    out["task_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "task_nll"))
+    answers = greedy_answers(model, tokenizer, [r["messages"][0]["content"] for r in task], 16, b)
+    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == r["messages"][1]["content"]
+                         for a, r in zip(answers, task)) / max(1, len(task))
+    return out
+
+
+@torch.no_grad()
+def behaviour_kl(model, tokenizer, drift_answers, reference, args: EvalArgs) -> float:
+    """Mean per-token KL(initial || model) over the initial model's greedy answers (answer positions only)."""
+    prompts = GENERAL_PROMPTS[: args.drift_prompts]
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, drift_answers):
+        context = chat_prompt_ids(tokenizer, prompt)
+        ids = torch.tensor([context + answer], device=next(model.parameters()).device)
+        positions = slice(len(context) - 1, len(context) + len(answer) - 1)
+        logits = model(input_ids=ids).logits[0, positions]
+        with reference():
+            ref_logits = model(input_ids=ids).logits[0, positions]
+        kl = token_kl(logits, ref_logits, "forward")
+        total, count = total + kl.sum().item(), count + kl.numel()
+    return total / max(1, count)
+
+
+def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before: dict | None = None) -> dict:
+    """Probes with the adapter disabled (before: the initial model) and enabled (after); `before` can be passed in
+    to reuse one baseline across runs. Returns {"before", "after", "delta", "forgetting"}."""
+    args = args or EvalArgs()
+    peft_model.eval()
+    if before is None:
+        with peft_model.disable_adapter():
+            before = run_probes(peft_model, tokenizer, args)
+    with peft_model.disable_adapter():
+        drift_answers = greedy_answers(peft_model, tokenizer, list(GENERAL_PROMPTS[: args.drift_prompts]),
+                                       args.drift_tokens, args.batch_size)
+    after = run_probes(peft_model, tokenizer, args, drift_answers, reference=peft_model.disable_adapter)
+    delta = {k: after[k] - before[k] for k in after}
+    return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta)}
+
+
+def headline_forgetting(delta: dict[str, float]) -> float:
+    return (delta["chat_nll"] + delta["behaviour_kl"]) / 2
+
+
+def format_table(result: dict) -> str:
+    rows = ["| probe | before | after | delta | better |", "|---|---:|---:|---:|:---:|"]
+    for name, after in result["after"].items():
+        better = "↓" if name in LOWER_IS_BETTER else "↑"
+        rows.append(f"| {name} | {result['before'][name]:.4f} | {after:.4f} | {result['delta'][name]:+.4f} | {better} |")
+    rows.append(f"| **forgetting** (nats/token) | | | {result['forgetting']:+.4f} | ↓ |")
+    return "\n".join(rows)
+
+
+def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
+    """The PEFT model and tokenizer of a finished `arr train` run (its arr_config.yaml names the base model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "arr_config.yaml").read_text()) if (run_dir / "arr_config.yaml").exists() else {}
+    base = model_name_or_path or config.get("model_name_or_path") or str(resources.default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(run_dir if (run_dir / "tokenizer_config.json").exists() else base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
+    return model, tokenizer

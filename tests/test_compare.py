@@ -1,0 +1,53 @@
+import json
+
+import yaml
+
+from arr.cli import main
+from arr.compare import compare
+from arr.evaluation import EvalArgs
+from conftest import replay_texts, sft_records, write_jsonl
+
+SMALL = EvalArgs(heldout_docs=3, knowledge_items=3, mmlu_items=3, chat_items=3, drift_prompts=2, drift_tokens=4,
+                 task_items=3, batch_size=4)
+
+
+def tiny_config(tmp_path, llama_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(replay_texts(40)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(llama_dir), "sft_data": write_jsonl(tmp_path / "sft.jsonl", sft_records(16)),
+        "replay_data": str(corpus), "max_steps": 2, "per_device_train_batch_size": 4, "replay_seq_length": 16,
+        "beta": 0.2, "replay_ratio": 0.25, "save_strategy": "no", "lora_r": 4, "disable_tqdm": True}))
+    return config
+
+
+def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
+    results = compare(tmp_path / "cmp", tiny_config(tmp_path, llama_dir), {"learning_rate": 0.01}, eval_args=SMALL)
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved["methods"]) == {"lora", "kl_only", "replay_only", "arr"}
+    for name, m in saved["methods"].items():
+        assert {"forgetting", "task_score", "train_seconds", "peak_mem_mb", "probes", "objective"} <= set(m)
+        assert m["peak_mem_mb"] > 10 and m["train_seconds"] >= 0 and 0 <= m["task_score"] <= 1
+        assert m["probes"]["before"] == saved["methods"]["lora"]["probes"]["before"]  # one shared baseline
+    objective = {n: (m["objective"]["beta"], m["objective"]["replay_ratio"]) for n, m in saved["methods"].items()}
+    assert objective == {"lora": (0.0, 0.0), "kl_only": (0.2, 0.0), "replay_only": (0.0, 0.25), "arr": (0.2, 0.25)}
+    table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
+    assert table[0].startswith("| method | beta | replay_ratio | forgetting") and len(table) == 6
+    png = (tmp_path / "cmp" / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
+    config = tiny_config(tmp_path, llama_dir)
+    assert main(["train", str(config), f"output_dir={tmp_path / 'run'}", "learning_rate=0.05"]) == 0
+    sizes = [f"{k}={v}" for k, v in vars(SMALL).items()]
+    assert main(["eval", str(tmp_path / "run"), *sizes]) == 0
+    out = capsys.readouterr().out
+    assert "| probe | before | after | delta | better |" in out and "| task_em |" in out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["before"]["behaviour_kl"] == 0 and result["after"]["behaviour_kl"] > 0
+    assert result["delta"]["chat_nll"] == result["after"]["chat_nll"] - result["before"]["chat_nll"]
+    assert main(["eval", str(tmp_path / "run"), "heldout_doc=3"]) == 2
+    assert "did you mean 'heldout_docs'" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from arr import evaluation as ev
+from arr import resources
+
+
+def test_continuation_logprobs_are_shifted_and_ignore_padding(llama_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    short = ([5, 6], [7])
+    long = ([5, 6, 9, 10], [11, 12, 13])
+    (s_short, n_short), (s_long, n_long) = ev.continuation_logprobs(model, tokenizer, [short, long], 2, "t")
+    assert (n_short, n_long) == (1, 3)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([[5, 6, 9, 10, 11, 12, 13]])).logits[0], -1)
+        alone = torch.log_softmax(model(torch.tensor([[5, 6, 7]])).logits[0], -1)
+    # token t is scored by the logits at t - 1
+    assert s_long == pytest.approx((logp[3, 11] + logp[4, 12] + logp[5, 13]).item(), abs=1e-5)
+    assert s_short == pytest.approx(alone[1, 7].item(), abs=1e-5)  # the padded row scores as if alone
+
+
+def test_accuracy_length_normalisation():
+    items = [("q", ["a", "b"], 1), ("q", ["a", "b"], 0)]
+    # item 1: sums (-2 over 1 token, -3 over 3 tokens): normalised -2 vs -1 -> picks b (right); raw picks a
+    # item 2: (-1/1, -4/2) -> a either way (right)
+    scores = [(-2.0, 1), (-3.0, 3), (-1.0, 1), (-4.0, 2)]
+    assert ev._accuracy(scores, items, normalise=True) == 1.0
+    assert ev._accuracy(scores, items, normalise=False) == 0.5
+    assert ev._nll([(-3.0, 2), (-1.0, 2)]) == 1.0
+
+
+def test_packaged_probe_data_is_disjoint_from_replay():
+    assert len(ev.mmlu_questions(1000, 0)) == 281  # 282 samples ship; one answers "(E)" with four choices
+    assert len(ev.chat_exchanges(100, 0)) == 100
+    replay_texts = {r["extract"] for r in resources.wiki_split("replay")}
+    replay_titles = {r["title"] for r in resources.wiki_split("replay")}
+    assert not set(ev.heldout_documents(10_000, 0)) & replay_texts
+    for prompt, choices, right in ev.knowledge_questions(200, 0):
+        title = prompt.removeprefix("Question: What is ").removesuffix("?\nAnswer:")
+        assert title not in replay_titles and len(choices) == 4 and 0 <= right < 4
+
+
+def test_behaviour_kl_is_zero_for_the_initial_model_and_grows_with_the_adapter(llama_dir, tokenizer):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear")).eval()
+    args = ev.EvalArgs(drift_prompts=3, drift_tokens=6)
+    with model.disable_adapter():
+        answers = ev.greedy_answers(model, tokenizer, list(ev.GENERAL_PROMPTS[:3]), 6, 2)
+    assert all(1 <= len(a) <= 6 for a in answers)
+    assert ev.behaviour_kl(model, tokenizer, answers, model.disable_adapter, args) == pytest.approx(0, abs=1e-7)
+    kls = []
+    for scale in (0.05, 0.2):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=scale, generator=torch.Generator().manual_seed(1))
+        kls.append(ev.behaviour_kl(model, tokenizer, answers, model.disable_adapter, args))
+    assert 0 < kls[0] < kls[1]
+
+
+def test_headline_forgetting_and_table():
+    result = {"before": {"chat_nll": 2.0, "behaviour_kl": 0.0}, "after": {"chat_nll": 2.5, "behaviour_kl": 0.3}}
+    result["delta"] = {k: result["after"][k] - result["before"][k] for k in result["after"]}
+    result["forgetting"] = ev.headline_forgetting(result["delta"])
+    assert math.isclose(result["forgetting"], 0.4)
+    table = ev.format_table(result)
+    assert "| chat_nll | 2.0000 | 2.5000 | +0.5000 | ↓ |" in table and "+0.4000" in table
+
+
+def test_next_token_logprobs_read_the_last_real_position(llama_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    rows = ev.next_token_logprobs(model, tokenizer, [[5, 6], [5, 6, 9, 10]], [7, 8], 2, "t")
+    with torch.no_grad():
+        short = torch.log_softmax(model(torch.tensor([[5, 6]])).logits[0, -1], -1)
+        long = torch.log_softmax(model(torch.tensor([[5, 6, 9, 10]])).logits[0, -1], -1)
+    torch.testing.assert_close(torch.tensor(rows), torch.stack([short[[7, 8]], long[[7, 8]]]), atol=1e-5, rtol=0)
