@@ -33,10 +33,11 @@ commands:
         What did the run forget and learn? General-capability probes with the adapter off (before) and on
         (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
         `arr eval --help` lists the probe sizes.
-  compare [CONFIG.yaml] [key=value ...] [--quick]
+  compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml]
         Train plain LoRA, KL only, replay only and ARR with the same data and seed (CONFIG, by default the
         embedded recipe, plus your overrides), evaluate each, and write results.json, results.md and results.png
-        to output_dir (default runs/compare). --quick: 8 steps and small probes.
+        to output_dir (default runs/compare). --quick: 8 steps and small probes. METHODS.yaml maps method
+        names to config keys (default: lora, kl_only, replay_only, arr).
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
 """
@@ -142,6 +143,19 @@ def train_command(args: list[str]) -> int:
     return 0
 
 
+def make_eval_args(values: dict):
+    from .evaluation import EvalArgs
+
+    known = {f.name for f in dataclasses.fields(EvalArgs)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"unknown eval key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if not all(isinstance(v, int) and v >= 0 for v in values.values()):
+        raise ConfigError("eval keys take integers >= 0")
+    return EvalArgs(**values)
+
+
 def eval_command(args: list[str]) -> int:
     from transformers import HfArgumentParser
 
@@ -157,15 +171,7 @@ def eval_command(args: list[str]) -> int:
     if not (run_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir}: no adapter here (adapter_config.json is missing)")
     model_path = overrides.pop("model_name_or_path", None)
-    known = {f.name for f in dataclasses.fields(EvalArgs)}
-    for key in overrides:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"unknown eval key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    try:
-        eval_args = EvalArgs(**{k: int(v) for k, v in overrides.items()})
-    except (TypeError, ValueError):
-        raise ConfigError("eval keys take integers") from None
+    eval_args = make_eval_args(overrides)
 
     from .evaluation import evaluate_adapter, format_table, load_run
 
@@ -179,17 +185,29 @@ def eval_command(args: list[str]) -> int:
 def compare_command(args: list[str]) -> int:
     quick = "--quick" in args
     rest = [a for a in args if a not in ("--quick", "--debug")]
+    methods = None
+    if "--methods" in rest:
+        at = rest.index("--methods")
+        if at + 1 >= len(rest):
+            raise ConfigError("--methods needs a YAML file mapping method names to their config keys")
+        methods = read_config(rest.pop(at + 1), [])
+        rest.pop(at)
+        for name, keys in methods.items():
+            if not isinstance(keys, dict):
+                raise ConfigError(f"--methods: method {name!r} must map to config keys, got {keys!r}")
     config_path = rest.pop(0) if rest and "=" not in rest[0] else str(DEFAULT_RECIPE)
     overrides = read_config(None, rest)
     out_dir = overrides.pop("output_dir", "runs/compare")
-    build_config({**read_config(config_path, []), **overrides})  # fail fast on a bad key or value
+    eval_keys = {k.removeprefix("eval."): overrides.pop(k) for k in list(overrides) if k.startswith("eval.")}
+    base = {**read_config(config_path, []), **overrides}
+    for keys in (methods or {"": {}}).values():  # fail fast on a bad key or value
+        build_config({**base, **keys})
 
     from .compare import QUICK, compare
-    from .evaluation import EvalArgs
 
     if quick:
-        overrides = {**QUICK["train"], **overrides}
-    compare(out_dir, config_path, overrides, eval_args=EvalArgs(**QUICK["eval"]) if quick else EvalArgs())
+        overrides, eval_keys = {**QUICK["train"], **overrides}, {**QUICK["eval"], **eval_keys}
+    compare(out_dir, config_path, overrides, methods, make_eval_args(eval_keys))
     print(f"wrote {out_dir}/results.json, results.md, results.png")
     return 0
 
