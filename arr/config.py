@@ -126,6 +126,12 @@ class ARRConfig(TrainingArguments):
         metadata={"help": "Cap on distinct replay sequences drawn from the corpus; when the run needs more they are "
                           "reused in a new order. Empty: as many as the run needs."},
     )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk of the loss computed from hidden states (no [tokens, vocab] logits beyond "
+                          "one chunk, in forward or backward). 0: the plain path through full logits. FSDP and "
+                          "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the adapter merged into the base model to OUTPUT_DIR/merged."}
     )
@@ -154,5 +160,7 @@ def check_objective(cfg) -> None:
     for key in ("max_length", "replay_seq_length"):
         if getattr(cfg, key) < 2:
             raise ConfigError(f"{key} must be >= 2, got {getattr(cfg, key)}")
+    if cfg.loss_chunk_size < 0:
+        raise ConfigError(f"loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
         raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")

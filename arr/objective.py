@@ -2,6 +2,11 @@ r"""The ARR objective, whole.
 
     loss = CE_sft + beta * KL + replay_weight * CE_replay
 
+Two equivalent implementations: `forward` takes [B, T, V] logits (simple, the reference), `forward_hidden` takes
+the final hidden states and the LM head and works through the selected tokens in chunks under activation
+checkpointing, so no [tokens, vocab] tensor larger than one chunk ever exists, in the forward or the backward pass.
+Calling the head *module* (not reading its weight) keeps a LoRA on `lm_head` in play.
+
 All three are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step and every
 data-parallel rank), exactly as `transformers.Trainer` normalises its causal-LM loss with `num_items_in_batch`:
 
@@ -25,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -70,8 +76,11 @@ def count_tokens(batch: dict, kl_on: str) -> TokenCounts:
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, direction: str) -> torch.Tensor:
     """KL per row of [N, V] logits, in float32."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    logp_ref = F.log_softmax(ref_logits.float(), dim=-1)
+    return kl_from_logprobs(F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1),
+                            direction)
+
+
+def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str) -> torch.Tensor:
     if direction == "forward":
         return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
     return (logp.exp() * (logp - logp_ref)).sum(-1)
@@ -120,3 +129,48 @@ class ARRObjective(nn.Module):
             kl = per_token.sum() / counts.kl.clamp(min=1)
         total = sft_ce + self.beta * kl + self.replay_weight * replay_ce
         return LossParts(total, sft_ce, kl, replay_ce)
+
+    def forward_hidden(
+        self,
+        hidden: torch.Tensor,
+        head,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        is_replay: torch.Tensor,
+        ref_hidden: torch.Tensor | None = None,
+        reference=None,
+        counts: TokenCounts | None = None,
+        chunk_size: int = 1024,
+    ) -> LossParts:
+        """The same loss from final hidden states [B, T, H]. `head` maps [n, H] to logits; `reference()` is a
+        context manager under which `head` is the initial model's head (the adapter switched off)."""
+        sft, replay, kl_positions = position_masks(labels, attention_mask, is_replay, self.kl_on)
+        if counts is None:
+            counts = TokenCounts(sft.sum(), kl_positions.sum(), replay.sum())
+        use_kl = self.needs_reference and bool(kl_positions.any())
+        if use_kl and (ref_hidden is None or reference is None):
+            raise ValueError("beta > 0 needs the initial model's hidden states and head (ref_hidden, reference)")
+        rows = sft | replay | (kl_positions if use_kl else torch.zeros_like(sft))
+        flat = [hidden[:, :-1][rows], labels[:, 1:][rows].clamp(min=0), sft[rows], replay[rows], kl_positions[rows]]
+        ref_flat = ref_hidden[:, :-1][rows] if use_kl else None
+
+        def chunk_sums(h, targets, sft_rows, replay_rows, kl_rows, ref_h):
+            logp = F.log_softmax(head(h).float(), dim=-1)
+            nll = -logp.gather(1, targets[:, None]).squeeze(1)
+            kl = logp.new_zeros(())
+            if ref_h is not None:
+                with torch.no_grad(), reference():
+                    logp_ref = F.log_softmax(head(ref_h).float(), dim=-1)
+                kl = (kl_from_logprobs(logp, logp_ref, self.kl_direction) * kl_rows).sum()
+            return torch.stack([(nll * sft_rows).sum(), kl, (nll * replay_rows).sum()])
+
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        for start in range(0, flat[0].shape[0], chunk_size):
+            part = [t[start:start + chunk_size] for t in flat]
+            ref_part = ref_flat[start:start + chunk_size] if ref_flat is not None else None
+            # Recompute the chunk's logits in backward instead of keeping them: memory O(chunk x vocab).
+            sums = sums + checkpoint(chunk_sums, *part, ref_part, use_reentrant=False)
+        sft_ce = sums[0] / counts.sft.clamp(min=1)
+        kl = sums[1] / counts.kl.clamp(min=1)
+        replay_ce = sums[2] / counts.replay.clamp(min=1)
+        return LossParts(sft_ce + self.beta * kl + self.replay_weight * replay_ce, sft_ce, kl, replay_ce)

@@ -84,6 +84,8 @@ class ARRTrainer(Trainer):
                          data_collator=kwargs.pop("data_collator", Collator(pad_id)),
                          processing_class=tokenizer, **kwargs)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight)
+        # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
+        self.chunked_loss = args.loss_chunk_size > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
@@ -111,12 +113,14 @@ class ARRTrainer(Trainer):
         labels, is_replay = inputs["labels"], inputs["is_replay"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay")}
         counts = TokenCounts.from_tensor(num_items_in_batch) if num_items_in_batch is not None else None
-        ref_logits = None
-        if self.objective.needs_reference:
-            ref_logits = reference_logits(model, self.accelerator.unwrap_model(model), model_inputs)
-        outputs = model(**model_inputs)
-        parts: LossParts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits,
-                                          counts)
+        if self.chunked_loss and not return_outputs:
+            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, is_replay, counts)
+        else:
+            ref_logits = None
+            if self.objective.needs_reference:
+                ref_logits = reference_logits(model, self.accelerator.unwrap_model(model), model_inputs)
+            outputs = model(**model_inputs)
+            parts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits, counts)
         loss = parts.total
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
@@ -129,6 +133,28 @@ class ARRTrainer(Trainer):
                                "lower learning_rate or check the data")
             self._part_sums += values
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts) -> LossParts:
+        """Forward through the (possibly wrapped) model with logits for the last position only, take the final
+        hidden states from a hook on the decoder, and let the objective apply the LM head chunk by chunk."""
+        peft_model = self.accelerator.unwrap_model(model)
+        captured = []
+        hook = peft_model.get_decoder().register_forward_hook(
+            lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
+                                                         output.last_hidden_state))
+        try:
+            ref_hidden = None
+            if self.objective.needs_reference:
+                with torch.no_grad(), peft_model.disable_adapter():
+                    model(**model_inputs, logits_to_keep=1)
+                ref_hidden = captured.pop()
+            model(**model_inputs, logits_to_keep=1)
+            hidden = captured.pop()
+        finally:
+            hook.remove()
+        return self.objective.forward_hidden(hidden, peft_model.get_output_embeddings(), labels,
+                                             model_inputs["attention_mask"], is_replay, ref_hidden,
+                                             peft_model.disable_adapter, counts, self.args.loss_chunk_size)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""

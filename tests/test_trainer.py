@@ -21,14 +21,16 @@ def adapter_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def test_beta0_no_replay_trains_exactly_like_plain_peft_trainer(model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("chunk", [1024, 0])
+def test_beta0_no_replay_trains_exactly_like_plain_peft_trainer(model_dir, tokenizer, tmp_path, chunk):
     examples = load_sft_examples(sft_records(20), tokenizer, 64)
     plain = fresh_peft(model_dir)
     Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **STEPS),
             train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id)).train()
 
     ours = fresh_peft(model_dir)
-    trainer = ARRTrainer(ours, ARRConfig(output_dir=str(tmp_path / "arr"), beta=0.0, replay_ratio=0.0, **STEPS),
+    trainer = ARRTrainer(ours, ARRConfig(output_dir=str(tmp_path / "arr"), beta=0.0, replay_ratio=0.0, loss_chunk_size=chunk,
+                                           **STEPS),
                          train_dataset=sft_records(20), processing_class=tokenizer)
     trainer.train()
     expected, got = adapter_state(plain), adapter_state(ours)
