@@ -29,8 +29,8 @@ def test_beta0_no_replay_trains_exactly_like_plain_peft_trainer(model_dir, token
             train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id)).train()
 
     ours = fresh_peft(model_dir)
-    trainer = ARRTrainer(ours, ARRConfig(output_dir=str(tmp_path / "arr"), beta=0.0, replay_ratio=0.0, loss_chunk_size=chunk,
-                                           **STEPS),
+    config = ARRConfig(output_dir=str(tmp_path / "arr"), beta=0.0, replay_ratio=0.0, loss_chunk_size=chunk, **STEPS)
+    trainer = ARRTrainer(ours, config,
                          train_dataset=sft_records(20), processing_class=tokenizer)
     trainer.train()
     expected, got = adapter_state(plain), adapter_state(ours)
