@@ -54,14 +54,14 @@ LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
 class EvalArgs:
     """Sizes of the probes (the defaults finish in a few minutes on 2 CPU cores for a 135M model)."""
 
-    heldout_docs: int = field(default=48, metadata={"help": "Held-out Wikipedia paragraphs for heldout_nll."})
+    heldout_docs: int = field(default=24, metadata={"help": "Held-out Wikipedia paragraphs for heldout_nll."})
     max_doc_tokens: int = field(default=128, metadata={"help": "Tokens kept of each held-out paragraph."})
-    knowledge_items: int = field(default=80, metadata={"help": "Questions of knowledge_mc."})
-    mmlu_items: int = field(default=48, metadata={"help": "MMLU questions (at most 281)."})
-    chat_items: int = field(default=100, metadata={"help": "chatterbot exchanges for chat_nll."})
+    knowledge_items: int = field(default=40, metadata={"help": "Questions of knowledge_mc."})
+    mmlu_items: int = field(default=24, metadata={"help": "MMLU questions (at most 281)."})
+    chat_items: int = field(default=48, metadata={"help": "chatterbot exchanges for chat_nll."})
     drift_prompts: int = field(default=12, metadata={"help": f"General prompts for behaviour_kl (<= {len(GENERAL_PROMPTS)})."})
     drift_tokens: int = field(default=32, metadata={"help": "Greedy answer length for behaviour_kl."})
-    task_items: int = field(default=60, metadata={"help": "Held-out task examples (the bundled task has 100)."})
+    task_items: int = field(default=40, metadata={"help": "Held-out task examples (the bundled task has 100)."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe samples."})
 

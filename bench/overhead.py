@@ -1,0 +1,151 @@
+"""What ARR costs over plain LoRA SFT, measured side by side in one run.
+
+    python -m bench.overhead --quick        # tiny model only, well under a minute
+    python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
+
+Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
+peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. Variants:
+  lora         plain LoRA SFT (beta = 0, no replay)
+  arr_naive    ARR through full [batch, seq, vocab] logits (loss_chunk_size = 0)
+  arr_chunked  ARR with the chunked loss from hidden states (the shipped default)
+The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default ARR path against
+plain LoRA, from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    "lora": {"beta": 0.0, "replay_ratio": 0.0},
+    "arr_naive": {"beta": 0.1, "replay_ratio": 0.25, "loss_chunk_size": 0},
+    "arr_chunked": {"beta": 0.1, "replay_ratio": 0.25},
+}
+DEFAULT_PATH = "arr_chunked"
+
+
+def peak_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_variant(model_name: str, variant: str, steps: int) -> dict:
+    """Runs in a child process: train `steps` steps and report wall time, tokens and peak memory."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arr import ARRConfig, ARRTrainer, resources
+
+    if model_name == "tiny":
+        sys.path.insert(0, "tests")
+        from conftest import make_tokenizer, tiny_model
+
+        tokenizer = make_tokenizer()
+        model = tiny_model("llama", len(tokenizer))
+    else:
+        path = resources.default_model_path()
+        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as out:
+        config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, replay_seq_length=64,
+                           save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps,
+                           bf16=device == "cuda", **VARIANTS[variant])
+        trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
+                             processing_class=tokenizer, replay_dataset=resources.wiki_replay_texts(),
+                             peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
+                                                    target_modules="all-linear"))
+        tokens = []
+        collate = trainer.data_collator
+        trainer.data_collator = lambda rows: tokens.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
+        start = time.perf_counter()  # every variant pays the same start-up inside train()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": sum(tokens), "peak_mem_mb": peak_mb()}
+
+
+def loss_memory(seq: int = 2048, hidden: int = 896, vocab: int = 151_936, chunk: int = 1024) -> dict:
+    """Extra memory of the loss itself (forward + backward) at seq x vocab on synthetic hidden states, for the
+    plain logits path and the chunked one; each measured in its own process."""
+    out = {}
+    for name in ("naive", "chunked"):
+        code = (f"import bench.overhead as b; import json; print(json.dumps(b._loss_memory_child("
+                f"{name!r}, {seq}, {hidden}, {vocab}, {chunk})))")
+        out[name] = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.strip().splitlines()[-1])
+    out["ratio"] = out["chunked"]["extra_mb"] / out["naive"]["extra_mb"]
+    return out
+
+
+def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk: int) -> dict:
+    import torch
+
+    from arr.objective import ARRObjective
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(1, seq, hidden_size, requires_grad=True)
+    ref_hidden = torch.randn(1, seq, hidden_size)
+    labels = torch.randint(0, vocab, (1, seq))
+    mask, is_replay = torch.ones(1, seq, dtype=torch.long), torch.tensor([True])
+    objective = ARRObjective(beta=0.1, kl_on="all")
+    before = peak_mb()
+    if name == "naive":
+        with torch.no_grad():
+            ref_logits = head(ref_hidden)
+        parts = objective(head(hidden), labels, mask, is_replay, ref_logits)
+    else:
+        from contextlib import nullcontext
+
+        parts = objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, nullcontext,
+                                         chunk_size=chunk)
+    parts.total.backward()
+    return {"extra_mb": peak_mb() - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model only, no SmolLM2, no loss-memory probe")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    args = parser.parse_args()
+    models = ["tiny"] if args.quick else ["tiny", "smollm2"]
+    results = {}
+    for model in models:
+        steps = args.steps or (20 if model == "tiny" else 4)
+        results[model] = {}
+        for variant in VARIANTS:
+            code = (f"import bench.overhead as b, json; "
+                    f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps})))")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(proc.stderr[-3000:])
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[model][variant] = r
+            base = results[model]["lora"]
+            print(f"{model:8s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
+                  f"wall x{r['seconds'] / base['seconds']:.3f}  peak {r['peak_mem_mb']:8.0f} MB  "
+                  f"x{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}", flush=True)
+    if not args.quick:
+        memory = loss_memory()
+        print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
+              f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
+    headline = results[models[-1]]
+    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH,
+                      "wall_ratio": round(headline[DEFAULT_PATH]["seconds"] / headline["lora"]["seconds"], 4),
+                      "peak_mem_ratio": round(headline[DEFAULT_PATH]["peak_mem_mb"] / headline["lora"]["peak_mem_mb"],
+                                              4)}))
+
+
+if __name__ == "__main__":
+    main()
