@@ -67,9 +67,10 @@ class ARRTrainer(Trainer):
             if replay_dataset is None:
                 raise ValueError("replay_ratio > 0 needs a replay_dataset")
             global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            probe = ReplayMixSampler(len(sft), 1, global_batch, args.replay_ratio, args.seed)
-            total_steps = args.max_steps if args.max_steps > 0 else int(probe.steps_per_epoch * args.num_train_epochs)
-            needed = max(1, probe.replay_before(total_steps))
+            schedule = ReplayMixSampler(len(sft), 1, global_batch, args.replay_ratio, args.seed)
+            total_steps = args.max_steps if args.max_steps > 0 else math.ceil(schedule.steps_per_epoch
+                                                                               * args.num_train_epochs)
+            needed = max(1, schedule.replay_before(total_steps))  # replay sequences the whole run draws
             if args.replay_max_sequences is not None:
                 needed = min(needed, args.replay_max_sequences)
             replay = replay_dataset
@@ -80,6 +81,7 @@ class ARRTrainer(Trainer):
             self.replay_sampler = ReplayMixSampler(len(sft), len(replay), global_batch, args.replay_ratio, args.seed)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
         super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
                          data_collator=kwargs.pop("data_collator", Collator(pad_id)),
                          processing_class=tokenizer, **kwargs)
@@ -90,7 +92,6 @@ class ARRTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
         self._part_steps_logged = 0
-        self._staging_dir = None
 
     # ------------------------------------------------------------------------------------------------- data
 
