@@ -1,7 +1,9 @@
 """`arr compare`: train plain LoRA, KL only, replay only and ARR on the same data and seed, evaluate each with the
 probes of arr/evaluation.py against one shared "before", and write results.json, results.md and results.png.
 
-Each training run is its own `arr train` process, so its wall time and peak memory are its own.
+Each training run is its own `arr train` process, so its wall time and peak memory are its own. A method whose
+folder already holds a finished run of the same configuration is not trained again, and its evaluation is reused
+when an earlier results.json there used the same probe sizes: adding a method to a comparison costs one run.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from .config import build_config, read_config
 from .evaluation import EvalArgs, evaluate_adapter, format_table, load_run, run_probes
 from .resources import DEFAULT_RECIPE
+from .train import resolved_config
 
 METHODS = {  # method -> the objective keys it sets; everything else comes from the recipe and the overrides
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
@@ -36,23 +40,48 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def finished_run(run_dir: Path, config_path, overrides: dict) -> bool:
+    """Whether `run_dir` holds a finished `arr train` run of exactly this configuration (then it is reused)."""
+    saved = run_dir / "arr_config.yaml"
+    if not ((run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file() and saved.is_file()):
+        return False
+    values = {**read_config(str(config_path), []), **overrides, "output_dir": str(run_dir)}
+    return yaml.safe_load(saved.read_text()) == resolved_config(*build_config(values))
+
+
 def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overrides: dict | None = None,
             methods: dict | None = None, eval_args: EvalArgs | None = None) -> dict:
+    """Train (or reuse, when `out_dir/METHOD` already holds the same finished run) and evaluate each method.
+    Evaluations are reused from an earlier results.json in `out_dir` with the same probe sizes."""
     out_dir, overrides, methods = Path(out_dir), overrides or {}, methods or METHODS
     eval_args = eval_args or EvalArgs()
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
+    reusable = previous.get("methods", {}) if previous.get("eval_args") == vars(eval_args) else {}
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
     for name, method_overrides in methods.items():
-        print(f"== {name}: training", flush=True)
-        metrics = train_run(name, Path(config_path), {**overrides, **method_overrides}, out_dir / name)
+        run_dir, keys = out_dir / name, {**overrides, **method_overrides}
+        if finished_run(run_dir, config_path, keys):
+            print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            print(f"== {name}: training", flush=True)
+            metrics = train_run(name, Path(config_path), keys, run_dir)
+            reusable.pop(name, None)
+        if name in reusable:
+            print(f"== {name}: reusing its evaluation", flush=True)
+            results["methods"][name] = reusable[name]
+            before = before or reusable[name]["probes"]["before"]
+            print(format_table(reusable[name]["probes"]), flush=True)
+            continue
         print(f"== {name}: evaluating", flush=True)
-        model, tokenizer = load_run(out_dir / name)
+        model, tokenizer = load_run(run_dir)
         if before is None:
             with model.disable_adapter():
                 before = run_probes(model.eval(), tokenizer, eval_args)
         probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
-        resolved = yaml.safe_load((out_dir / name / "arr_config.yaml").read_text())
+        resolved = yaml.safe_load((run_dir / "arr_config.yaml").read_text())
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],

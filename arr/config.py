@@ -7,11 +7,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from transformers import TrainingArguments
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
-from .errors import ConfigError
+from .errors import ARRError, ConfigError
 
 KL_ON_CHOICES = ("sft", "replay", "all")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -164,3 +170,73 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
         raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
+
+
+# ------------------------------------------------------------------------------------- YAML + key=value loading
+
+CONFIG_CLASSES = (ModelArguments, DataArguments, ARRConfig)
+TRAIN_EPILOG = """Every option above is also a YAML key of CONFIG.yaml and can be overridden as key=value (YAML syntax
+for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). Flags: --resume continues from the last checkpoint
+in output_dir; --debug shows tracebacks."""
+
+
+def train_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(CONFIG_CLASSES, prog="arr train", epilog=TRAIN_EPILOG)
+
+    def error(message):  # argparse would print usage and exit; we want one line naming the key
+        raise ConfigError(re.sub(r"argument --(\w+)(/--[\w-]+)?", r"config key \1", message))
+
+    parser.error = error
+    return parser
+
+
+def read_config(path: str | None, overrides: list[str]) -> dict:
+    values = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of key: value")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return values
+
+
+def build_config(values: dict):
+    """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
+    classes = CONFIG_CLASSES
+    known = {f.name for c in classes for f in dataclasses.fields(c) if f.init}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
+    try:
+        parsed = train_parser().parse_args_into_dataclasses(args=argv)
+    except ARRError:
+        raise
+    except ValueError as e:  # TrainingArguments' own checks
+        raise ConfigError(" ".join(str(e).split())) from None
+    for obj in parsed:  # YAML null: argparse cannot express None, so set it after parsing
+        for key, value in values.items():
+            if value is None and hasattr(obj, key):
+                setattr(obj, key, None)
+    return parsed
+
+

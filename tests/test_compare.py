@@ -51,3 +51,18 @@ def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
     assert result["delta"]["chat_nll"] == result["after"]["chat_nll"] - result["before"]["chat_nll"]
     assert main(["eval", str(tmp_path / "run"), "heldout_doc=3"]) == 2
     assert "did you mean 'heldout_docs'" in capsys.readouterr().err
+
+
+def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsys):
+    config = tiny_config(tmp_path, llama_dir)
+    methods = {"lora": {"beta": 0.0, "replay_ratio": 0.0}}
+    first = compare(tmp_path / "cmp", config, {}, methods, SMALL)
+    again = compare(tmp_path / "cmp", config, {}, {**methods, "arr": {}}, SMALL)
+    out = capsys.readouterr().out
+    assert "== lora: reusing the finished run" in out and "== lora: reusing its evaluation" in out
+    assert "== arr: training" in out
+    assert again["methods"]["lora"] == json.loads(json.dumps(first["methods"]["lora"]))
+    assert again["methods"]["arr"]["probes"]["before"] == again["methods"]["lora"]["probes"]["before"]
+    changed = compare(tmp_path / "cmp", config, {"learning_rate": 0.02}, methods, SMALL)  # a new config retrains
+    assert "== lora: training" in capsys.readouterr().out
+    assert changed["methods"]["lora"]["probes"]["after"] != first["methods"]["lora"]["probes"]["after"]
