@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .config import build_config, read_config
-from .evaluation import EvalArgs, evaluate_adapter, format_table, load_run, run_probes
+from .evaluation import EvalArgs, evaluate_adapter, format_table, headline_forgetting, load_run, run_probes
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
@@ -71,16 +71,16 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             reusable.pop(name, None)
         if name in reusable:
             print(f"== {name}: reusing its evaluation", flush=True)
-            results["methods"][name] = reusable[name]
-            before = before or reusable[name]["probes"]["before"]
-            print(format_table(reusable[name]["probes"]), flush=True)
-            continue
-        print(f"== {name}: evaluating", flush=True)
-        model, tokenizer = load_run(run_dir)
-        if before is None:
-            with model.disable_adapter():
-                before = run_probes(model.eval(), tokenizer, eval_args)
-        probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
+            probes = reusable[name]["probes"]
+            probes["forgetting"] = headline_forgetting(probes["delta"])  # the headline as defined now
+            before = before or probes["before"]
+        else:
+            print(f"== {name}: evaluating", flush=True)
+            model, tokenizer = load_run(run_dir)
+            if before is None:
+                with model.disable_adapter():
+                    before = run_probes(model.eval(), tokenizer, eval_args)
+            probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
         resolved = yaml.safe_load((run_dir / "arr_config.yaml").read_text())
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],

@@ -64,12 +64,13 @@ def test_behaviour_kl_is_zero_for_the_initial_model_and_grows_with_the_adapter(l
 
 
 def test_headline_forgetting_and_table():
-    result = {"before": {"chat_nll": 2.0, "behaviour_kl": 0.0}, "after": {"chat_nll": 2.5, "behaviour_kl": 0.3}}
+    result = {"before": {"heldout_nll": 3.0, "chat_nll": 2.0, "behaviour_kl": 0.0},
+              "after": {"heldout_nll": 2.0, "chat_nll": 2.5, "behaviour_kl": 0.4}}
     result["delta"] = {k: result["after"][k] - result["before"][k] for k in result["after"]}
     result["forgetting"] = ev.headline_forgetting(result["delta"])
-    assert math.isclose(result["forgetting"], 0.4)
+    assert math.isclose(result["forgetting"], (0 + 0.5 + 0.4) / 3)  # the held-out gain does not cancel the damage
     table = ev.format_table(result)
-    assert "| chat_nll | 2.0000 | 2.5000 | +0.5000 | ↓ |" in table and "+0.4000" in table
+    assert "| chat_nll | 2.0000 | 2.5000 | +0.5000 | ↓ |" in table and "+0.3000" in table
 
 
 def test_next_token_logprobs_read_the_last_real_position(llama_dir, tokenizer):
