@@ -103,7 +103,7 @@ class ARRConfig(TrainingArguments):
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
 
-    beta: float = field(default=0.1, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
+    beta: float = field(default=1.0, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
     kl_on: str = field(
         default="all",
         metadata={"help": "Tokens the KL is averaged over: 'sft' (every position of SFT sequences, prompt included), "
@@ -116,7 +116,7 @@ class ARRConfig(TrainingArguments):
                           "KL(trained || initial). A beta only means something together with its direction."},
     )
     replay_ratio: float = field(
-        default=0.25,
+        default=0.125,
         metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )
