@@ -115,9 +115,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, m in results["methods"].items():
-        ax.scatter(m["forgetting"], m["task_score"], s=60)
-        ax.annotate(name, (m["forgetting"], m["task_score"]), textcoords="offset points", xytext=(6, 4))
+    markers = "osD^vP*Xh"
+    for i, (name, m) in enumerate(results["methods"].items()):  # a legend, not labels: methods often coincide
+        ax.scatter(m["forgetting"], m["task_score"], s=70, marker=markers[i % len(markers)], alpha=0.8,
+                   label=f"{name} (beta {m['objective']['beta']}, replay {m['objective']['replay_ratio']})")
+    ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("forgetting (nats/token, after − before; lower is better)")
     ax.set_ylabel("new-task exact match (higher is better)")
     ax.set_title("What each method learned vs. what it forgot")
