@@ -7,15 +7,13 @@ Bad input of any kind prints one line, `arr: error: ...`, naming the key or the 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import sys
 import traceback
 from pathlib import Path
 
 
-from .config import build_config, read_config, train_parser
+from .config import build_config, check_known_keys, read_config, train_parser
 from .errors import ARRError, ConfigError
 from .resources import DEFAULT_RECIPE
 
@@ -75,11 +73,7 @@ def train_command(args: list[str]) -> int:
 def make_eval_args(values: dict):
     from .evaluation import EvalArgs
 
-    known = {f.name for f in dataclasses.fields(EvalArgs)}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"unknown eval key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    check_known_keys(values, (EvalArgs,), "eval key")
     if not all(isinstance(v, int) and v >= 0 for v in values.values()):
         raise ConfigError("eval keys take integers >= 0")
     return EvalArgs(**values)

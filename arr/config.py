@@ -212,15 +212,19 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     return values
 
 
-def build_config(values: dict):
-    """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
-    classes = CONFIG_CLASSES
+def check_known_keys(values: dict, classes, kind: str) -> None:
+    """Refuse a key that is no field of `classes`, suggesting the nearest known one."""
     known = {f.name for c in classes for f in dataclasses.fields(c) if f.init}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(f"unknown {kind} {key!r}{hint}")
+
+
+def build_config(values: dict):
+    """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
+    check_known_keys(values, CONFIG_CLASSES, "config key")
     argv = []
     for key, value in values.items():
         if value is None:
