@@ -74,8 +74,12 @@ def make_eval_args(values: dict):
     from .evaluation import EvalArgs
 
     check_known_keys(values, (EvalArgs,), "eval key")
-    if not all(isinstance(v, int) and v >= 0 for v in values.values()):
-        raise ConfigError("eval keys take integers >= 0")
+    for key, value in values.items():
+        if key == "task_data":
+            if value is not None and not Path(str(value)).is_file():
+                raise ConfigError(f"eval key task_data: no such file {value!r}")
+        elif not (isinstance(value, int) and value >= 0):
+            raise ConfigError(f"eval key {key} takes an integer >= 0, got {value!r}")
     return EvalArgs(**values)
 
 

@@ -57,7 +57,8 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     eval_args = eval_args or EvalArgs()
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
-    reusable = previous.get("methods", {}) if previous.get("eval_args") == vars(eval_args) else {}
+    earlier_args = {**vars(EvalArgs()), **previous.get("eval_args", {})}  # keys added since: their defaults
+    reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
     for name, method_overrides in methods.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,21 @@ from .errors import ARRError, ConfigError
 KL_ON_CHOICES = ("sft", "replay", "all")
 KL_DIRECTIONS = ("forward", "reverse")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
+
+# `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
+METHODS = {
+    "lora": {"beta": 0.0, "replay_ratio": 0.0},  # plain LoRA SFT
+    "kl_only": {"replay_ratio": 0.0},
+    "replay_only": {"beta": 0.0},
+    "arr": {},  # KL + replay at the shipped defaults
+    "arr_adaptive": {"kl_target": 0.02},  # ARR with beta steered to a KL budget (see kl_target)
+    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 10.0},  # LaLoRA alone
+}
+
+
+def cache_dir() -> Path:
+    """Root of ARR's caches (converted models, curvature estimates): $ARR_CACHE, default ~/.cache/arr."""
+    return Path(os.environ.get("ARR_CACHE", Path.home() / ".cache" / "arr"))
 
 
 @dataclass
@@ -76,6 +92,11 @@ class DataArguments:
     replay_split: str = field(default="train", metadata={"help": "Split of a `datasets` hub corpus."})
     replay_config: str | None = field(
         default=None, metadata={"help": "Configuration name of a `datasets` hub corpus (e.g. 20231101.en)."}
+    )
+    laplace_data: str | None = field(
+        default=None,
+        metadata={"help": "Surrogate source text for the Laplace curvature (same formats as replay_data). Empty: "
+                          "the replay corpus."},
     )
 
     def __post_init__(self):
@@ -138,6 +159,29 @@ class ARRConfig(TrainingArguments):
                           "one chunk, in forward or backward). 0: the plain path through full logits. FSDP and "
                           "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
     )
+    kl_target: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive KL: a per-token KL budget. After every optimizer step beta is multiplied by "
+                          "1 + kl_adapt_rate * clip(KL / kl_target - 1, -1, 1), so the measured KL settles near "
+                          "the target; `beta` is the starting value. Empty: beta stays fixed."},
+    )
+    kl_adapt_rate: float = field(
+        default=0.2, metadata={"help": "Largest relative change of beta per optimizer step under kl_target."}
+    )
+    laplace_lambda: float = field(
+        default=0.0,
+        metadata={"help": "Strength of the Laplace (LaLoRA) penalty laplace_lambda/2 * sum(F * dW^2) on each adapted "
+                          "layer's LoRA update dW, F the diagonal Fisher of the initial model per source token. "
+                          "0: off."},
+    )
+    laplace_samples: int = field(
+        default=64, metadata={"help": "Surrogate sequences (replay_seq_length tokens each) for the Fisher estimate."}
+    )
+    laplace_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of curvature estimates, reused across runs with the same model, data and sample "
+                          "count. Empty: $ARR_CACHE/curvature (default ~/.cache/arr/curvature)."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the adapter merged into the base model to OUTPUT_DIR/merged."}
     )
@@ -170,14 +214,24 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
         raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
+    if cfg.kl_target is not None and not (cfg.kl_target > 0 and cfg.beta > 0):
+        raise ConfigError(f"kl_target must be > 0 and needs a starting beta > 0, got kl_target={cfg.kl_target}, "
+                          f"beta={cfg.beta}")
+    if not 0 < cfg.kl_adapt_rate < 1:
+        raise ConfigError(f"kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
+    if not cfg.laplace_lambda >= 0:
+        raise ConfigError(f"laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
+    if cfg.laplace_samples < 1:
+        raise ConfigError(f"laplace_samples must be >= 1, got {cfg.laplace_samples}")
 
 
 # ------------------------------------------------------------------------------------- YAML + key=value loading
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, ARRConfig)
-TRAIN_EPILOG = """Every option above is also a YAML key of CONFIG.yaml and can be overridden as key=value (YAML syntax
-for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). Flags: --resume continues from the last checkpoint
-in output_dir; --debug shows tracebacks."""
+TRAIN_EPILOG = f"""Every option above is also a YAML key of CONFIG.yaml and can be overridden as key=value (YAML syntax
+for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). `method` is shorthand for a set of objective keys
+({', '.join(METHODS)}; e.g. method=laplace), and keys given beside it win. Flags: --resume continues from the last
+checkpoint in output_dir; --debug shows tracebacks."""
 
 
 def train_parser() -> HfArgumentParser:
@@ -222,8 +276,20 @@ def check_known_keys(values: dict, classes, kind: str) -> None:
             raise ConfigError(f"unknown {kind} {key!r}{hint}")
 
 
+def expand_method(values: dict) -> dict:
+    """Replace a `method` key by the keys it stands for (see METHODS); explicit keys win."""
+    values = dict(values)
+    method = values.pop("method", None)
+    if method is None:
+        return values
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return {**METHODS[method], **values}
+
+
 def build_config(values: dict):
     """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
+    values = expand_method(values)
     check_known_keys(values, CONFIG_CLASSES, "config key")
     argv = []
     for key, value in values.items():

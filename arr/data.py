@@ -233,6 +233,17 @@ def pack_replay(texts: Iterable[str], tokenizer, seq_length: int, max_sequences:
     return torch.tensor(blocks, dtype=torch.long)
 
 
+def token_blocks(source: str | Iterable[str] | torch.Tensor, tokenizer, seq_length: int, n: int, seed: int = 0
+                 ) -> torch.Tensor:
+    """[n, seq_length] token blocks from a corpus path or hub id (streamed), an iterable of texts (packed), or
+    blocks that are already packed (returned as they are)."""
+    if isinstance(source, torch.Tensor):
+        return source
+    if isinstance(source, str):
+        source = stream_replay_texts(source, seed=seed)
+    return pack_replay(source, tokenizer, seq_length, n)
+
+
 # ------------------------------------------------------------------------------------------------- interleaving
 
 

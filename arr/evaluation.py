@@ -38,6 +38,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import resources
+from .data import read_jsonl, record_to_turns
+from .errors import DataError
 from .objective import token_kl
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
@@ -64,6 +66,12 @@ class EvalArgs:
     drift_prompts: int = field(default=12, metadata={"help": f"General prompts for behaviour_kl (<= {len(GENERAL_PROMPTS)})."})
     drift_tokens: int = field(default=32, metadata={"help": "Greedy answer length for behaviour_kl."})
     task_items: int = field(default=40, metadata={"help": "Held-out task examples (the bundled task has 100)."})
+    task_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out examples of the new task: a JSONL/JSON file in any SFT format; the last assistant "
+                          "turn is the answer, exact match after stripping whitespace. Empty: the bundled date "
+                          "task's test split."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe samples."})
 
@@ -102,6 +110,20 @@ def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
                 items.append((f"{spec['description']}\n\nQ: {sample['question'].strip()}\nA: The answer is (",
                               "ABCD".index(answer.group(1))))
     return random.Random(seed).sample(items, min(n, len(items)))
+
+
+def task_examples(path: str | None, n: int) -> list[tuple[list[dict], str]]:
+    """(conversation before the last assistant turn, that turn's text) for the first n held-out task examples."""
+    records = read_jsonl(path) if path else list(enumerate(resources.date_task("test"), start=1))
+    examples = []
+    for line, record in records[:n]:
+        try:
+            turns, _ = record_to_turns(record, "auto")
+        except ValueError as e:
+            raise DataError(path, str(e), line) from None
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        examples.append((turns[:last], turns[last]["content"].strip()))
+    return examples
 
 
 def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
@@ -166,10 +188,13 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def chat_prompt_ids(tokenizer, user: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)
-    return encode(tokenizer, text)
+def chat_prompt_ids(tokenizer, conversation: str | list[dict]) -> list[int]:
+    """Token ids of a user message (or a conversation) in the chat template, ending where the answer starts.
+    Without a chat template (plain prompt/completion training), the prompt text itself."""
+    turns = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+    if not tokenizer.chat_template:
+        return encode(tokenizer, "".join(t["content"] for t in turns))
+    return encode(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -177,7 +202,8 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int
+                   ) -> list[list[int]]:
     """Greedy answer token ids (up to and including EOS) for chat prompts, batched with left padding."""
     device = next(model.parameters()).device
     answers = []
@@ -230,13 +256,13 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
              for q, a in chat_exchanges(args.chat_items, args.seed)]
     out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
     out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
-    task = resources.date_task("test", n=args.task_items)
-    pairs = [(chat_prompt_ids(tokenizer, r["messages"][0]["content"]), answer_ids(tokenizer, r["messages"][1]["content"]))
-             for r in task]
+    task = task_examples(args.task_data, args.task_items)
+    pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
     out["task_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "task_nll"))
-    answers = greedy_answers(model, tokenizer, [r["messages"][0]["content"] for r in task], 16, b)
-    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == r["messages"][1]["content"]
-                         for a, r in zip(answers, task)) / max(1, len(task))
+    longest = max(len(ids) for _, ids in pairs)
+    answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, b)
+    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
+                         for a, (_, answer) in zip(answers, task)) / max(1, len(task))
     return out
 
 

@@ -1,6 +1,6 @@
 r"""The ARR objective, whole.
 
-    loss = CE_sft + beta * KL + replay_weight * CE_replay
+    loss = CE_sft + beta * KL + replay_weight * CE_replay + laplace_lambda / 2 * sum_l sum(F_l * dW_l^2)
 
 Two equivalent implementations: `forward` takes [B, T, V] logits (simple, the reference), `forward_hidden` takes
 the final hidden states and the LM head and works through the selected tokens in chunks under activation
@@ -19,12 +19,20 @@ data-parallel rank), exactly as `transformers.Trainer` normalises its causal-LM 
       reverse:           KL(pi || pi_0) = sum_v pi(v)   * (log pi(v)   - log pi_0(v))
   Forward KL is distillation from the initial model: its gradient on the logits is pi - pi_0.
 
+- The Laplace (LaLoRA) weight-space penalty, once per optimizer step: dW_l = (alpha / r) * B_l @ A_l is the
+  effective LoRA update of adapted layer l and F_l the diagonal Fisher of the initial model's weights on surrogate
+  source text, per token (see curvature.py), so sum(F * dW^2) / 2 is the second-order estimate of how much the
+  update raises the per-token source NLL. The penalty is on dW, not on A and B: with the standard init B = 0, so a
+  penalty on A alone would be blind to the function and one on B would ignore how A scales it. On dW it is 0 at
+  step 0 and measures the actual change of the weights from the start.
+
 Positions follow the usual shift: the logits at position t predict token t + 1, so a row of length T has T - 1
 predictions; `labels` are given unshifted, as in Hugging Face models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -87,9 +95,21 @@ def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str)
 
 
 class ARRObjective(nn.Module):
-    def __init__(self, beta: float = 0.1, kl_on: str = "all", kl_direction: str = "forward", replay_weight: float = 1.0):
+    def __init__(self, beta: float = 0.1, kl_on: str = "all", kl_direction: str = "forward", replay_weight: float = 1.0,
+                 laplace_lambda: float = 0.0):
         super().__init__()
         self.beta, self.kl_on, self.kl_direction, self.replay_weight = beta, kl_on, kl_direction, replay_weight
+        self.laplace_lambda = laplace_lambda
+
+    def weight_penalty(self, delta_weights: Iterable[Callable[[], torch.Tensor]], fishers: Iterable[torch.Tensor]
+                       ) -> torch.Tensor:
+        """laplace_lambda / 2 * sum_l sum(F_l * dW_l^2). `delta_weights` rebuild each dW_l (shaped like its F_l);
+        each layer runs under checkpointing, so no dW is kept for backward: memory O(one layer)."""
+        total = torch.zeros(())
+        for delta, fisher in zip(delta_weights, fishers):
+            term = checkpoint(lambda d=delta, f=fisher: (f * d().float().square()).sum(), use_reentrant=False)
+            total = total.to(term.device) + term
+        return self.laplace_lambda / 2 * total
 
     @property
     def needs_reference(self) -> bool:

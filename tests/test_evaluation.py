@@ -80,3 +80,23 @@ def test_next_token_logprobs_read_the_last_real_position(llama_dir, tokenizer):
         short = torch.log_softmax(model(torch.tensor([[5, 6]])).logits[0, -1], -1)
         long = torch.log_softmax(model(torch.tensor([[5, 6, 9, 10]])).logits[0, -1], -1)
     torch.testing.assert_close(torch.tensor(rows), torch.stack([short[[7, 8]], long[[7, 8]]]), atol=1e-5, rtol=0)
+
+
+def test_task_examples_from_a_user_file_take_the_last_assistant_turn(tmp_path):
+    from conftest import chat, write_jsonl
+
+    path = write_jsonl(tmp_path / "task.jsonl", [
+        chat("Reverse: a b", " b a ", system="Be terse."),
+        {"instruction": "Upper-case", "input": "xy", "output": "XY"},
+        {"messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"},
+                      {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]},
+    ])
+    examples = ev.task_examples(path, 10)
+    assert examples[0] == ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Reverse: a b"}],
+                           "b a")
+    assert examples[1] == ([{"role": "user", "content": "Upper-case\n\nxy"}], "XY")
+    assert [t["content"] for t in examples[2][0]] == ["1?", "one", "2?"] and examples[2][1] == "two"
+    assert len(ev.task_examples(path, 2)) == 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("q", "a"), {"question": "no answer"}])
+    with pytest.raises(ev.DataError, match=r"bad.jsonl:2: no known fields"):
+        ev.task_examples(bad, 10)
