@@ -20,12 +20,8 @@ from .evaluation import EvalArgs, evaluate_adapter, format_table, headline_forge
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
-METHODS = {  # method -> the objective keys it sets; everything else comes from the recipe and the overrides
-    "lora": {"beta": 0.0, "replay_ratio": 0.0},
-    "kl_only": {"replay_ratio": 0.0},
-    "replay_only": {"beta": 0.0},
-    "arr": {},
-}
+METHODS = {name: {"method": name} for name in ("lora", "kl_only", "replay_only", "arr")}  # presets of config.py
+OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
 QUICK = {"train": {"max_steps": 8}, "eval": dict(heldout_docs=16, knowledge_items=24, mmlu_items=24,
                                                   chat_items=32, drift_prompts=6, drift_tokens=24, task_items=24)}
 
@@ -41,12 +37,15 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
 
 
 def finished_run(run_dir: Path, config_path, overrides: dict) -> bool:
-    """Whether `run_dir` holds a finished `arr train` run of exactly this configuration (then it is reused)."""
+    """Whether `run_dir` holds a finished `arr train` run of exactly this configuration (then it is reused).
+    Where the run was written does not matter, and a key added to the config since has to hold its default."""
     saved = run_dir / "arr_config.yaml"
     if not ((run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file() and saved.is_file()):
         return False
-    values = {**read_config(str(config_path), []), **overrides, "output_dir": str(run_dir)}
-    return yaml.safe_load(saved.read_text()) == resolved_config(*build_config(values))
+    wanted = resolved_config(*build_config({**read_config(str(config_path), []), **overrides}))
+    defaults = resolved_config(*build_config({}))
+    ran = {**defaults, **yaml.safe_load(saved.read_text())}
+    return {k: v for k, v in ran.items() if k != "output_dir"} == {k: v for k, v in wanted.items() if k != "output_dir"}
 
 
 def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overrides: dict | None = None,
@@ -82,12 +81,13 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                 with model.disable_adapter():
                     before = run_probes(model.eval(), tokenizer, eval_args)
             probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
-        resolved = yaml.safe_load((run_dir / "arr_config.yaml").read_text())
+        objective = {k: v for k, v in resolved_config(*build_config({**read_config(str(config_path), []),
+                                                                       **keys})).items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
-            "objective": {k: resolved[k] for k in ("beta", "kl_on", "kl_direction", "replay_ratio")},
-            "probes": probes,
+            "curvature_seconds": metrics.get("curvature", {}).get("seconds", 0.0),
+            "objective": objective, **family_and_strength(objective), "probes": probes,
         }
         print(format_table(probes), flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -96,16 +96,30 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     return results
 
 
+def family_and_strength(objective: dict) -> dict:
+    """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves)."""
+    if objective["laplace_lambda"] > 0:
+        return {"family": "laplace", "strength": ("laplace_lambda", objective["laplace_lambda"])}
+    if objective["kl_target"] is not None:
+        return {"family": "arr_adaptive", "strength": ("kl_target", objective["kl_target"])}
+    family = {(True, True): "arr", (True, False): "kl_only", (False, True): "replay_only", (False, False): "lora"}[
+        (objective["beta"] > 0, objective["replay_ratio"] > 0)]
+    knob = "replay_ratio" if family == "replay_only" else "beta"
+    return {"family": family, "strength": None if family == "lora" else (knob, objective[knob])}
+
+
 def markdown_table(results: dict) -> str:
     methods = results["methods"]
     probe_names = list(next(iter(methods.values()))["probes"]["after"])
-    head = "| method | beta | replay_ratio | forgetting ↓ | task EM ↑ | " + " | ".join(f"Δ {p}" for p in probe_names)
-    head += " | train s | peak MB |"
-    rows = [head, "|" + "---|" * (7 + len(probe_names))]
+    head = ("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting ↓ | task EM ↑ | "
+            + " | ".join(f"Δ {p}" for p in probe_names) + " | train s | peak MB |")
+    rows = [head, "|" + "---|" * (9 + len(probe_names))]
     for name, m in methods.items():
+        o = m["objective"]
         deltas = " | ".join(f"{m['probes']['delta'][p]:+.4f}" for p in probe_names)
-        rows.append(f"| {name} | {m['objective']['beta']} | {m['objective']['replay_ratio']} | {m['forgetting']:+.4f} "
-                    f"| {m['task_score']:.3f} | {deltas} | {m['train_seconds']:.0f} | {m['peak_mem_mb']:.0f} |")
+        rows.append(f"| {name} | {o['beta']} | {o['replay_ratio']} | {o['kl_target'] if o['kl_target'] else '–'} | "
+                    f"{o['laplace_lambda'] or '–'} | {m['forgetting']:+.4f} | {m['task_score']:.3f} | {deltas} | "
+                    f"{m['train_seconds']:.0f} | {m['peak_mem_mb']:.0f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -115,11 +129,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     markers = "osD^vP*Xh"
-    for i, (name, m) in enumerate(results["methods"].items()):  # a legend, not labels: methods often coincide
-        ax.scatter(m["forgetting"], m["task_score"], s=70, marker=markers[i % len(markers)], alpha=0.8,
-                   label=f"{name} (beta {m['objective']['beta']}, replay {m['objective']['replay_ratio']})")
+    families = {}
+    for name, m in results["methods"].items():
+        families.setdefault(m.get("family", name), []).append(m)
+    for i, (family, members) in enumerate(families.items()):  # a legend, not labels: methods often coincide
+        members = sorted(members, key=lambda m: m["strength"][1] if m.get("strength") else 0)
+        xs, ys = [m["forgetting"] for m in members], [m["task_score"] for m in members]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=8, alpha=0.8, lw=1.2 if len(members) > 1 else 0,
+                label=family if len(members) == 1 or not members[0].get("strength")
+                else f"{family} ({members[0]['strength'][0]} sweep)")
+        for m, x, y in zip(members, xs, ys):
+            if m.get("strength") and len(members) > 1:
+                ax.annotate(f"{m['strength'][1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("forgetting (nats/token, after − before; lower is better)")
     ax.set_ylabel("new-task exact match (higher is better)")

