@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import resources
 from .data import read_jsonl, record_to_turns
-from .errors import DataError
+from .errors import ARRError, DataError
 from .objective import token_kl
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
@@ -52,6 +53,7 @@ GENERAL_PROMPTS = (
     "What does a computer processor do?",
 )
 LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
+LOWER_IS_BETTER_LM_EVAL = ("perplexity", "bits_per_byte", "bpb", "nll")  # lm-eval metrics named like these
 
 
 @dataclass
@@ -72,6 +74,15 @@ class EvalArgs:
                           "turn is the answer, exact match after stripping whitespace. Empty: the bundled date "
                           "task's test split."},
     )
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Optional lm-eval harness tasks run on the in-memory model before and after (needs "
+                          "pip install 'arr[lm-eval]'; hub tasks need the hub), e.g. [hellaswag,arc_easy]."},
+    )
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A folder of your own lm-eval task YAMLs (local data works offline)."}
+    )
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many documents per lm-eval task."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe samples."})
 
@@ -263,7 +274,37 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
     answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, b)
     out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
                          for a, (_, answer) in zip(answers, task)) / max(1, len(task))
+    if args.lm_eval_tasks:
+        out.update(lm_eval_scores(model, tokenizer, args))
     return out
+
+
+@cache
+def task_manager(include_path: str | None):
+    """lm-eval's task index (it reads every task YAML it ships: built once, for before and after)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def lm_eval_scores(model, tokenizer, args: EvalArgs) -> dict[str, float]:
+    """The lm-eval harness's metrics of `args.lm_eval_tasks` on the in-memory model (lm-eval's `HFLM` wraps it as
+    it is, so with the adapter switched off this scores the initial model), as {"lm_eval:TASK:METRIC": value}."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ARRError(f"lm_eval_tasks need the lm-eval harness: pip install 'arr[lm-eval]' ({e})") from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(args.lm_eval_tasks), limit=args.lm_eval_limit,
+                                  task_manager=task_manager(args.lm_eval_include_path),
+                                  bootstrap_iters=0, random_seed=args.seed)["results"]
+    except (KeyError, ValueError) as e:  # lm-eval's way of saying a task name is unknown
+        raise ARRError(f"lm_eval_tasks: {' '.join(str(e).split())}") from None
+    return {f"lm_eval:{task}:{metric.partition(',')[0]}": float(value)
+            for task, metrics in results.items() for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and "_stderr" not in metric}
 
 
 @torch.no_grad()
@@ -309,7 +350,8 @@ def headline_forgetting(delta: dict[str, float]) -> float:
 def format_table(result: dict) -> str:
     rows = ["| probe | before | after | delta | better |", "|---|---:|---:|---:|:---:|"]
     for name, after in result["after"].items():
-        better = "↓" if name in LOWER_IS_BETTER else "↑"
+        lower = name in LOWER_IS_BETTER or name.startswith("lm_eval:") and name.endswith(LOWER_IS_BETTER_LM_EVAL)
+        better = "↓" if lower else "↑"
         rows.append(f"| {name} | {result['before'][name]:.4f} | {after:.4f} | {result['delta'][name]:+.4f} | {better} |")
     rows.append(f"| **forgetting** (nats/token) | | | {result['forgetting']:+.4f} | ↓ |")
     return "\n".join(rows)

@@ -100,3 +100,36 @@ def test_task_examples_from_a_user_file_take_the_last_assistant_turn(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [chat("q", "a"), {"question": "no answer"}])
     with pytest.raises(ev.DataError, match=r"bad.jsonl:2: no known fields"):
         ev.task_examples(bad, 10)
+
+
+def test_lm_eval_task_on_the_in_memory_model_matches_hand_loglikelihoods(tmp_path, llama_dir, tokenizer):
+    import json
+
+    import yaml
+
+    docs = [{"question": f"What is {i} plus {i}?", "choices": [f"It is {2 * i}.", f"It is {i}.", "Paris."],
+             "answer": i % 3} for i in range(6)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "arr_tiny_mc.yaml").write_text(yaml.safe_dump({
+        "task": "arr_tiny_mc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "mc.jsonl")}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]}))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian")).eval()
+    args = ev.EvalArgs(lm_eval_tasks=["arr_tiny_mc"], lm_eval_include_path=str(tmp_path / "tasks"), batch_size=4)
+
+    def hand_accuracy():  # lm-eval's multiple choice: sum log p(" " + choice | question), argmax
+        pairs = [(ev.encode(tokenizer, d["question"]), ev.encode(tokenizer, " " + c)) for d in docs for c in d["choices"]]
+        items = [(d["question"], d["choices"], d["answer"]) for d in docs]
+        return ev._accuracy(ev.continuation_logprobs(model, tokenizer, pairs, 4, "t"), items, normalise=False)
+
+    with model.disable_adapter():
+        before, expected_before = ev.lm_eval_scores(model, tokenizer, args), hand_accuracy()
+    after, expected_after = ev.lm_eval_scores(model, tokenizer, args), hand_accuracy()
+    assert before["lm_eval:arr_tiny_mc:acc"] == pytest.approx(expected_before)
+    assert after["lm_eval:arr_tiny_mc:acc"] == pytest.approx(expected_after)
+    with pytest.raises(ev.ARRError, match="lm_eval_tasks"):
+        ev.lm_eval_scores(model, tokenizer, ev.EvalArgs(lm_eval_tasks=["no_such_task_xyz"]))
