@@ -36,16 +36,20 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+# Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss is exact).
+NOT_RESULT_KEYS = ("output_dir", "loss_chunk_size", "disable_tqdm", "report_to", "logging_dir")
+
+
 def finished_run(run_dir: Path, config_path, overrides: dict) -> bool:
-    """Whether `run_dir` holds a finished `arr train` run of exactly this configuration (then it is reused).
-    Where the run was written does not matter, and a key added to the config since has to hold its default."""
+    """Whether `run_dir` holds a finished `arr train` run of this configuration (then it is reused). Keys in
+    NOT_RESULT_KEYS may differ, and a key added to the config since has to hold its default."""
     saved = run_dir / "arr_config.yaml"
     if not ((run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file() and saved.is_file()):
         return False
     wanted = resolved_config(*build_config({**read_config(str(config_path), []), **overrides}))
     defaults = resolved_config(*build_config({}))
     ran = {**defaults, **yaml.safe_load(saved.read_text())}
-    return {k: v for k, v in ran.items() if k != "output_dir"} == {k: v for k, v in wanted.items() if k != "output_dir"}
+    return all(ran.get(k) == v for k, v in wanted.items() if k not in NOT_RESULT_KEYS)
 
 
 def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overrides: dict | None = None,

@@ -22,6 +22,7 @@ from .errors import ARRError, ConfigError
 
 KL_ON_CHOICES = ("sft", "replay", "all")
 KL_DIRECTIONS = ("forward", "reverse")
+REF_CACHE_MODES = ("none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
@@ -154,11 +155,21 @@ class ARRConfig(TrainingArguments):
                           "reused in a new order. Empty: as many as the run needs."},
     )
     loss_chunk_size: int = field(
-        default=1024,
+        default=256,
         metadata={"help": "Tokens per chunk of the loss computed from hidden states (no [tokens, vocab] logits beyond "
                           "one chunk, in forward or backward). 0: the plain path through full logits. FSDP and "
                           "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
     )
+    ref_cache: str = field(
+        default="none",
+        metadata={"help": "Reference log-probs computed once before training for every SFT example and replay sequence, "
+                          "instead of a reference forward at every step: 'exact' (all V log-probs per token in "
+                          "float32; short data only), 'topk' (the ref_cache_topk largest plus the remaining mass: the "
+                          "KL is then between the (k+1)-outcome coarsenings, a lower bound) or 'none'. Kept in "
+                          "output_dir/ref_cache and reused while the model, data and tokenizer stay the same. It pays "
+                          "when rows are seen more than once (several epochs); see docs/PERFORMANCE.md."},
+    )
+    ref_cache_topk: int = field(default=64, metadata={"help": "k of ref_cache=topk."})
     kl_target: float | None = field(
         default=None,
         metadata={"help": "Adaptive KL: a per-token KL budget. After every optimizer step beta is multiplied by "
@@ -214,6 +225,10 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
         raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
+    if cfg.ref_cache not in REF_CACHE_MODES:
+        raise ConfigError(f"ref_cache must be one of {', '.join(REF_CACHE_MODES)}, got {cfg.ref_cache!r}")
+    if cfg.ref_cache_topk < 1:
+        raise ConfigError(f"ref_cache_topk must be >= 1, got {cfg.ref_cache_topk}")
     if cfg.kl_target is not None and not (cfg.kl_target > 0 and cfg.beta > 0):
         raise ConfigError(f"kl_target must be > 0 and needs a starting beta > 0, got kl_target={cfg.kl_target}, "
                           f"beta={cfg.beta}")

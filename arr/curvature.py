@@ -30,6 +30,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .reference import fingerprint
+
 ESTIMATOR = "diagonal-empirical-fisher-per-token-v1"  # part of the cache key: change it when the estimate changes
 
 
@@ -47,14 +49,10 @@ def delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
 
 
 def curvature_key(model: PeftModel, blocks: torch.Tensor) -> str:
-    """Cache key: adapted layer names and shapes, a fingerprint of their base weights (the float64 sum and a strided
-    sample of each: cheap on a 7B model, and any fine-tune or different checkpoint changes it), the token ids."""
+    """Cache key: the adapted layers' names and a fingerprint of their base weights, and the token ids."""
     digest = hashlib.sha256(ESTIMATOR.encode())
-    for name, layer in sorted(adapted_layers(model).items()):
-        weight = layer.get_base_layer().weight.detach()
-        sample = weight.flatten()[::4099].float().cpu()
-        digest.update(f"{name}{tuple(weight.shape)}{weight.dtype}{weight.double().sum().item():.10e}".encode())
-        digest.update(sample.numpy().tobytes())
+    fingerprint(((name, layer.get_base_layer().weight) for name, layer in sorted(adapted_layers(model).items())),
+                digest)
     digest.update(blocks.cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 

@@ -259,9 +259,9 @@ class MixedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if i < len(self.sft):
-            return {**self.sft[i], "is_replay": False}
+            return {**self.sft[i], "is_replay": False, "row": i}
         block = self.replay[i - len(self.sft)].tolist()
-        return {"input_ids": block, "labels": block, "is_replay": True}
+        return {"input_ids": block, "labels": block, "is_replay": True, "row": i}
 
 
 def _rounded(x: float) -> int:
@@ -315,7 +315,8 @@ class ReplayMixSampler(Sampler[int]):
 
 
 class Collator:
-    """Right-pads a list of rows into input_ids / attention_mask / labels (-100 on padding) / is_replay."""
+    """Right-pads a list of rows into input_ids / attention_mask / labels (-100 on padding) / is_replay, plus the
+    rows' dataset indices (`row`, for the reference cache) when they carry one."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -331,4 +332,7 @@ class Collator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             attention_mask[i, :n] = 1
         is_replay = torch.tensor([bool(r.get("is_replay", False)) for r in rows])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "is_replay": is_replay}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "is_replay": is_replay}
+        if all("row" in r for r in rows):
+            batch["row"] = torch.tensor([r["row"] for r in rows])
+        return batch

@@ -94,6 +94,20 @@ def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str)
     return (logp.exp() * (logp - logp_ref)).sum(-1)
 
 
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None,
+                    ref_tail: torch.Tensor | None = None, direction: str = "forward") -> torch.Tensor:
+    """Per-row KL between the model's log-probs `logp` [n, V] and a reference that is either exact (`ref_logp`
+    [n, V]) or its top k (`ref_logp` [n, k] at token ids `ref_idx`, plus the log of the remaining mass `ref_tail`).
+    Top-k gives the exact KL between the two distributions coarsened to k + 1 outcomes (the k tokens and "any
+    other"), a lower bound of the full KL that reaches it as the tail mass goes to 0."""
+    if ref_idx is None:
+        return kl_from_logprobs(logp, ref_logp.float(), direction)
+    tail = logp.scatter(1, ref_idx, float("-inf")).logsumexp(-1)
+    coarse = torch.cat([logp.gather(1, ref_idx), tail[:, None].clamp(min=-1e4)], 1)  # clamp: no 0 * inf at an empty tail
+    coarse_ref = torch.cat([ref_logp.float(), ref_tail.float()[:, None].clamp(min=-1e4)], 1)
+    return kl_from_logprobs(coarse, coarse_ref, direction)
+
+
 class ARRObjective(nn.Module):
     def __init__(self, beta: float = 0.1, kl_on: str = "all", kl_direction: str = "forward", replay_weight: float = 1.0,
                  laplace_lambda: float = 0.0):
@@ -123,9 +137,12 @@ class ARRObjective(nn.Module):
         is_replay: torch.Tensor,
         ref_logits: torch.Tensor | None = None,
         counts: TokenCounts | None = None,
+        ref_cached: tuple[torch.Tensor, Callable] | None = None,
     ) -> LossParts:
         """`logits`/`ref_logits`: [B, T, V]; `labels`: [B, T] (unshifted, -100 = no loss); `is_replay`: [B].
-        `counts` are the step-wide denominators; by default this batch's own."""
+        `counts` are the step-wide denominators; by default this batch's own. `ref_cached` replaces `ref_logits`
+        by precomputed reference log-probs: (cache positions [B, T - 1], lookup(positions) -> the reference
+        arguments of `kl_to_reference`)."""
         sft, replay, kl_positions = position_masks(labels, attention_mask, is_replay, self.kl_on)
         if counts is None:
             counts = TokenCounts(sft.sum(), kl_positions.sum(), replay.sum())
@@ -143,9 +160,14 @@ class ARRObjective(nn.Module):
         replay_ce = mean_ce(replay, counts.replay)
         kl = zero
         if self.needs_reference and kl_positions.any():
-            if ref_logits is None:
-                raise ValueError("beta > 0 needs the initial model's logits (ref_logits)")
-            per_token = token_kl(logits[kl_positions], ref_logits[:, :-1][kl_positions], self.kl_direction)
+            if ref_logits is None and ref_cached is None:
+                raise ValueError("beta > 0 needs the initial model's logits (ref_logits or ref_cached)")
+            if ref_cached is not None:
+                positions, lookup = ref_cached
+                per_token = kl_to_reference(F.log_softmax(logits[kl_positions].float(), -1),
+                                            *lookup(positions[kl_positions]), direction=self.kl_direction)
+            else:
+                per_token = token_kl(logits[kl_positions], ref_logits[:, :-1][kl_positions], self.kl_direction)
             kl = per_token.sum() / counts.kl.clamp(min=1)
         total = sft_ce + self.beta * kl + self.replay_weight * replay_ce
         return LossParts(total, sft_ce, kl, replay_ce)
@@ -160,28 +182,39 @@ class ARRObjective(nn.Module):
         ref_hidden: torch.Tensor | None = None,
         reference=None,
         counts: TokenCounts | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
+        ref_cached: tuple[torch.Tensor, Callable] | None = None,
     ) -> LossParts:
         """The same loss from final hidden states [B, T, H]. `head` maps [n, H] to logits; `reference()` is a
-        context manager under which `head` is the initial model's head (the adapter switched off)."""
+        context manager under which `head` is the initial model's head (the adapter switched off). `ref_cached`
+        replaces (`ref_hidden`, `reference`) by precomputed reference log-probs, as in `forward`."""
         sft, replay, kl_positions = position_masks(labels, attention_mask, is_replay, self.kl_on)
         if counts is None:
             counts = TokenCounts(sft.sum(), kl_positions.sum(), replay.sum())
         use_kl = self.needs_reference and bool(kl_positions.any())
-        if use_kl and (ref_hidden is None or reference is None):
-            raise ValueError("beta > 0 needs the initial model's hidden states and head (ref_hidden, reference)")
+        if use_kl and ref_cached is None and (ref_hidden is None or reference is None):
+            raise ValueError("beta > 0 needs the initial model's hidden states and head (ref_hidden, reference) "
+                             "or ref_cached")
         rows = sft | replay | (kl_positions if use_kl else torch.zeros_like(sft))
         flat = [hidden[:, :-1][rows], labels[:, 1:][rows].clamp(min=0), sft[rows], replay[rows], kl_positions[rows]]
-        ref_flat = ref_hidden[:, :-1][rows] if use_kl else None
+        ref_flat, ref_distribution = None, None
+        if use_kl and ref_cached is not None:
+            ref_flat, ref_distribution = ref_cached[0][rows], ref_cached[1]
+        elif use_kl:
+            ref_flat = ref_hidden[:, :-1][rows]
 
-        def chunk_sums(h, targets, sft_rows, replay_rows, kl_rows, ref_h):
+            def ref_distribution(ref_h):
+                with reference():
+                    return (F.log_softmax(head(ref_h).float(), dim=-1),)
+
+        def chunk_sums(h, targets, sft_rows, replay_rows, kl_rows, ref_part):
             logp = F.log_softmax(head(h).float(), dim=-1)
             nll = -logp.gather(1, targets[:, None]).squeeze(1)
             kl = logp.new_zeros(())
-            if ref_h is not None:
-                with torch.no_grad(), reference():
-                    logp_ref = F.log_softmax(head(ref_h).float(), dim=-1)
-                kl = (kl_from_logprobs(logp, logp_ref, self.kl_direction) * kl_rows).sum()
+            if ref_part is not None:
+                with torch.no_grad():
+                    ref = ref_distribution(ref_part)
+                kl = (kl_to_reference(logp, *ref, direction=self.kl_direction) * kl_rows).sum()
             return torch.stack([(nll * sft_rows).sum(), kl, (nll * replay_rows).sum()])
 
         sums = hidden.new_zeros(3, dtype=torch.float32)

@@ -11,8 +11,14 @@ residual weights, not the initial model. Those are refused with a clear error.
 
 from __future__ import annotations
 
+import hashlib
+import time
+from pathlib import Path
+
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .errors import ConfigError
 
@@ -36,3 +42,111 @@ def reference_logits(model: torch.nn.Module, peft_model: PeftModel, inputs: dict
     DeepSpeed), `peft_model` the unwrapped PEFT model whose adapter is switched off meanwhile."""
     with peft_model.disable_adapter():
         return model(**inputs).logits
+
+
+# ------------------------------------------------------------------------------------- cached reference log-probs
+
+
+def fingerprint(named_tensors, digest=None):
+    """A hash of tensors that changes with any fine-tune or checkpoint swap, cheap even for a 7B model: each
+    tensor's name, shape, dtype, float64 sum and a strided sample (not every byte)."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{tensor.double().sum().item():.10e}".encode())
+        digest.update(tensor.flatten()[::4099].float().cpu().numpy().tobytes())
+    return digest
+
+
+class ReferenceCache:
+    """The initial model's next-token log-probs at every position of a fixed dataset (SFT examples and the replay
+    pool), computed once before training so that no step runs the reference forward again.
+
+    exact: all V log-probs per position ([positions, V] float32, for short data). topk: the k largest log-probs,
+    their token ids and the log of the remaining mass (see objective.kl_to_reference). Rows are found through
+    `offsets`: position t of dataset row i is entry offsets[i] + t."""
+
+    def __init__(self, logp: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor | None = None,
+                 tail: torch.Tensor | None = None):
+        self.logp, self.offsets, self.idx, self.tail = logp, offsets, idx, tail
+
+    @property
+    def topk(self) -> int | None:
+        return None if self.idx is None else self.idx.shape[1]
+
+    def positions(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Cache entries of the [B, width - 1] predictions of a batch of dataset rows (padding gives unused ids)."""
+        entries = self.offsets[rows.cpu()][:, None] + torch.arange(width - 1)[None]
+        return entries.clamp(max=len(self.logp) - 1)
+
+    def lookup(self, entries: torch.Tensor, device) -> tuple:
+        entries = entries.cpu()
+        if self.idx is None:
+            return (self.logp[entries].to(device),)
+        return self.logp[entries].to(device), self.idx[entries].to(device).long(), self.tail[entries].to(device)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, peft_model: PeftModel, dataset, collate, topk: int | None, batch_size: int = 8
+              ) -> ReferenceCache:
+        """Reference log-probs of every row of `dataset`, `batch_size` rows per forward, adapter off, eval mode."""
+        device = next(peft_model.parameters()).device
+        was_training = peft_model.training
+        peft_model.eval()
+        logps, idxs, tails, lengths = [], [], [], []
+        try:
+            with peft_model.disable_adapter():
+                for start in tqdm(range(0, len(dataset), batch_size), desc="Caching reference log-probs"):
+                    rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                    batch = collate(rows)
+                    logits = peft_model(input_ids=batch["input_ids"].to(device),
+                                        attention_mask=batch["attention_mask"].to(device)).logits
+                    for row, row_logits in zip(rows, logits):
+                        logp = torch.log_softmax(row_logits[: len(row["input_ids"]) - 1].float(), -1)
+                        lengths.append(len(logp))
+                        if topk is None:
+                            logps.append(logp.cpu())
+                            continue
+                        values, ids = logp.topk(topk, dim=-1)
+                        logps.append(values.cpu())
+                        idxs.append(ids.int().cpu())
+                        tails.append(logp.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
+        finally:
+            peft_model.train(was_training)
+        offsets = torch.tensor([0, *lengths]).cumsum(0)[:-1]
+        if topk is None:
+            return cls(torch.cat(logps), offsets)
+        return cls(torch.cat(logps), offsets, torch.cat(idxs), torch.cat(tails))
+
+    def save(self, path: Path) -> None:
+        tensors = {"logp": self.logp, "offsets": self.offsets}
+        if self.idx is not None:
+            tensors.update(idx=self.idx, tail=self.tail)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file(tensors, tmp)
+        tmp.replace(path)  # a reader never sees a half-written cache
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceCache:
+        t = load_file(path)
+        return cls(t["logp"], t["offsets"], t.get("idx"), t.get("tail"))
+
+
+def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path
+                    ) -> tuple[ReferenceCache, dict]:
+    """The cache for this model, data and k from `folder` when there, else built and saved there. The key hashes
+    the base model's weights, every row's token ids (so the data and the tokenizer) and k."""
+    digest = fingerprint((n, p) for n, p in peft_model.named_parameters() if "lora_" not in n)
+    digest.update(f"topk={topk}".encode())
+    for i in range(len(dataset)):
+        digest.update(torch.as_tensor(dataset[i]["input_ids"]).numpy().tobytes())
+    key = digest.hexdigest()[:32]
+    path = Path(folder) / f"{key}.safetensors"
+    if path.is_file():
+        return ReferenceCache.load(path), {"key": key, "cache_hit": True, "seconds": 0.0}
+    start = time.perf_counter()
+    cache = ReferenceCache.build(peft_model, dataset, collate, topk)
+    cache.save(path)
+    return cache, {"key": key, "cache_hit": False, "seconds": round(time.perf_counter() - start, 2),
+                   "mb": round(path.stat().st_size / 2**20, 1)}

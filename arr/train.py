@@ -133,6 +133,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
+        "ref_cache": trainer.ref_cache_info,  # key, cache_hit, seconds, mb of the reference log-prob cache
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
     }

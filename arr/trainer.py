@@ -24,7 +24,7 @@ from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
 from .errors import ARRError
 from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
-from .reference import check_reference_is_initial, reference_logits
+from .reference import check_reference_is_initial, reference_cache, reference_logits
 
 LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce", "laplace")
 STATE_FILE = "arr_state.json"  # ARR's own state in a checkpoint: the adaptive beta
@@ -99,6 +99,14 @@ class ARRTrainer(Trainer):
             replay = token_blocks(replay_dataset, tokenizer, args.replay_seq_length, needed, args.seed)
             self.replay_sampler = ReplayMixSampler(len(sft), len(replay), global_batch, args.replay_ratio, args.seed)
 
+        if args.laplace_lambda > 0:  # read the surrogate text now, so that bad data fails before any output
+            source = curvature_dataset
+            if source is None and isinstance(replay_dataset, (str, torch.Tensor)):
+                source = replay_dataset  # (an iterable of texts has been used up by the replay packing)
+            if source is None:
+                raise ValueError("laplace_lambda > 0 needs a curvature_dataset (surrogate source text)")
+            blocks = token_blocks(source, tokenizer, args.replay_seq_length, args.laplace_samples, args.seed)
+
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
         super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
@@ -107,18 +115,18 @@ class ARRTrainer(Trainer):
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight,
                                       args.laplace_lambda)
         self.add_callback(_StepEnd(self))
+        self.ref_cache, self.ref_cache_info = None, {}
+        if args.ref_cache != "none" and self.objective.needs_reference:
+            topk = args.ref_cache_topk if args.ref_cache == "topk" else None
+            with args.main_process_first(desc="reference cache"):  # one process builds it, the rest read it
+                self.ref_cache, self.ref_cache_info = reference_cache(
+                    model, self.train_dataset, self.data_collator, topk, os.path.join(args.output_dir, "ref_cache"))
         self._step_kl, self._beta_sum = torch.zeros(()), 0.0
         self.curvature, self.curvature_info = None, {}
         if args.laplace_lambda > 0:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 raise ARRError("laplace_lambda > 0 needs every LoRA weight whole on each process: use DDP, not "
                                "FSDP or DeepSpeed")
-            source = curvature_dataset
-            if source is None and isinstance(replay_dataset, (str, torch.Tensor)):
-                source = replay_dataset  # (an iterable of texts has been used up by the replay packing)
-            if source is None:
-                raise ValueError("laplace_lambda > 0 needs a curvature_dataset (surrogate source text)")
-            blocks = token_blocks(source, tokenizer, args.replay_seq_length, args.laplace_samples, args.seed)
             with args.main_process_first(desc="curvature estimate"):  # one process estimates, the rest read the cache
                 fisher, self.curvature_info = load_or_estimate(
                     model, blocks[: args.laplace_samples], args.laplace_cache_dir or cache_dir() / "curvature")
@@ -151,16 +159,24 @@ class ARRTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, is_replay = inputs["labels"], inputs["is_replay"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay")}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay", "row")}
         counts = TokenCounts.from_tensor(num_items_in_batch) if num_items_in_batch is not None else None
+        ref_cached = None
+        if self.ref_cache is not None:
+            if "row" not in inputs:
+                raise ARRError("ref_cache needs the dataset index of every row (`row`): keep ARR's own collator")
+            cache, device = self.ref_cache, labels.device
+            ref_cached = (cache.positions(inputs["row"], labels.shape[1]).to(device),
+                          lambda entries: cache.lookup(entries, device))
         if self.chunked_loss and not return_outputs:
-            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, is_replay, counts)
+            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, is_replay, counts, ref_cached)
         else:
             ref_logits = None
-            if self.objective.needs_reference:
+            if self.objective.needs_reference and ref_cached is None:
                 ref_logits = reference_logits(model, self.accelerator.unwrap_model(model), model_inputs)
             outputs = model(**model_inputs)
-            parts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits, counts)
+            parts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits, counts,
+                                   ref_cached)
         loss = parts.total
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
@@ -180,7 +196,7 @@ class ARRTrainer(Trainer):
             self._step_kl += values[1]
         return (loss, outputs) if return_outputs else loss
 
-    def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts) -> LossParts:
+    def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts, ref_cached) -> LossParts:
         """Forward through the (possibly wrapped) model with logits for the last position only, take the final
         hidden states from a hook on the decoder, and let the objective apply the LM head chunk by chunk."""
         peft_model = self.accelerator.unwrap_model(model)
@@ -190,7 +206,7 @@ class ARRTrainer(Trainer):
                                                          output.last_hidden_state))
         try:
             ref_hidden = None
-            if self.objective.needs_reference:
+            if self.objective.needs_reference and ref_cached is None:
                 with torch.no_grad(), peft_model.disable_adapter():
                     model(**model_inputs, logits_to_keep=1)
                 ref_hidden = captured.pop()
@@ -200,7 +216,8 @@ class ARRTrainer(Trainer):
             hook.remove()
         return self.objective.forward_hidden(hidden, peft_model.get_output_embeddings(), labels,
                                              model_inputs["attention_mask"], is_replay, ref_hidden,
-                                             peft_model.disable_adapter, counts, self.args.loss_chunk_size)
+                                             peft_model.disable_adapter, counts, self.args.loss_chunk_size,
+                                             ref_cached)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""

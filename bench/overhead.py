@@ -4,10 +4,15 @@
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
 
 Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
-peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. Variants:
+peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. ARR runs at the shipped defaults (arr/config.py) in
+every variant but the way it gets the reference:
   lora         plain LoRA SFT (beta = 0, no replay)
-  arr_naive    ARR through full [batch, seq, vocab] logits (loss_chunk_size = 0)
-  arr_chunked  ARR with the chunked loss from hidden states (the shipped default)
+  arr_naive    reference forward every step, loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
+  arr_chunked  reference forward every step, chunked loss from hidden states (the shipped default)
+  arr_topk     reference log-probs cached before training, top 64 plus tail mass (ref_cache=topk)
+  arr_exact    reference log-probs cached before training, all of them (ref_cache=exact)
+A cached variant's one-off cache build is timed apart ("cache s") from the training loop, and for the top-k cache
+the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default ARR path against
 plain LoRA, from this run.
 """
@@ -23,8 +28,10 @@ import time
 
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
-    "arr_naive": {"beta": 0.1, "replay_ratio": 0.25, "loss_chunk_size": 0},
-    "arr_chunked": {"beta": 0.1, "replay_ratio": 0.25},
+    "arr_naive": {"loss_chunk_size": 0},
+    "arr_chunked": {},
+    "arr_topk": {"ref_cache": "topk"},
+    "arr_exact": {"ref_cache": "exact"},
 }
 DEFAULT_PATH = "arr_chunked"
 
@@ -71,13 +78,46 @@ def train_variant(model_name: str, variant: str, steps: int) -> dict:
         start = time.perf_counter()  # every variant pays the same start-up inside train()
         trainer.train()
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": sum(tokens), "peak_mem_mb": peak_mb()}
+        result = {"seconds": seconds, "tokens": sum(tokens), "peak_mem_mb": peak_mb(),
+                  "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0)}
+        if trainer.ref_cache is not None and trainer.ref_cache.topk:
+            result.update(topk_kl_error(trainer))
+    return result
 
 
-def loss_memory(seq: int = 2048, hidden: int = 896, vocab: int = 151_936, chunk: int = 1024) -> dict:
+def topk_kl_error(trainer, n_rows: int = 16) -> dict:
+    """Mean per-token KL of the trained model to the initial one on `n_rows` dataset rows, exact (online reference)
+    and through the top-k cache."""
+    import torch
+
+    from arr.objective import kl_to_reference, position_masks
+
+    model, cache = trainer.model.eval(), trainer.ref_cache
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))])
+    device = next(model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
+        with model.disable_adapter():
+            ref_logits = model(**inputs).logits[:, :-1].float()
+    _, _, kl_positions = position_masks(batch["labels"], batch["attention_mask"], batch["is_replay"],
+                                        trainer.args.kl_on)
+    kl_positions = kl_positions.to(device)
+    logp = torch.log_softmax(logits[kl_positions], -1)
+    exact = kl_to_reference(logp, torch.log_softmax(ref_logits[kl_positions], -1)).mean().item()
+    entries = cache.positions(batch["row"], batch["input_ids"].shape[1])[kl_positions.cpu()]
+    approx = kl_to_reference(logp, *cache.lookup(entries, device)).mean().item()
+    return {"exact_kl": exact, "topk_kl": approx, "topk_rel_error": (exact - approx) / exact if exact else 0.0}
+
+
+
+def loss_memory(seq: int = 2048, hidden: int = 896, vocab: int = 151_936) -> dict:
     """Extra memory of the loss itself (forward + backward) at seq x vocab on synthetic hidden states, for the
-    plain logits path and the chunked one; each measured in its own process."""
-    out = {}
+    plain logits path and the chunked one at the shipped loss_chunk_size; each measured in its own process."""
+    from arr.config import ARRConfig
+
+    chunk = ARRConfig.__dataclass_fields__["loss_chunk_size"].default
+    out = {"chunk": chunk}
     for name in ("naive", "chunked"):
         code = (f"import bench.overhead as b; import json; print(json.dumps(b._loss_memory_child("
                 f"{name!r}, {seq}, {hidden}, {vocab}, {chunk})))")
@@ -133,12 +173,17 @@ def main() -> None:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results[model][variant] = r
             base = results[model]["lora"]
+            extra = f"  cache {r['cache_seconds']:.1f} s" if r["cache_seconds"] else ""
+            if "topk_rel_error" in r:
+                extra += (f"  top-k KL error {100 * r['topk_rel_error']:.2f}% "
+                          f"({r['topk_kl']:.5f} vs exact {r['exact_kl']:.5f})")
             print(f"{model:8s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
                   f"wall x{r['seconds'] / base['seconds']:.3f}  peak {r['peak_mem_mb']:8.0f} MB  "
-                  f"x{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}", flush=True)
+                  f"x{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}{extra}", flush=True)
     if not args.quick:
         memory = loss_memory()
         print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
+              f"(chunk {memory['chunk']}) "
               f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
     headline = results[models[-1]]
     print(json.dumps({"model": models[-1], "path": DEFAULT_PATH,

@@ -4,7 +4,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from arr.data import Collator, load_sft_examples
-from arr.objective import ARRObjective, token_kl
+from arr.objective import ARRObjective, kl_from_logprobs, token_kl
 from arr.reference import reference_logits
 from conftest import replay_texts, sft_records
 
@@ -159,3 +159,26 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4)
+
+
+def test_topk_reference_kl_is_the_coarsened_kl_a_lower_bound_and_exact_at_full_k():
+    from arr.objective import kl_to_reference
+
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(5, 50), -1)
+    ref = torch.log_softmax(3 * torch.randn(5, 50), -1)
+    for direction in ("forward", "reverse"):
+        exact = kl_to_reference(logp, ref, direction=direction)
+        torch.testing.assert_close(exact, kl_from_logprobs(logp, ref, direction))
+        full_k = ref.topk(50, -1)
+        torch.testing.assert_close(kl_to_reference(logp, full_k.values, full_k.indices,
+                                                   torch.full((5,), float("-inf")), direction), exact)
+        values, ids = ref.topk(4, -1)
+        tail = ref.scatter(1, ids, float("-inf")).logsumexp(-1)
+        approx = kl_to_reference(logp, values, ids, tail, direction)
+        # by hand: the two distributions over {4 tokens, everything else}
+        p = torch.cat([values, tail[:, None]], 1).exp()
+        q = torch.cat([logp.gather(1, ids), logp.scatter(1, ids, float("-inf")).logsumexp(-1)[:, None]], 1).exp()
+        a, b = (p, q) if direction == "forward" else (q, p)
+        torch.testing.assert_close(approx, (a * (a.log() - b.log())).sum(-1))
+        assert (approx <= exact + 1e-6).all() and (approx < exact).any()

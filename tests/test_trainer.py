@@ -80,3 +80,30 @@ def test_base_rewriting_init_is_refused(llama_dir, tokenizer, tmp_path, init):
         ARRTrainer(model, ARRConfig(output_dir=str(tmp_path), **STEPS), train_dataset=sft_records(4),
                    processing_class=tokenizer, replay_dataset=replay_texts(4))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("chunk", [1024, 0])
+def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_data(llama_dir, tokenizer, tmp_path,
+                                                                                     chunk):
+    def run(out, cache, records=20, **extra):
+        config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, replay_ratio=0.25, replay_seq_length=16,
+                           ref_cache=cache, loss_chunk_size=chunk, **{**STEPS, **extra})
+        trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(records),
+                             processing_class=tokenizer, replay_dataset=replay_texts(40))
+        trainer.train()
+        return trainer, [h["kl"] for h in trainer.state.log_history if "kl" in h]
+
+    online, online_kl = run("online", "none")
+    exact, exact_kl = run("cached", "exact")
+    assert exact.ref_cache_info["cache_hit"] is False and exact.ref_cache.topk is None
+    assert online_kl[-1] > 0
+    assert exact_kl == pytest.approx(online_kl, rel=1e-4, abs=1e-7)
+    for name, value in adapter_state(online.model).items():
+        torch.testing.assert_close(adapter_state(exact.model)[name], value, atol=1e-5, rtol=0)
+    again, _ = run("cached", "exact")
+    assert again.ref_cache_info == {"key": exact.ref_cache_info["key"], "cache_hit": True, "seconds": 0.0}
+    other_data, _ = run("cached", "exact", records=21)
+    assert other_data.ref_cache_info["cache_hit"] is False
+    topk, topk_kl = run("topk", "topk", ref_cache_topk=8)
+    assert topk.ref_cache.topk == 8 and topk_kl[0] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < topk_kl[1] <= exact_kl[1] * 1.01  # the coarsened KL is a lower bound
