@@ -1,6 +1,6 @@
 """What ARR costs over plain LoRA SFT, measured side by side in one run.
 
-    python -m bench.overhead --quick        # tiny model only, well under a minute
+    python -m bench.overhead --quick        # tiny model, plain LoRA and the default ARR path only: < 1 min
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
 
 Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
@@ -156,15 +156,17 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model only, no SmolLM2, no loss-memory probe")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, lora and the default ARR path only; no SmolLM2, no loss-memory probe")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
     args = parser.parse_args()
     models = ["tiny"] if args.quick else ["tiny", "smollm2"]
+    variants = ["lora", DEFAULT_PATH] if args.quick else list(VARIANTS)
     results = {}
     for model in models:
-        steps = args.steps or (20 if model == "tiny" else 4)
+        steps = args.steps or (10 if model == "tiny" else 4)
         results[model] = {}
-        for variant in VARIANTS:
+        for variant in variants:
             code = (f"import bench.overhead as b, json; "
                     f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps})))")
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
