@@ -192,8 +192,13 @@ class ARRTrainer(Trainer):
                 name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
                 raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
                                "lower learning_rate or check the data")
-            self._part_sums += values
-            self._step_kl += values[1]
+            # Kept as each process's share of the step value, so that summing over processes gives the value: token
+            # parts over global counts already are; a per-process mean or the (replicated) penalty is divided.
+            shares = values / self.args.world_size
+            if self.args.average_tokens_across_devices:
+                shares[:3] = values[:3]
+            self._part_sums += shares
+            self._step_kl += shares[1]
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts, ref_cached) -> LossParts:

@@ -1,5 +1,6 @@
 """Two CPU processes (torch.distributed with gloo, launched by torchrun), under DDP and under FSDP, give the
-per-step losses of one process at the same global batch, replay interleaving included."""
+per-step losses of one process at the same global batch, replay interleaving included; under DDP also with the
+Laplace penalty and the adaptive beta (which every process must update identically)."""
 
 import json
 import os
@@ -18,7 +19,10 @@ FSDP = {"fsdp": "full_shard auto_wrap",
         "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True}}
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+LAPLACE_ADAPTIVE = {"laplace_lambda": 100.0, "laplace_samples": 4, "kl_target": 0.001}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "ddp_laplace_adaptive"])
 def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
@@ -34,6 +38,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
     for name, (batch, launcher) in runs.items():
         config = tmp_path / f"{name}.yaml"
         extra = FSDP if engine == "fsdp" and name == "two" else {}
+        if engine == "ddp_laplace_adaptive":
+            extra = {**LAPLACE_ADAPTIVE, "laplace_cache_dir": str(tmp_path / f"curvature-{name}")}
         config.write_text(yaml.safe_dump({**base, **extra, "per_device_train_batch_size": batch,
                                           "output_dir": str(tmp_path / name)}))
         proc = subprocess.run([*launcher, "train", str(config)], capture_output=True, text=True, timeout=600,
@@ -42,7 +48,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
         assert proc.stdout.count("done in") == 1  # only the main process reports
         history[name] = json.loads((tmp_path / name / "metrics.json").read_text())["history"]
     assert len(history["one"]) == len(history["two"]) == 4
+    keys = ("loss", "sft_ce", "kl", "replay_ce") + (("laplace", "beta") if engine == "ddp_laplace_adaptive" else ())
     for one, two in zip(history["one"], history["two"]):
-        for key in ("loss", "sft_ce", "kl", "replay_ce"):
+        for key in keys:
             assert two[key] == pytest.approx(one[key], abs=1e-4), key
     assert history["one"][-1]["kl"] > 0 and history["one"][-1]["replay_ce"] > 0
+    if engine == "ddp_laplace_adaptive":
+        assert history["one"][-1]["laplace"] > 0 and history["one"][-1]["beta"] != 0.5
