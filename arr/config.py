@@ -31,8 +31,8 @@ METHODS = {
     "kl_only": {"replay_ratio": 0.0},
     "replay_only": {"beta": 0.0},
     "arr": {},  # KL + replay at the shipped defaults
-    "arr_adaptive": {"kl_target": 0.02},  # ARR with beta steered to a KL budget (see kl_target)
-    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 10.0},  # LaLoRA alone
+    "arr_adaptive": {"kl_target": 0.1},  # ARR with beta steered to a KL budget (see kl_target)
+    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 300.0},  # LaLoRA alone
 }
 
 

@@ -79,7 +79,7 @@ def test_method_presets_expand_and_explicit_keys_win():
     from arr.config import build_config
 
     _, _, laplace = build_config({"method": "laplace"})
-    assert (laplace.beta, laplace.replay_ratio, laplace.laplace_lambda) == (0.0, 0.0, 10.0)
+    assert (laplace.beta, laplace.replay_ratio, laplace.laplace_lambda) == (0.0, 0.0, 300.0)
     _, _, mixed = build_config({"method": "laplace", "beta": 0.5, "laplace_lambda": 3})
     assert (mixed.beta, mixed.replay_ratio, mixed.laplace_lambda) == (0.5, 0.0, 3.0)
     _, _, adaptive = build_config({"method": "arr_adaptive"})
