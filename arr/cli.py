@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 
-from .config import build_config, check_known_keys, read_config, train_parser
+from .config import build_config, check_known_keys, expand_method, read_config, train_parser
 from .errors import ARRError, ConfigError
 from .resources import DEFAULT_RECIPE
 
@@ -31,10 +31,11 @@ commands:
         (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
         `arr eval --help` lists the probe sizes.
   compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml]
-        Train plain LoRA, KL only, replay only and ARR with the same data and seed (CONFIG, by default the
-        embedded recipe, plus your overrides), evaluate each, and write results.json, results.md and results.png
-        to output_dir (default runs/compare). --quick: 8 steps and small probes. METHODS.yaml maps method
-        names to config keys (default: lora, kl_only, replay_only, arr).
+        Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
+        (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
+        results.md and results.png to output_dir (default runs/compare). --quick: 8 steps and small probes.
+        METHODS.yaml maps method names to config keys, e.g. `laplace_100: {method: laplace, laplace_lambda: 100}`;
+        a method run at several strengths is drawn as a curve. eval.KEY=VALUE sets a probe option.
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
 """
@@ -134,7 +135,7 @@ def compare_command(args: list[str]) -> int:
     eval_keys = {k.removeprefix("eval."): overrides.pop(k) for k in list(overrides) if k.startswith("eval.")}
     base = {**read_config(config_path, []), **overrides}
     for keys in (methods or {"": {}}).values():  # fail fast on a bad key or value
-        build_config({**base, **keys})
+        build_config({**base, **expand_method(keys)})
 
     from .compare import QUICK, compare
 

@@ -1,4 +1,4 @@
-"""`arr compare`: train plain LoRA, KL only, replay only and ARR on the same data and seed, evaluate each with the
+"""`arr compare`: train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace on the same data and seed, evaluate each with the
 probes of arr/evaluation.py against one shared "before", and write results.json, results.md and results.png.
 
 Each training run is its own `arr train` process, so its wall time and peak memory are its own. A method whose
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import build_config, read_config
+from .config import build_config, expand_method, read_config
 from .evaluation import EvalArgs, evaluate_adapter, format_table, headline_forgetting, load_run, run_probes
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
-METHODS = {name: {"method": name} for name in ("lora", "kl_only", "replay_only", "arr")}  # presets of config.py
+METHODS = {name: {"method": name}  # the presets of config.py
+           for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
 OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
 QUICK = {"train": {"max_steps": 8}, "eval": dict(heldout_docs=16, knowledge_items=24, mmlu_items=24,
                                                   chat_items=32, drift_prompts=6, drift_tokens=24, task_items=24)}
@@ -65,7 +66,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
     for name, method_overrides in methods.items():
-        run_dir, keys = out_dir / name, {**overrides, **method_overrides}
+        run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         if finished_run(run_dir, config_path, keys):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
             metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -260,6 +260,8 @@ def train_parser() -> HfArgumentParser:
 
 
 def read_config(path: str | None, overrides: list[str]) -> dict:
+    """The keys of a YAML config with key=value overrides on top. A `method` among the overrides outranks the
+    file's keys with its preset (and the overrides beside it outrank the preset)."""
     values = {}
     if path is not None:
         try:
@@ -270,15 +272,18 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config must be a mapping of key: value")
+    given = {}
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not key=value")
         try:
-            values[key.strip()] = yaml.safe_load(raw)
+            given[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            values[key.strip()] = raw
-    return values
+            given[key.strip()] = raw
+    if "method" in given:
+        return {**expand_method(values), **expand_method(given)}
+    return {**values, **given}
 
 
 def check_known_keys(values: dict, classes, kind: str) -> None:

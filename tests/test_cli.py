@@ -84,3 +84,17 @@ def test_method_presets_expand_and_explicit_keys_win():
     assert (mixed.beta, mixed.replay_ratio, mixed.laplace_lambda) == (0.5, 0.0, 3.0)
     _, _, adaptive = build_config({"method": "arr_adaptive"})
     assert adaptive.kl_target is not None and adaptive.beta == 1.0 and adaptive.replay_ratio == 0.125
+
+
+def test_a_method_on_the_command_line_outranks_the_config_file(tmp_path):
+    from arr.config import build_config, read_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("beta: 0.2\nreplay_ratio: 0.3\nlearning_rate: 0.01\n")
+    _, _, plain = build_config(read_config(str(config), ["method=lora"]))
+    assert (plain.beta, plain.replay_ratio, plain.learning_rate) == (0.0, 0.0, 0.01)
+    _, _, laplace = build_config(read_config(str(config), ["method=laplace", "laplace_lambda=5"]))
+    assert (laplace.beta, laplace.replay_ratio, laplace.laplace_lambda) == (0.0, 0.0, 5.0)
+    config.write_text("method: laplace\nbeta: 0.2\n")  # inside one file, the keys beside the method win
+    _, _, mixed = build_config(read_config(str(config), []))
+    assert (mixed.beta, mixed.replay_ratio, mixed.laplace_lambda) == (0.2, 0.0, 300.0)

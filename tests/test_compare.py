@@ -18,7 +18,8 @@ def tiny_config(tmp_path, llama_dir):
     config.write_text(yaml.safe_dump({
         "model_name_or_path": str(llama_dir), "sft_data": write_jsonl(tmp_path / "sft.jsonl", sft_records(16)),
         "replay_data": str(corpus), "max_steps": 2, "per_device_train_batch_size": 4, "replay_seq_length": 16,
-        "beta": 0.2, "replay_ratio": 0.25, "save_strategy": "no", "lora_r": 4, "disable_tqdm": True}))
+        "beta": 0.2, "replay_ratio": 0.25, "save_strategy": "no", "lora_r": 4, "disable_tqdm": True,
+        "laplace_samples": 4, "laplace_cache_dir": str(tmp_path / "curvature")}))
     return config
 
 
@@ -26,15 +27,20 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
     results = compare(tmp_path / "cmp", tiny_config(tmp_path, llama_dir), {"learning_rate": 0.01}, eval_args=SMALL)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert set(saved["methods"]) == {"lora", "kl_only", "replay_only", "arr"}
+    assert set(saved["methods"]) == {"lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace"}
     for name, m in saved["methods"].items():
         assert {"forgetting", "task_score", "train_seconds", "peak_mem_mb", "probes", "objective"} <= set(m)
         assert m["peak_mem_mb"] > 10 and m["train_seconds"] >= 0 and 0 <= m["task_score"] <= 1
         assert m["probes"]["before"] == saved["methods"]["lora"]["probes"]["before"]  # one shared baseline
     objective = {n: (m["objective"]["beta"], m["objective"]["replay_ratio"]) for n, m in saved["methods"].items()}
-    assert objective == {"lora": (0.0, 0.0), "kl_only": (0.2, 0.0), "replay_only": (0.0, 0.25), "arr": (0.2, 0.25)}
+    assert objective == {"lora": (0.0, 0.0), "kl_only": (0.2, 0.0), "replay_only": (0.0, 0.25), "arr": (0.2, 0.25),
+                         "arr_adaptive": (0.2, 0.25), "laplace": (0.0, 0.0)}
+    assert saved["methods"]["laplace"]["objective"]["laplace_lambda"] == 300.0
+    assert saved["methods"]["laplace"]["family"] == "laplace"
+    assert saved["methods"]["arr_adaptive"]["strength"] == ["kl_target", 0.1]
     table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
-    assert table[0].startswith("| method | beta | replay_ratio | forgetting") and len(table) == 6
+    assert table[0].startswith("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting")
+    assert len(table) == 8
     png = (tmp_path / "cmp" / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
