@@ -262,7 +262,7 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
     questions = mmlu_questions(args.mmlu_items, args.seed)
     letters = [encode(tokenizer, letter)[0] for letter in "ABCD"]
     scores = next_token_logprobs(model, tokenizer, [encode(tokenizer, q) for q, _ in questions], letters, b, "mmlu")
-    out["mmlu"] = sum(row.index(max(row)) == right for row, (_, right) in zip(scores, questions)) / len(questions)
+    out["mmlu"] = sum(row.index(max(row)) == right for row, (_, right) in zip(scores, questions)) / max(1, len(questions))
     pairs = [(chat_prompt_ids(tokenizer, q), answer_ids(tokenizer, a))
              for q, a in chat_exchanges(args.chat_items, args.seed)]
     out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))

@@ -33,7 +33,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
                 max_steps=4, learning_rate=1e-2, replay_seq_length=16, beta=0.5, replay_ratio=0.25,
                 save_strategy="no", lora_r=4, lora_dropout=0.0, disable_tqdm=True, seed=5, use_cpu=True)
     runs = {"one": (8, [sys.executable, "-m", "arr"]),
-            "two": (4, [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "arr"])}
+            "two": (4, [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "arr"])}  # a free port each time
     history = {}
     for name, (batch, launcher) in runs.items():
         config = tmp_path / f"{name}.yaml"
