@@ -103,7 +103,8 @@ def peak_memory_mb() -> float:
 
 def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics."""
-    check_output_dir(config.output_dir)
+    if config.local_process_index == 0:  # one process per machine: its mkdir-and-clean-up would race the others'
+        check_output_dir(config.output_dir)
     tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
         data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
 
