@@ -20,17 +20,15 @@ surrogate sequences (so the data and the tokenizer) and the estimator, and reuse
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .reference import fingerprint
+from .reference import cached_tensors, fingerprint
 
 ESTIMATOR = "diagonal-empirical-fisher-per-token-v1"  # part of the cache key: change it when the estimate changes
 
@@ -84,21 +82,11 @@ def diagonal_fisher(model: PeftModel, blocks: torch.Tensor, desc: str = "curvatu
     return {name: f / len(blocks) for name, f in fisher.items()}
 
 
-def load_or_estimate(model: PeftModel, blocks: torch.Tensor, cache_dir: str | Path | None
+def load_or_estimate(model: PeftModel, blocks: torch.Tensor, cache_dir: str | Path
                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """The Fisher from `cache_dir` when an estimate with the same key is there, else estimated and cached.
-    Returns it with {"key", "cache_hit", "seconds"} (the seconds the estimate took, 0 on a hit)."""
-    key = curvature_key(model, blocks)
-    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        device = next(model.parameters()).device
-        return {k: v.to(device) for k, v in load_file(path).items()}, {"key": key, "cache_hit": True, "seconds": 0.0}
-    start = time.perf_counter()
-    fisher = diagonal_fisher(model, blocks)
-    seconds = time.perf_counter() - start
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, tmp)
-        tmp.replace(path)  # a reader never sees a half-written estimate
-    return fisher, {"key": key, "cache_hit": False, "seconds": round(seconds, 2)}
+    Returns it with {"key", "cache_hit", "seconds", ...} (see reference.cached_tensors)."""
+    path = Path(cache_dir) / f"{curvature_key(model, blocks)}.safetensors"
+    fisher, info = cached_tensors(path, lambda: diagonal_fisher(model, blocks))
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in fisher.items()}, info

@@ -58,6 +58,24 @@ def fingerprint(named_tensors, digest=None):
     return digest
 
 
+def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors from the safetensors file `path` when it exists, else `build()`'s, saved there aside and renamed into
+    place (a reader never sees a half-written file). Returns them with {"key", "cache_hit", "seconds"} (the seconds
+    the build took, 0 on a hit) and, after a build, "mb" on disk. Used by the reference and curvature caches."""
+    key = path.stem
+    if path.is_file():
+        return load_file(path), {"key": key, "cache_hit": True, "seconds": 0.0}
+    start = time.perf_counter()
+    tensors = build()
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    tmp.replace(path)
+    return tensors, {"key": key, "cache_hit": False, "seconds": round(seconds, 2),
+                     "mb": round(path.stat().st_size / 2**20, 1)}
+
+
 class ReferenceCache:
     """The initial model's next-token log-probs at every position of a fixed dataset (SFT examples and the replay
     pool), computed once before training so that no step runs the reference forward again.
@@ -85,11 +103,12 @@ class ReferenceCache:
             return (self.logp[entries].to(device),)
         return self.logp[entries].to(device), self.idx[entries].to(device).long(), self.tail[entries].to(device)
 
-    @classmethod
+    @staticmethod
     @torch.no_grad()
-    def build(cls, peft_model: PeftModel, dataset, collate, topk: int | None, batch_size: int = 8
-              ) -> ReferenceCache:
-        """Reference log-probs of every row of `dataset`, `batch_size` rows per forward, adapter off, eval mode."""
+    def build(peft_model: PeftModel, dataset, collate, topk: int | None, batch_size: int = 8
+              ) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every row of `dataset`, `batch_size` rows per forward, adapter off, eval mode, as
+        the tensors of a ReferenceCache (logp, offsets and, for top-k, idx and tail)."""
         device = next(peft_model.parameters()).device
         was_training = peft_model.training
         peft_model.eval()
@@ -115,22 +134,8 @@ class ReferenceCache:
             peft_model.train(was_training)
         offsets = torch.tensor([0, *lengths]).cumsum(0)[:-1]
         if topk is None:
-            return cls(torch.cat(logps), offsets)
-        return cls(torch.cat(logps), offsets, torch.cat(idxs), torch.cat(tails))
-
-    def save(self, path: Path) -> None:
-        tensors = {"logp": self.logp, "offsets": self.offsets}
-        if self.idx is not None:
-            tensors.update(idx=self.idx, tail=self.tail)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        save_file(tensors, tmp)
-        tmp.replace(path)  # a reader never sees a half-written cache
-
-    @classmethod
-    def load(cls, path: Path) -> ReferenceCache:
-        t = load_file(path)
-        return cls(t["logp"], t["offsets"], t.get("idx"), t.get("tail"))
+            return {"logp": torch.cat(logps), "offsets": offsets}
+        return {"logp": torch.cat(logps), "offsets": offsets, "idx": torch.cat(idxs), "tail": torch.cat(tails)}
 
 
 def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path
@@ -141,12 +146,6 @@ def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, f
     digest.update(f"topk={topk}".encode())
     for i in range(len(dataset)):
         digest.update(torch.as_tensor(dataset[i]["input_ids"]).numpy().tobytes())
-    key = digest.hexdigest()[:32]
-    path = Path(folder) / f"{key}.safetensors"
-    if path.is_file():
-        return ReferenceCache.load(path), {"key": key, "cache_hit": True, "seconds": 0.0}
-    start = time.perf_counter()
-    cache = ReferenceCache.build(peft_model, dataset, collate, topk)
-    cache.save(path)
-    return cache, {"key": key, "cache_hit": False, "seconds": round(time.perf_counter() - start, 2),
-                   "mb": round(path.stat().st_size / 2**20, 1)}
+    path = Path(folder) / f"{digest.hexdigest()[:32]}.safetensors"
+    tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk))
+    return ReferenceCache(**tensors), info
