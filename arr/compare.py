@@ -41,14 +41,12 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
 NOT_RESULT_KEYS = ("output_dir", "loss_chunk_size", "disable_tqdm", "report_to", "logging_dir")
 
 
-def finished_run(run_dir: Path, config_path, overrides: dict) -> bool:
-    """Whether `run_dir` holds a finished `arr train` run of this configuration (then it is reused). Keys in
-    NOT_RESULT_KEYS may differ, and a key added to the config since has to hold its default."""
+def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
+    """Whether `run_dir` holds a finished `arr train` run of the resolved configuration `wanted` (then it is
+    reused). Keys in NOT_RESULT_KEYS may differ, and a key added to the config since has to hold its default."""
     saved = run_dir / "arr_config.yaml"
     if not ((run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file() and saved.is_file()):
         return False
-    wanted = resolved_config(*build_config({**read_config(str(config_path), []), **overrides}))
-    defaults = resolved_config(*build_config({}))
     ran = {**defaults, **yaml.safe_load(saved.read_text())}
     return all(ran.get(k) == v for k, v in wanted.items() if k not in NOT_RESULT_KEYS)
 
@@ -65,9 +63,11 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
+    recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
-        if finished_run(run_dir, config_path, keys):
+        wanted = resolved_config(*build_config({**recipe, **keys}))
+        if finished_run(run_dir, wanted, defaults):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:
@@ -86,8 +86,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                 with model.disable_adapter():
                     before = run_probes(model.eval(), tokenizer, eval_args)
             probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
-        objective = {k: v for k, v in resolved_config(*build_config({**read_config(str(config_path), []),
-                                                                       **keys})).items() if k in OBJECTIVE_KEYS}
+        objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
