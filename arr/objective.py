@@ -164,10 +164,11 @@ class ARRObjective(nn.Module):
                 raise ValueError("beta > 0 needs the initial model's logits (ref_logits or ref_cached)")
             if ref_cached is not None:
                 positions, lookup = ref_cached
-                per_token = kl_to_reference(F.log_softmax(logits[kl_positions].float(), -1),
-                                            *lookup(positions[kl_positions]), direction=self.kl_direction)
+                ref = lookup(positions[kl_positions])
             else:
-                per_token = token_kl(logits[kl_positions], ref_logits[:, :-1][kl_positions], self.kl_direction)
+                ref = (F.log_softmax(ref_logits[:, :-1][kl_positions].float(), -1),)
+            per_token = kl_to_reference(F.log_softmax(logits[kl_positions].float(), -1), *ref,
+                                        direction=self.kl_direction)
             kl = per_token.sum() / counts.kl.clamp(min=1)
         total = sft_ce + self.beta * kl + self.replay_weight * replay_ce
         return LossParts(total, sft_ce, kl, replay_ce)
