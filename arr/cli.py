@@ -76,16 +76,17 @@ def make_eval_args(values: dict):
 
     check_known_keys(values, (EvalArgs,), "eval key")
     for key, value in values.items():
-        if key == "task_data" and value is not None and not Path(str(value)).is_file():
-            raise ConfigError(f"eval key task_data: no such file {value!r}")
-        if key == "lm_eval_include_path" and value is not None and not Path(str(value)).is_dir():
-            raise ConfigError(f"eval key lm_eval_include_path: no such folder {value!r}")
-        if key == "lm_eval_tasks":
+        if key == "task_data":
+            if value is not None and not Path(str(value)).is_file():
+                raise ConfigError(f"eval key task_data: no such file {value!r}")
+        elif key == "lm_eval_include_path":
+            if value is not None and not Path(str(value)).is_dir():
+                raise ConfigError(f"eval key lm_eval_include_path: no such folder {value!r}")
+        elif key == "lm_eval_tasks":
             values[key] = value = [value] if isinstance(value, str) else value
             if not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
                 raise ConfigError(f"eval key lm_eval_tasks takes a list of task names, got {value!r}")
-        if key not in ("task_data", "lm_eval_include_path", "lm_eval_tasks") and not (
-                isinstance(value, int) and value >= 0 or key == "lm_eval_limit" and value is None):
+        elif not (isinstance(value, int) and value >= 0 or key == "lm_eval_limit" and value is None):
             raise ConfigError(f"eval key {key} takes an integer >= 0, got {value!r}")
     return EvalArgs(**values)
 
