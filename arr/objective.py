@@ -181,20 +181,20 @@ class ARRObjective(nn.Module):
         attention_mask: torch.Tensor,
         is_replay: torch.Tensor,
         ref_hidden: torch.Tensor | None = None,
-        reference=None,
+        ref_head=None,
         counts: TokenCounts | None = None,
         chunk_size: int = 256,
         ref_cached: tuple[torch.Tensor, Callable] | None = None,
     ) -> LossParts:
-        """The same loss from final hidden states [B, T, H]. `head` maps [n, H] to logits; `reference()` is a
-        context manager under which `head` is the initial model's head (the adapter switched off). `ref_cached`
-        replaces (`ref_hidden`, `reference`) by precomputed reference log-probs, as in `forward`."""
+        """The same loss from final hidden states [B, T, H]. `head` maps [n, H] to logits, `ref_head` likewise for
+        the initial model (the same module unless the head itself is adapted). `ref_cached` replaces (`ref_hidden`,
+        `ref_head`) by precomputed reference log-probs, as in `forward`."""
         sft, replay, kl_positions = position_masks(labels, attention_mask, is_replay, self.kl_on)
         if counts is None:
             counts = TokenCounts(sft.sum(), kl_positions.sum(), replay.sum())
         use_kl = self.needs_reference and bool(kl_positions.any())
-        if use_kl and ref_cached is None and (ref_hidden is None or reference is None):
-            raise ValueError("beta > 0 needs the initial model's hidden states and head (ref_hidden, reference) "
+        if use_kl and ref_cached is None and (ref_hidden is None or ref_head is None):
+            raise ValueError("beta > 0 needs the initial model's hidden states and head (ref_hidden, ref_head) "
                              "or ref_cached")
         rows = sft | replay | (kl_positions if use_kl else torch.zeros_like(sft))
         flat = [hidden[:, :-1][rows], labels[:, 1:][rows].clamp(min=0), sft[rows], replay[rows], kl_positions[rows]]
@@ -205,8 +205,7 @@ class ARRObjective(nn.Module):
             ref_flat = ref_hidden[:, :-1][rows]
 
             def ref_distribution(ref_h):
-                with reference():
-                    return (F.log_softmax(head(ref_h).float(), dim=-1),)
+                return (F.log_softmax(ref_head(ref_h).float(), dim=-1),)
 
         def chunk_sums(h, targets, sft_rows, replay_rows, kl_rows, ref_part):
             logp = F.log_softmax(head(h).float(), dim=-1)

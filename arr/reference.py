@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -42,6 +44,17 @@ def reference_logits(model: torch.nn.Module, peft_model: PeftModel, inputs: dict
     DeepSpeed), `peft_model` the unwrapped PEFT model whose adapter is switched off meanwhile."""
     with peft_model.disable_adapter():
         return model(**inputs).logits
+
+
+def initial_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The initial model's LM head, callable directly: `head` itself unless PEFT wraps it (a LoRA on lm_head, or a
+    trained copy through modules_to_save / trainable_token_indices). Toggling the whole model's adapters with
+    disable_adapter() walks every module, which is too slow to do per loss chunk."""
+    if isinstance(head, BaseTunerLayer):
+        return head.get_base_layer()
+    if isinstance(head, AuxiliaryTrainingWrapper):
+        return head.original_module
+    return head
 
 
 # ------------------------------------------------------------------------------------- cached reference log-probs

@@ -24,7 +24,7 @@ from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
 from .errors import ARRError
 from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
-from .reference import check_reference_is_initial, reference_cache, reference_logits
+from .reference import check_reference_is_initial, initial_head, reference_cache, reference_logits
 
 LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce", "laplace")
 STATE_FILE = "arr_state.json"  # ARR's own state in a checkpoint: the adaptive beta
@@ -221,7 +221,8 @@ class ARRTrainer(Trainer):
             hook.remove()
         return self.objective.forward_hidden(hidden, peft_model.get_output_embeddings(), labels,
                                              model_inputs["attention_mask"], is_replay, ref_hidden,
-                                             peft_model.disable_adapter, counts, self.args.loss_chunk_size,
+                                             initial_head(peft_model.get_output_embeddings()), counts,
+                                             self.args.loss_chunk_size,
                                              ref_cached)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -2,6 +2,7 @@
 
     python -m bench.overhead --quick        # tiny model, plain LoRA and the default ARR path only: < 1 min
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
+    python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
 
 Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
 peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. ARR runs at the shipped defaults (arr/config.py) in
@@ -11,6 +12,7 @@ every variant but the way it gets the reference:
   arr_chunked  reference forward every step, chunked loss from hidden states (the shipped default)
   arr_topk     reference log-probs cached before training, top 64 plus tail mass (ref_cache=topk)
   arr_exact    reference log-probs cached before training, all of them (ref_cache=exact)
+The first --warmup-steps steps of each variant (CUDA/allocator warm-up, lazy initialisation) are run but not timed.
 A cached variant's one-off cache build is timed apart ("cache s") from the training loop, and for the top-k cache
 the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default ARR path against
@@ -25,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from transformers import TrainerCallback
 
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
@@ -46,8 +51,9 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_variant(model_name: str, variant: str, steps: int) -> dict:
-    """Runs in a child process: train `steps` steps and report wall time, tokens and peak memory."""
+def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1) -> dict:
+    """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
+    `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,28 +67,50 @@ def train_variant(model_name: str, variant: str, steps: int) -> dict:
         tokenizer = make_tokenizer()
         model = tiny_model("llama", len(tokenizer))
     else:
-        path = resources.default_model_path()
+        path = resources.default_model_path() if model_name == "smollm2" else model_name
         tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as out:
-        config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, replay_seq_length=64,
+        config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
+                           replay_seq_length=64,
                            save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps,
                            bf16=device == "cuda", **VARIANTS[variant])
         trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
                              processing_class=tokenizer, replay_dataset=resources.wiki_replay_texts(),
                              peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
                                                     target_modules="all-linear"))
-        tokens = []
+        tokens = []  # per micro-batch, in step order (gradient accumulation is 1)
         collate = trainer.data_collator
         trainer.data_collator = lambda rows: tokens.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
-        start = time.perf_counter()  # every variant pays the same start-up inside train()
+        clock = StepClock(warmup_steps)
+        trainer.add_callback(clock)
         trainer.train()
-        seconds = time.perf_counter() - start
-        result = {"seconds": seconds, "tokens": sum(tokens), "peak_mem_mb": peak_mb(),
+        result = {"seconds": clock.seconds, "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
                   "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0)}
         if trainer.ref_cache is not None and trainer.ref_cache.topk:
             result.update(topk_kl_error(trainer))
     return result
+
+
+class StepClock(TrainerCallback):
+    """Wall time from the end of step `warmup_steps` to the end of training (synchronised with the GPU)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps, self.start, self.seconds = warmup_steps, None, None
+
+    def now(self) -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup_steps:
+            self.start = self.now()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = self.now() - self.start
 
 
 def topk_kl_error(trainer, n_rows: int = 16) -> dict:
@@ -133,6 +161,7 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
     from arr.objective import ARRObjective
 
     torch.manual_seed(0)
+    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
     head = torch.nn.Linear(hidden_size, vocab, bias=False)
     head.weight.requires_grad_(False)
     hidden = torch.randn(1, seq, hidden_size, requires_grad=True)
@@ -146,10 +175,7 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
             ref_logits = head(ref_hidden)
         parts = objective(head(hidden), labels, mask, is_replay, ref_logits)
     else:
-        from contextlib import nullcontext
-
-        parts = objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, nullcontext,
-                                         chunk_size=chunk)
+        parts = objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, head, chunk_size=chunk)
     parts.total.backward()
     return {"extra_mb": peak_mb() - before}
 
@@ -158,18 +184,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, lora and the default ARR path only; no SmolLM2, no loss-memory probe")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated: tiny, smollm2 (the embedded default) or model folders/hub ids "
+                             "(default: tiny,smollm2; tiny with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per variant, warm-up included (default 10 on the tiny model, 5 on others)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="first steps of each variant left untimed")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (lora and {DEFAULT_PATH}, the headline, always run)")
     args = parser.parse_args()
-    models = ["tiny"] if args.quick else ["tiny", "smollm2"]
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     variants = ["lora", DEFAULT_PATH] if args.quick else list(VARIANTS)
+    if args.variants:
+        variants = list(dict.fromkeys(["lora", DEFAULT_PATH, *args.variants.split(",")]))
+        if unknown := set(variants) - set(VARIANTS):
+            sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     results = {}
     for model in models:
-        steps = args.steps or (10 if model == "tiny" else 4)
+        steps = args.steps or (10 if model == "tiny" else 5)
+        if steps <= args.warmup_steps:
+            sys.exit(f"--steps ({steps}) must exceed --warmup-steps ({args.warmup_steps})")
         results[model] = {}
         for variant in variants:
             code = (f"import bench.overhead as b, json; "
-                    f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                    f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
+                    f"{args.warmup_steps})))")
+            proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(proc.stderr[-3000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,7 +220,7 @@ def main() -> None:
             if "topk_rel_error" in r:
                 extra += (f"  top-k KL error {100 * r['topk_rel_error']:.2f}% "
                           f"({r['topk_kl']:.5f} vs exact {r['exact_kl']:.5f})")
-            print(f"{model:8s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
+            print(f"{Path(model).name:12s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
                   f"wall x{r['seconds'] / base['seconds']:.3f}  peak {r['peak_mem_mb']:8.0f} MB  "
                   f"x{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}{extra}", flush=True)
     if not args.quick:

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from arr.data import Collator, load_sft_examples
 from arr.objective import ARRObjective, kl_from_logprobs, token_kl
-from arr.reference import reference_logits
+from arr.reference import initial_head, reference_logits
 from conftest import replay_texts, sft_records
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -148,8 +148,8 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
     with torch.no_grad(), model.disable_adapter():
         ref_hidden = decoder(**inputs).last_hidden_state
     hidden = decoder(**inputs).last_hidden_state
-    chunked = objective.forward_hidden(hidden, model.get_output_embeddings(), *args, ref_hidden,
-                                       model.disable_adapter, chunk_size=7)
+    head = model.get_output_embeddings()
+    chunked = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7)
     chunked.total.backward()
     for a, b in zip(chunked, naive):
         assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-7)
@@ -159,6 +159,27 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lora, head_trained", [
+    ({"target_modules": ["q_proj", "lm_head"]}, True),  # a LoRA on the head
+    ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, True),  # a trained copy of the head
+    ({"target_modules": ["q_proj"]}, False),
+])
+def test_initial_head_is_the_head_with_the_adapter_off(llama_dir, lora, head_trained):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), LoraConfig(**{**LORA, **lora}))
+    hidden = torch.randn(5, model.config.hidden_size)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # move every trainable weight away from its init
+                p.add_(0.05 * torch.randn_like(p))
+        with model.disable_adapter():
+            expected = head(hidden)
+        trained, initial = head(hidden), initial_head(head)(hidden)
+    torch.testing.assert_close(initial, expected, atol=0, rtol=0)
+    assert ((trained - expected).abs().max() > 1e-3) == head_trained
 
 
 def test_topk_reference_kl_is_the_coarsened_kl_a_lower_bound_and_exact_at_full_k():

@@ -18,7 +18,7 @@ def fresh_peft(model_dir, **lora):
 
 
 def adapter_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.mark.parametrize("chunk", [1024, 0])
@@ -64,7 +64,7 @@ def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llam
     trainer.save_model(str(tmp_path / "adapter"))
     inputs = Collator(tokenizer.pad_token_id)(load_sft_examples(sft_records(3), tokenizer, 64))
     inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-    trained = trainer.model.eval()
+    trained = trainer.model.eval().cpu()  # the trainer moves it to the accelerator, if there is one
     with torch.no_grad():
         expected = trained(**inputs).logits
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter")
