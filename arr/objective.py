@@ -3,9 +3,9 @@ r"""The ARR objective, whole.
     loss = CE_sft + beta * KL + replay_weight * CE_replay + laplace_lambda / 2 * sum_l sum(F_l * dW_l^2)
 
 Two equivalent implementations: `forward` takes [B, T, V] logits (simple, the reference), `forward_hidden` takes
-the final hidden states and the LM head and works through the selected tokens in chunks under activation
-checkpointing, so no [tokens, vocab] tensor larger than one chunk ever exists, in the forward or the backward pass.
-Calling the head *module* (not reading its weight) keeps a LoRA on `lm_head` in play.
+the final hidden states and the LM head and works through the selected tokens in chunks, taking each chunk's
+gradient as it goes, so no [tokens, vocab] tensor larger than one chunk ever exists and nothing is recomputed in the
+backward pass. Calling the head *module* (not reading its weight) keeps a LoRA on `lm_head` in play.
 
 All three are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step and every
 data-parallel rank), exactly as `transformers.Trainer` normalises its causal-LM loss with `num_items_in_batch`:
@@ -217,13 +217,38 @@ class ARRObjective(nn.Module):
                 kl = (kl_to_reference(logp, *ref, direction=self.kl_direction) * kl_rows).sum()
             return torch.stack([(nll * sft_rows).sum(), kl, (nll * replay_rows).sum()])
 
+        # Each chunk's gradient is taken during the forward pass (the idea of Liger-Kernel's fused linear losses,
+        # which are CUDA-only kernels for a plain weight matrix; this runs anywhere and with any head module), so its
+        # logits are freed at once and never recomputed. Backward then only routes the stored gradients on, through
+        # a surrogate term whose value is 0.
+        weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
+                               self.replay_weight / counts.replay.clamp(min=1)]).float()
+        head_params = [p for p in head.parameters() if p.requires_grad]  # a LoRA on lm_head, a trained head copy
+        wrt = ([flat[0]] if flat[0].requires_grad else []) + head_params
+        grads = [torch.zeros_like(t) for t in wrt] if torch.is_grad_enabled() else []
         sums = hidden.new_zeros(3, dtype=torch.float32)
         for start in range(0, flat[0].shape[0], chunk_size):
             part = [t[start:start + chunk_size] for t in flat]
             ref_part = ref_flat[start:start + chunk_size] if ref_flat is not None else None
-            # Recompute the chunk's logits in backward instead of keeping them: memory O(chunk x vocab).
-            sums = sums + checkpoint(chunk_sums, *part, ref_part, use_reentrant=False)
+            if not grads:
+                with torch.no_grad():
+                    sums = sums + chunk_sums(*part, ref_part)
+                continue
+            h = part[0].detach().requires_grad_(flat[0].requires_grad)
+            chunk = chunk_sums(h, *part[1:], ref_part)
+            chunk_grads = list(torch.autograd.grad((chunk * weights).sum(), [h][:h.requires_grad] + head_params,
+                                                   allow_unused=True))
+            if h.requires_grad:
+                grads[0][start:start + chunk_size] = chunk_grads.pop(0)
+            for total, g in zip(grads[len(grads) - len(head_params):], chunk_grads):
+                if g is not None:
+                    total += g
+            sums = sums + chunk.detach()
         sft_ce = sums[0] / counts.sft.clamp(min=1)
         kl = sums[1] / counts.kl.clamp(min=1)
         replay_ce = sums[2] / counts.replay.clamp(min=1)
-        return LossParts(sft_ce + self.beta * kl + self.replay_weight * replay_ce, sft_ce, kl, replay_ce)
+        total = sft_ce + self.beta * kl + self.replay_weight * replay_ce
+        if grads:
+            surrogate = sum((t.float() * g.float()).sum() for t, g in zip(wrt, grads))
+            total = total + (surrogate - surrogate.detach())
+        return LossParts(total, sft_ce, kl, replay_ce)

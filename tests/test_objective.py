@@ -159,6 +159,9 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # no gradient taken: the same values
+        values = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7)
+    assert [v.item() for v in values] == pytest.approx([v.item() for v in chunked], rel=1e-6)
 
 
 @pytest.mark.parametrize("lora, head_trained", [
