@@ -64,6 +64,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
+    steps = resolved_config(*build_config({**recipe, **overrides}))["max_steps"]
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         wanted = resolved_config(*build_config({**recipe, **keys}))
@@ -91,7 +92,8 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
             "curvature_seconds": metrics.get("curvature", {}).get("seconds", 0.0),
-            "objective": objective, **family_and_strength(objective), "probes": probes,
+            "objective": objective, "probes": probes,
+            **family_and_strength(objective, wanted["max_steps"] if wanted["max_steps"] != steps else None),
         }
         print(format_table(probes), flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -100,16 +102,20 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     return results
 
 
-def family_and_strength(objective: dict) -> dict:
-    """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves)."""
+def family_and_strength(objective: dict, steps: int | None = None) -> dict:
+    """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves). Runs
+    trained for `steps` other than the comparison's own form a family of their own."""
+    suffix = f" ({steps} steps)" if steps else ""
+    kl_on, replay_on = objective["beta"] > 0, objective["replay_ratio"] > 0
     if objective["laplace_lambda"] > 0:
-        return {"family": "laplace", "strength": ("laplace_lambda", objective["laplace_lambda"])}
+        family = "laplace" + "+kl" * kl_on + "+replay" * replay_on
+        return {"family": family + suffix, "strength": ("laplace_lambda", objective["laplace_lambda"])}
     if objective["kl_target"] is not None:
-        return {"family": "arr_adaptive", "strength": ("kl_target", objective["kl_target"])}
+        return {"family": "arr_adaptive" + suffix, "strength": ("kl_target", objective["kl_target"])}
     family = {(True, True): "arr", (True, False): "kl_only", (False, True): "replay_only", (False, False): "lora"}[
-        (objective["beta"] > 0, objective["replay_ratio"] > 0)]
+        (kl_on, replay_on)]
     knob = "replay_ratio" if family == "replay_only" else "beta"
-    return {"family": family, "strength": None if family == "lora" else (knob, objective[knob])}
+    return {"family": family + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
 
 
 def markdown_table(results: dict) -> str:

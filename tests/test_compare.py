@@ -84,6 +84,8 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                   "laplace_100": {**base, "beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 100.0},
                   "adaptive": {**base, "kl_target": 0.1}}
     families = {n: family_and_strength(o) for n, o in objectives.items()}
+    assert family_and_strength({**base, "laplace_lambda": 100.0, "replay_ratio": 0.0}, steps=48) == {
+        "family": "laplace+kl (48 steps)", "strength": ("laplace_lambda", 100.0)}
     assert families == {"lora": {"family": "lora", "strength": None},
                         "arr": {"family": "arr", "strength": ("beta", 1.0)},
                         "laplace_10": {"family": "laplace", "strength": ("laplace_lambda", 10.0)},
