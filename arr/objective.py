@@ -224,23 +224,24 @@ class ARRObjective(nn.Module):
         weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
                                self.replay_weight / counts.replay.clamp(min=1)]).float()
         head_params = [p for p in head.parameters() if p.requires_grad]  # a LoRA on lm_head, a trained head copy
-        wrt = ([flat[0]] if flat[0].requires_grad else []) + head_params
-        grads = [torch.zeros_like(t) for t in wrt] if torch.is_grad_enabled() else []
+        track = torch.is_grad_enabled() and (flat[0].requires_grad or bool(head_params))
+        hidden_grad = torch.zeros_like(flat[0]) if track and flat[0].requires_grad else None
+        param_grads = [torch.zeros_like(p) for p in head_params] if track else []
         sums = hidden.new_zeros(3, dtype=torch.float32)
         for start in range(0, flat[0].shape[0], chunk_size):
             part = [t[start:start + chunk_size] for t in flat]
             ref_part = ref_flat[start:start + chunk_size] if ref_flat is not None else None
-            if not grads:
+            if not track:
                 with torch.no_grad():
                     sums = sums + chunk_sums(*part, ref_part)
                 continue
-            h = part[0].detach().requires_grad_(flat[0].requires_grad)
+            h = part[0].detach().requires_grad_(hidden_grad is not None)
             chunk = chunk_sums(h, *part[1:], ref_part)
-            chunk_grads = list(torch.autograd.grad((chunk * weights).sum(), [h][:h.requires_grad] + head_params,
-                                                   allow_unused=True))
-            if h.requires_grad:
-                grads[0][start:start + chunk_size] = chunk_grads.pop(0)
-            for total, g in zip(grads[len(grads) - len(head_params):], chunk_grads):
+            wrt = ([h] if hidden_grad is not None else []) + head_params
+            grads = list(torch.autograd.grad((chunk * weights).sum(), wrt, allow_unused=True))
+            if hidden_grad is not None:
+                hidden_grad[start:start + chunk_size] = grads.pop(0)
+            for total, g in zip(param_grads, grads):
                 if g is not None:
                     total += g
             sums = sums + chunk.detach()
@@ -248,7 +249,8 @@ class ARRObjective(nn.Module):
         kl = sums[1] / counts.kl.clamp(min=1)
         replay_ce = sums[2] / counts.replay.clamp(min=1)
         total = sft_ce + self.beta * kl + self.replay_weight * replay_ce
-        if grads:
-            surrogate = sum((t.float() * g.float()).sum() for t, g in zip(wrt, grads))
+        if track:
+            pairs = ([(flat[0], hidden_grad)] if hidden_grad is not None else []) + list(zip(head_params, param_grads))
+            surrogate = sum((t.float() * g.float()).sum() for t, g in pairs)
             total = total + (surrogate - surrogate.detach())
         return LossParts(total, sft_ce, kl, replay_ce)
