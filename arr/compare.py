@@ -1,5 +1,6 @@
-"""`arr compare`: train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace on the same data and seed, evaluate each with the
-probes of arr/evaluation.py against one shared "before", and write results.json, results.md and results.png.
+"""`arr compare`: train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace on the same data and seed,
+evaluate each with the probes of arr/evaluation.py against one shared "before", and write results.json, results.md
+and results.png.
 
 Each training run is its own `arr train` process, so its wall time and peak memory are its own. A method whose
 folder already holds a finished run of the same configuration is not trained again, and its evaluation is reused

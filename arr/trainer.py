@@ -219,10 +219,9 @@ class ARRTrainer(Trainer):
             hidden = captured.pop()
         finally:
             hook.remove()
-        return self.objective.forward_hidden(hidden, peft_model.get_output_embeddings(), labels,
-                                             model_inputs["attention_mask"], is_replay, ref_hidden,
-                                             initial_head(peft_model.get_output_embeddings()), counts,
-                                             self.args.loss_chunk_size,
+        head = peft_model.get_output_embeddings()
+        return self.objective.forward_hidden(hidden, head, labels, model_inputs["attention_mask"], is_replay,
+                                             ref_hidden, initial_head(head), counts, self.args.loss_chunk_size,
                                              ref_cached)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

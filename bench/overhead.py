@@ -72,9 +72,8 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as out:
         config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
-                           replay_seq_length=64,
-                           save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps,
-                           bf16=device == "cuda", **VARIANTS[variant])
+                           replay_seq_length=64, save_strategy="no", report_to="none", disable_tqdm=True,
+                           logging_steps=steps, bf16=device == "cuda", **VARIANTS[variant])
         trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
                              processing_class=tokenizer, replay_dataset=resources.wiki_replay_texts(),
                              peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
@@ -192,7 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps of each variant left untimed")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated subset of {', '.join(VARIANTS)} (lora and {DEFAULT_PATH}, the headline, always run)")
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} "
+                             f"(lora and {DEFAULT_PATH}, the headline, always run)")
     args = parser.parse_args()
     models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     variants = ["lora", DEFAULT_PATH] if args.quick else list(VARIANTS)
