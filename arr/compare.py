@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from .config import build_config, expand_method, read_config
-from .evaluation import EvalArgs, evaluate_adapter, format_table, headline_forgetting, load_run, run_probes
+from .evaluation import (EvalArgs, evaluate_adapter, format_table, headline_forgetting, initial_drift_answers, load_run,
+                         run_probes)
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
@@ -64,6 +65,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
                        "methods": {}}, None
+    drift_answers = None
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
     steps = resolved_config(*build_config({**recipe, **overrides}))["max_steps"]
     for name, method_overrides in methods.items():
@@ -84,10 +86,11 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
         else:
             print(f"== {name}: evaluating", flush=True)
             model, tokenizer = load_run(run_dir)
-            if before is None:
+            if drift_answers is None:  # the initial model's, shared by every method
                 with model.disable_adapter():
-                    before = run_probes(model.eval(), tokenizer, eval_args)
-            probes = evaluate_adapter(model, tokenizer, eval_args, before=before)
+                    before = before or run_probes(model.eval(), tokenizer, eval_args)
+                    drift_answers = initial_drift_answers(model, tokenizer, eval_args)
+            probes = evaluate_adapter(model, tokenizer, eval_args, before, drift_answers)
         objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],

@@ -150,49 +150,52 @@ def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------- scoring core
 
 
-def _batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _pad(rows: list[list[int]], pad_id: int):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return ids, mask
+def _by_length(rows: list[list[int]], size: int):
+    """(indices, rows) batches of similar length, longest first, so that little of each batch is padding."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    for i in range(0, len(order), size):
+        yield order[i:i + size], [rows[j] for j in order[i:i + size]]
 
 
 @torch.no_grad()
+def logits_at(model, tokenizer, rows: list[list[int]], positions: list[range], batch_size: int, desc: str
+              ) -> list[torch.Tensor]:
+    """Float logits [len(positions[i]), V] of each row at its `positions`. Rows are right-padded and batched by
+    length; the LM head runs only at positions some row of the batch asks for (the model's `logits_to_keep`),
+    which on MMLU-style prompts (one scored position) skips nearly all of the head's work."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    pad = tokenizer.pad_token_id or 0
+    for indices, batch in tqdm(list(_by_length(rows, batch_size)), desc=desc, leave=False):
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        keep = sorted({t for i in indices for t in positions[i]})
+        column = {t: k for k, t in enumerate(keep)}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        for row, i in enumerate(indices):
+            out[i] = logits[row, [column[t] for t in positions[i]]].float()
+    return out
+
+
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int, desc: str
                           ) -> list[tuple[float, int]]:
     """Sum of log p(continuation token | everything before it) and the number of continuation tokens, for each
     (context ids, continuation ids) pair. The logits at position t score token t + 1 (shifted labels)."""
-    device = next(model.parameters()).device
-    results = []
-    for batch in tqdm(list(_batches(pairs, batch_size)), desc=desc, leave=False):
-        ids, mask = _pad([c + x for c, x in batch], tokenizer.pad_token_id or 0)
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for i, (context, continuation) in enumerate(batch):
-            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
-            targets = torch.tensor(continuation, device=device)
-            results.append((logprobs[i, positions, targets].sum().item(), len(continuation)))
-    return results
+    positions = [range(len(c) - 1, len(c) + len(x) - 1) for c, x in pairs]
+    logits = logits_at(model, tokenizer, [c + x for c, x in pairs], positions, batch_size, desc)
+    return [(torch.log_softmax(row, -1)[torch.arange(len(x)), torch.tensor(x, device=row.device)].sum().item(),
+             len(x)) for row, (_, x) in zip(logits, pairs)]
 
 
-@torch.no_grad()
 def next_token_logprobs(model, tokenizer, contexts: list[list[int]], candidates: list[int], batch_size: int,
                         desc: str) -> list[list[float]]:
     """log p(candidate | context) for single-token candidates: one forward per context, not one per candidate."""
-    device = next(model.parameters()).device
-    results = []
-    for batch in tqdm(list(_batches(contexts, batch_size)), desc=desc, leave=False):
-        ids, mask = _pad(batch, tokenizer.pad_token_id or 0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        last = logits[torch.arange(len(batch)), mask.sum(1).to(device) - 1].float()
-        results += torch.log_softmax(last, -1)[:, candidates].tolist()
-    return results
+    logits = logits_at(model, tokenizer, contexts, [range(len(c) - 1, len(c)) for c in contexts], batch_size, desc)
+    return [torch.log_softmax(row[0], -1)[candidates].tolist() for row in logits]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -217,17 +220,17 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
                    ) -> list[list[int]]:
     """Greedy answer token ids (up to and including EOS) for chat prompts, batched with left padding."""
     device = next(model.parameters()).device
-    answers = []
-    for batch in _batches(prompts, batch_size):
-        rows = [chat_prompt_ids(tokenizer, p) for p in batch]
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    answers: list[list[int] | None] = [None] * len(rows)
+    pad = tokenizer.pad_token_id or 0
+    for indices, batch in _by_length(rows, batch_size):
+        width = len(batch[0])
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, width:].tolist():
-            answers.append(row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+        for i, row in zip(indices, out[:, width:].tolist()):
+            answers[i] = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
     return answers
 
 
@@ -307,37 +310,38 @@ def lm_eval_scores(model, tokenizer, args: EvalArgs) -> dict[str, float]:
             if isinstance(value, (int, float)) and "_stderr" not in metric}
 
 
-@torch.no_grad()
 def behaviour_kl(model, tokenizer, drift_answers, reference, args: EvalArgs) -> float:
     """Mean per-token KL(initial || model) over the initial model's greedy answers (answer positions only)."""
-    prompts = GENERAL_PROMPTS[: args.drift_prompts]
-    total, count = 0.0, 0
-    for prompt, answer in zip(prompts, drift_answers):
-        context = chat_prompt_ids(tokenizer, prompt)
-        ids = torch.tensor([context + answer], device=next(model.parameters()).device)
-        positions = slice(len(context) - 1, len(context) + len(answer) - 1)
-        logits = model(input_ids=ids).logits[0, positions]
-        with reference():
-            ref_logits = model(input_ids=ids).logits[0, positions]
-        kl = token_kl(logits, ref_logits, "forward")
-        total, count = total + kl.sum().item(), count + kl.numel()
-    return total / max(1, count)
+    rows = [chat_prompt_ids(tokenizer, p) + a for p, a in zip(GENERAL_PROMPTS[: args.drift_prompts], drift_answers)]
+    positions = [range(len(r) - len(a) - 1, len(r) - 1) for r, a in zip(rows, drift_answers)]
+    logits = logits_at(model, tokenizer, rows, positions, args.batch_size, "behaviour_kl")
+    with reference():
+        ref_logits = logits_at(model, tokenizer, rows, positions, args.batch_size, "behaviour_kl")
+    kls = [token_kl(x, ref, "forward") for x, ref in zip(logits, ref_logits)]
+    return sum(k.sum().item() for k in kls) / max(1, sum(k.numel() for k in kls))
 
 
-def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before: dict | None = None) -> dict:
-    """Probes with the adapter disabled (before: the initial model) and enabled (after); `before` can be passed in
-    to reuse one baseline across runs. Returns {"before", "after", "delta", "forgetting"}."""
+def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before: dict | None = None,
+                     drift_answers: list[list[int]] | None = None) -> dict:
+    """Probes with the adapter disabled (before: the initial model) and enabled (after). `before` and the initial
+    model's greedy answers to the drift prompts (`drift_answers`) can be passed in to reuse one baseline across runs.
+    Returns {"before", "after", "delta", "forgetting"}."""
     args = args or EvalArgs()
     peft_model.eval()
-    if before is None:
-        with peft_model.disable_adapter():
-            before = run_probes(peft_model, tokenizer, args)
     with peft_model.disable_adapter():
-        drift_answers = greedy_answers(peft_model, tokenizer, list(GENERAL_PROMPTS[: args.drift_prompts]),
-                                       args.drift_tokens, args.batch_size)
+        if before is None:
+            before = run_probes(peft_model, tokenizer, args)
+        if drift_answers is None:
+            drift_answers = initial_drift_answers(peft_model, tokenizer, args)
     after = run_probes(peft_model, tokenizer, args, drift_answers, reference=peft_model.disable_adapter)
     delta = {k: after[k] - before[k] for k in after}
     return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta)}
+
+
+def initial_drift_answers(initial_model, tokenizer, args: EvalArgs) -> list[list[int]]:
+    """The initial model's greedy answers to the general prompts, on which behaviour_kl is measured."""
+    return greedy_answers(initial_model, tokenizer, list(GENERAL_PROMPTS[: args.drift_prompts]), args.drift_tokens,
+                          args.batch_size)
 
 
 HEADLINE_PROBES = ("heldout_nll", "chat_nll", "behaviour_kl")

@@ -61,6 +61,24 @@ def test_behaviour_kl_is_zero_for_the_initial_model_and_grows_with_the_adapter(l
                     torch.nn.init.normal_(p, std=scale, generator=torch.Generator().manual_seed(1))
         kls.append(ev.behaviour_kl(model, tokenizer, answers, model.disable_adapter, args))
     assert 0 < kls[0] < kls[1]
+    total, count = 0.0, 0  # the batched, head-sliced probe against one prompt at a time through full logits
+    with torch.no_grad():
+        for prompt, answer in zip(ev.GENERAL_PROMPTS[:3], answers):
+            context = ev.chat_prompt_ids(tokenizer, prompt)
+            ids = torch.tensor([context + answer])
+            logits = model(input_ids=ids).logits[0, len(context) - 1:-1]
+            with model.disable_adapter():
+                ref_logits = model(input_ids=ids).logits[0, len(context) - 1:-1]
+            kl = ev.token_kl(logits, ref_logits, "forward")
+            total, count = total + kl.sum().item(), count + kl.numel()
+    assert kls[1] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_greedy_answers_batched_by_length_keep_the_prompt_order(llama_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    prompts = ["Hi", "Tell me a long story about the sea and ships", "What?"]
+    batched = ev.greedy_answers(model, tokenizer, prompts, 5, 2)
+    assert batched == [ev.greedy_answers(model, tokenizer, [p], 5, 1)[0] for p in prompts]
 
 
 def test_headline_forgetting_and_table():
