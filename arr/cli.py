@@ -33,7 +33,7 @@ commands:
   compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml]
         Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
         (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
-        results.md and results.png to output_dir (default runs/compare). --quick: 8 steps and small probes.
+        results.md and results.png to output_dir (default runs/compare). --quick: 8 steps, small probes, no arr_adaptive.
         METHODS.yaml maps method names to config keys, e.g. `laplace_100: {method: laplace, laplace_lambda: 100}`;
         a method run at several strengths is drawn as a curve. eval.KEY=VALUE sets a probe option.
 
@@ -142,6 +142,7 @@ def compare_command(args: list[str]) -> int:
 
     if quick:
         overrides, eval_keys = {**QUICK["train"], **overrides}, {**QUICK["eval"], **eval_keys}
+        methods = methods or QUICK["methods"]
     compare(out_dir, config_path, overrides, methods, make_eval_args(eval_keys))
     print(f"wrote {out_dir}/results.json, results.md, results.png")
     return 0

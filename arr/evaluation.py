@@ -67,7 +67,7 @@ class EvalArgs:
     chat_items: int = field(default=48, metadata={"help": "chatterbot exchanges for chat_nll."})
     drift_prompts: int = field(default=12, metadata={"help": f"General prompts for behaviour_kl (<= {len(GENERAL_PROMPTS)})."})
     drift_tokens: int = field(default=32, metadata={"help": "Greedy answer length for behaviour_kl."})
-    task_items: int = field(default=40, metadata={"help": "Held-out task examples (the bundled task has 100)."})
+    task_items: int = field(default=100, metadata={"help": "Held-out task examples (the bundled task has 100)."})
     task_data: str | None = field(
         default=None,
         metadata={"help": "Held-out examples of the new task: a JSONL/JSON file in any SFT format; the last assistant "
