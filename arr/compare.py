@@ -25,9 +25,9 @@ from .train import resolved_config
 METHODS = {name: {"method": name}  # the presets of config.py
            for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
 OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
-# --quick: 8 steps, small probes, and the adaptive method left out (in 8 steps its controller barely moves beta
-# off its start, so it repeats ARR): about 10 minutes on 2 CPU cores.
-QUICK = {"train": {"max_steps": 8},
+# --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
+# moves beta off its start, so it repeats ARR): about 10 minutes on 2 CPU cores.
+QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
          "eval": dict(heldout_docs=12, knowledge_items=16, mmlu_items=12, chat_items=16, drift_prompts=6,
                       drift_tokens=24, task_items=24),
          "methods": {name: keys for name, keys in METHODS.items() if name != "arr_adaptive"}}
@@ -127,16 +127,24 @@ def family_and_strength(objective: dict, steps: int | None = None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
+    """One row per method. "removed" and "kept" compare it with plain LoRA trained for the same number of steps
+    (the method family "lora" with the same step suffix): the share of LoRA's forgetting it removes and of LoRA's
+    task score it keeps, the two halves of the bar in docs/RESULTS.md."""
     methods = results["methods"]
     probe_names = list(next(iter(methods.values()))["probes"]["after"])
-    head = ("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting ↓ | task EM ↑ | "
-            + " | ".join(f"Δ {p}" for p in probe_names) + " | train s | peak MB |")
-    rows = [head, "|" + "---|" * (9 + len(probe_names))]
+    lora = {m["family"].removeprefix("lora"): m for m in methods.values() if m.get("family", "").startswith("lora")}
+    head = ("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | forgetting ↓ | "
+            "task EM ↑ | removed | kept | " + " | ".join(f"Δ {p}" for p in probe_names) + " | train s | peak MB |")
+    rows = [head, "|" + "---|" * (13 + len(probe_names))]
     for name, m in methods.items():
-        o = m["objective"]
+        o, family = m["objective"], m.get("family", "")
+        base = lora.get(family[family.find(" ("):] if " (" in family else "")
+        removed = f"{1 - m['forgetting'] / base['forgetting']:.1%}" if base and base["forgetting"] > 0 else "–"
+        kept = f"{m['task_score'] / base['task_score']:.1%}" if base and base["task_score"] > 0 else "–"
         deltas = " | ".join(f"{m['probes']['delta'][p]:+.4f}" for p in probe_names)
-        rows.append(f"| {name} | {o['beta']} | {o['replay_ratio']} | {o['kl_target'] if o['kl_target'] else '–'} | "
-                    f"{o['laplace_lambda'] or '–'} | {m['forgetting']:+.4f} | {m['task_score']:.3f} | {deltas} | "
+        rows.append(f"| {name} | {o['beta']} | {o['kl_on']} | {o['kl_direction']} | {o['replay_ratio']} | "
+                    f"{o['kl_target'] if o['kl_target'] else '–'} | {o['laplace_lambda'] or '–'} | "
+                    f"{m['forgetting']:+.4f} | {m['task_score']:.3f} | {removed} | {kept} | {deltas} | "
                     f"{m['train_seconds']:.0f} | {m['peak_mem_mb']:.0f} |")
     return "\n".join(rows) + "\n"
 

@@ -92,11 +92,18 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                         "laplace_100": {"family": "laplace", "strength": ("laplace_lambda", 100.0)},
                         "adaptive": {"family": "arr_adaptive", "strength": ("kl_target", 0.1)}}
     probes = {"after": {"heldout_nll": 1.0}, "delta": {"heldout_nll": 0.5}}
-    results = {"methods": {n: {"forgetting": 0.1 * i, "task_score": 0.5, "train_seconds": 1, "peak_mem_mb": 2,
-                               "objective": objectives[n], **families[n], "probes": probes}
+    results = {"methods": {n: {"forgetting": 0.4 - 0.1 * i, "task_score": 0.5 + 0.1 * i, "train_seconds": 1,
+                               "peak_mem_mb": 2, "objective": objectives[n], **families[n], "probes": probes}
                            for i, n in enumerate(objectives)}}
+    results["methods"]["lora_48"] = {**results["methods"]["lora"], "family": "lora (48 steps)", "forgetting": 0.8}
+    results["methods"]["arr_48"] = {**results["methods"]["arr"], "family": "arr (48 steps)"}
     table = markdown_table(results).splitlines()
-    assert table[0].startswith("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting")
-    assert table[5] == ("| laplace_100 | 0.0 | 0.0 | – | 100.0 | +0.3000 | 0.500 | +0.5000 | 1 | 2 |")
+    assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
+                               "forgetting ↓ | task EM ↑ | removed | kept |")
+    # against LoRA at the same steps: laplace_100 removes 1 - 0.1 / 0.4 of LoRA's forgetting, keeps 0.8 / 0.5
+    assert table[5] == ("| laplace_100 | 0.0 | all | forward | 0.0 | – | 100.0 | +0.1000 | 0.800 | 75.0% | 160.0% "
+                        "| +0.5000 | 1 | 2 |")
+    assert table[2].split(" | ")[9:11] == ["0.0%", "100.0%"]  # lora against itself
+    assert table[8].split(" | ")[9:11] == ["62.5%", "120.0%"]  # arr at 48 steps against lora at 48 (0.3 / 0.8)
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
