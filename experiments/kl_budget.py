@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 from arr import resources
-from arr.compare import QUICK, compare
+from arr.compare import compare
 from arr.evaluation import EvalArgs
 
-# The headline probes (held-out NLL, chat NLL, behaviour KL) at arr compare --quick sizes and the task; the two
-# multiple-choice probes, which the headline does not use, are skipped (size 0) to fit nine runs in the time.
-PROBE_SIZES = {**QUICK["eval"], "knowledge_items": 0, "mmlu_items": 0, "task_items": 50}
+# The headline probes (held-out NLL, chat NLL, behaviour KL) at small sizes (those of the --quick comparison when
+# this experiment was run) and the task; the two multiple-choice probes, which the headline does not use, are
+# skipped (size 0) to fit nine runs in the time.
+PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens=24, knowledge_items=0, mmlu_items=0,
+                   task_items=50)
 TASKS = {"date": resources.date_task, "topic": resources.topic_task, "reverse": resources.reverse_task}
 METHODS = {
     "lora": {"method": "lora"},
