@@ -39,8 +39,9 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
     assert saved["methods"]["laplace"]["family"] == "laplace"
     assert saved["methods"]["arr_adaptive"]["strength"] == ["kl_target", 0.1]
     table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
-    assert table[0].startswith("| method | beta | replay_ratio | kl_target | laplace_lambda | forgetting")
-    assert len(table) == 8
+    assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
+                               "forgetting ↓ | task EM ↑ | removed | kept |")
+    assert len(table) == 8 and table[2].startswith("| lora | 0.0 | all | forward | 0.0 |")
     png = (tmp_path / "cmp" / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
