@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import resources
 from .data import read_jsonl, record_to_turns
 from .errors import ARRError, DataError
-from .objective import token_kl
+from .objective import kl_from_logprobs
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
 GENERAL_PROMPTS = (
@@ -158,13 +158,14 @@ def _by_length(rows: list[list[int]], size: int):
 
 
 @torch.no_grad()
-def logits_at(model, tokenizer, rows: list[list[int]], positions: list[range], batch_size: int, desc: str
-              ) -> list[torch.Tensor]:
-    """Float logits [len(positions[i]), V] of each row at its `positions`. Rows are right-padded and batched by
+def score_at(model, tokenizer, rows: list[list[int]], positions: list[range], score, batch_size: int, desc: str
+             ) -> list:
+    """`score(i, logits)` for each row i, with its float logits [len(positions[i]), V] at its `positions`, scored
+    batch by batch so that no more than one batch of logits is held. Rows are right-padded and batched by
     length; the LM head runs only at positions some row of the batch asks for (the model's `logits_to_keep`),
     which on MMLU-style prompts (one scored position) skips nearly all of the head's work."""
     device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    out: list = [None] * len(rows)
     pad = tokenizer.pad_token_id or 0
     for indices, batch in tqdm(list(_by_length(rows, batch_size)), desc=desc, leave=False):
         width = len(batch[0])
@@ -177,7 +178,7 @@ def logits_at(model, tokenizer, rows: list[list[int]], positions: list[range], b
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                        logits_to_keep=torch.tensor(keep, device=device)).logits
         for row, i in enumerate(indices):
-            out[i] = logits[row, [column[t] for t in positions[i]]].float()
+            out[i] = score(i, logits[row, [column[t] for t in positions[i]]].float())
     return out
 
 
@@ -186,16 +187,18 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[in
     """Sum of log p(continuation token | everything before it) and the number of continuation tokens, for each
     (context ids, continuation ids) pair. The logits at position t score token t + 1 (shifted labels)."""
     positions = [range(len(c) - 1, len(c) + len(x) - 1) for c, x in pairs]
-    logits = logits_at(model, tokenizer, [c + x for c, x in pairs], positions, batch_size, desc)
-    return [(torch.log_softmax(row, -1)[torch.arange(len(x)), torch.tensor(x, device=row.device)].sum().item(),
-             len(x)) for row, (_, x) in zip(logits, pairs)]
+    def total(i, logits):
+        targets = torch.tensor(pairs[i][1], device=logits.device)
+        return torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum().item(), len(targets)
+
+    return score_at(model, tokenizer, [c + x for c, x in pairs], positions, total, batch_size, desc)
 
 
 def next_token_logprobs(model, tokenizer, contexts: list[list[int]], candidates: list[int], batch_size: int,
                         desc: str) -> list[list[float]]:
     """log p(candidate | context) for single-token candidates: one forward per context, not one per candidate."""
-    logits = logits_at(model, tokenizer, contexts, [range(len(c) - 1, len(c)) for c in contexts], batch_size, desc)
-    return [torch.log_softmax(row[0], -1)[candidates].tolist() for row in logits]
+    return score_at(model, tokenizer, contexts, [range(len(c) - 1, len(c)) for c in contexts],
+                    lambda i, logits: torch.log_softmax(logits[0], -1)[candidates].tolist(), batch_size, desc)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -314,10 +317,12 @@ def behaviour_kl(model, tokenizer, drift_answers, reference, args: EvalArgs) -> 
     """Mean per-token KL(initial || model) over the initial model's greedy answers (answer positions only)."""
     rows = [chat_prompt_ids(tokenizer, p) + a for p, a in zip(GENERAL_PROMPTS[: args.drift_prompts], drift_answers)]
     positions = [range(len(r) - len(a) - 1, len(r) - 1) for r, a in zip(rows, drift_answers)]
-    logits = logits_at(model, tokenizer, rows, positions, args.batch_size, "behaviour_kl")
-    with reference():
-        ref_logits = logits_at(model, tokenizer, rows, positions, args.batch_size, "behaviour_kl")
-    kls = [token_kl(x, ref, "forward") for x, ref in zip(logits, ref_logits)]
+    with reference():  # the reference's log-probs are kept: drift answers are few and short
+        ref_logp = score_at(model, tokenizer, rows, positions, lambda i, logits: torch.log_softmax(logits, -1),
+                            args.batch_size, "behaviour_kl")
+    kls = score_at(model, tokenizer, rows, positions,
+                   lambda i, logits: kl_from_logprobs(torch.log_softmax(logits, -1), ref_logp[i], "forward"),
+                   args.batch_size, "behaviour_kl")
     return sum(k.sum().item() for k in kls) / max(1, sum(k.numel() for k in kls))
 
 
