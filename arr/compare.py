@@ -71,7 +71,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                        "methods": {}}, None
     drift_answers = None
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
-    steps = resolved_config(*build_config({**recipe, **overrides}))["max_steps"]
+    own = resolved_config(*build_config({**recipe, **overrides}))
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         wanted = resolved_config(*build_config({**recipe, **keys}))
@@ -101,7 +101,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
             "curvature_seconds": metrics.get("curvature", {}).get("seconds", 0.0),
             "objective": objective, "probes": probes,
-            **family_and_strength(objective, wanted["max_steps"] if wanted["max_steps"] != steps else None),
+            **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
         print(format_table(probes), flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -110,10 +110,14 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     return results
 
 
-def family_and_strength(objective: dict, steps: int | None = None) -> dict:
-    """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves). Runs
-    trained for `steps` other than the comparison's own form a family of their own."""
-    suffix = f" ({steps} steps)" if steps else ""
+# Training keys that make a run a family of its own when they differ from the comparison's: "arr (48 steps, seed 1)".
+RUN_KEYS = {"max_steps": "{} steps", "seed": "seed {}"}
+
+
+def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
+    """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves).
+    `setting` holds the RUN_KEYS in which the run differs from the comparison's own; they name a family of their own."""
+    suffix = f" ({', '.join(RUN_KEYS[k].format(v) for k, v in setting.items())})" if setting else ""
     kl_on, replay_on = objective["beta"] > 0, objective["replay_ratio"] > 0
     if objective["laplace_lambda"] > 0:
         family = "laplace" + "+kl" * kl_on + "+replay" * replay_on
@@ -127,8 +131,8 @@ def family_and_strength(objective: dict, steps: int | None = None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    """One row per method. "removed" and "kept" compare it with plain LoRA trained for the same number of steps
-    (the method family "lora" with the same step suffix): the share of LoRA's forgetting it removes and of LoRA's
+    """One row per method. "removed" and "kept" compare it with plain LoRA trained for the same steps and seed
+    (the method family "lora" with the same suffix): the share of LoRA's forgetting it removes and of LoRA's
     task score it keeps, the two halves of the bar in docs/RESULTS.md."""
     methods = results["methods"]
     probe_names = list(next(iter(methods.values()))["probes"]["after"])
@@ -155,7 +159,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     markers = "osD^vP*Xh"
     families = {}
     for name, m in results["methods"].items():
@@ -164,12 +168,13 @@ def plot(results: dict, path: Path) -> None:
         members = sorted(members, key=lambda m: m["strength"][1] if m.get("strength") else 0)
         xs, ys = [m["forgetting"] for m in members], [m["task_score"] for m in members]
         ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=8, alpha=0.8, lw=1.2 if len(members) > 1 else 0,
+                color=plt.cm.tab20(2 * i % 20 + i // 10 % 2),  # 10 dark hues, then their light ones (default: 10)
                 label=family if len(members) == 1 or not members[0].get("strength")
                 else f"{family} ({members[0]['strength'][0]} sweep)")
         for m, x, y in zip(members, xs, ys):
             if m.get("strength") and len(members) > 1:
                 ax.annotate(f"{m['strength'][1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: it hid points
     ax.set_xlabel("forgetting (nats/token, after − before; lower is better)")
     ax.set_ylabel("new-task exact match (higher is better)")
     ax.set_title("What each method learned vs. what it forgot")

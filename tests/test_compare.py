@@ -85,8 +85,9 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                   "laplace_100": {**base, "beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 100.0},
                   "adaptive": {**base, "kl_target": 0.1}}
     families = {n: family_and_strength(o) for n, o in objectives.items()}
-    assert family_and_strength({**base, "laplace_lambda": 100.0, "replay_ratio": 0.0}, steps=48) == {
+    assert family_and_strength({**base, "laplace_lambda": 100.0, "replay_ratio": 0.0}, {"max_steps": 48}) == {
         "family": "laplace+kl (48 steps)", "strength": ("laplace_lambda", 100.0)}
+    assert family_and_strength(base, {"max_steps": 48, "seed": 1})["family"] == "arr (48 steps, seed 1)"
     assert families == {"lora": {"family": "lora", "strength": None},
                         "arr": {"family": "arr", "strength": ("beta", 1.0)},
                         "laplace_10": {"family": "laplace", "strength": ("laplace_lambda", 10.0)},
@@ -98,6 +99,9 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                            for i, n in enumerate(objectives)}}
     results["methods"]["lora_48"] = {**results["methods"]["lora"], "family": "lora (48 steps)", "forgetting": 0.8}
     results["methods"]["arr_48"] = {**results["methods"]["arr"], "family": "arr (48 steps)"}
+    results["methods"]["lora_48_s1"] = {**results["methods"]["lora"], "family": "lora (48 steps, seed 1)",
+                                        "forgetting": 0.2, "task_score": 0.6}
+    results["methods"]["arr_48_s1"] = {**results["methods"]["arr"], "family": "arr (48 steps, seed 1)"}
     table = markdown_table(results).splitlines()
     assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
                                "forgetting ↓ | task EM ↑ | removed | kept |")
@@ -106,5 +110,31 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                         "| +0.5000 | 1 | 2 |")
     assert table[2].split(" | ")[9:11] == ["0.0%", "100.0%"]  # lora against itself
     assert table[8].split(" | ")[9:11] == ["62.5%", "120.0%"]  # arr at 48 steps against lora at 48 (0.3 / 0.8)
+    assert table[10].split(" | ")[9:11] == ["-50.0%", "100.0%"]  # and with seed 1 against lora's seed 1 (0.2 / 0.6)
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seed_means_average_each_objective_over_seeds_against_lora_on_the_same_seeds():
+    from experiments.seed_means import seed_table
+
+    base = {"beta": 1.0, "kl_on": "all", "kl_direction": "forward", "replay_ratio": 0.0625, "kl_target": None,
+            "laplace_lambda": 0.0}
+    lora = {**base, "beta": 0.0, "replay_ratio": 0.0}
+
+    def run(objective, family, forgetting, score):
+        return {"objective": objective, "family": family, "forgetting": forgetting, "task_score": score}
+
+    methods = {"lora": run(lora, "lora", 0.2, 1.0), "lora_seed1": run(lora, "lora (seed 1)", 0.4, 0.8),
+               "arr": run(base, "arr", 0.01, 0.9), "arr_seed1": run(base, "arr (seed 1)", 0.05, 0.7),
+               "lora_48": run(lora, "lora (48 steps)", 0.5, 0.5),
+               "lora_48_s1": run(lora, "lora (48 steps, seed 1)", 0.7, 0.7),
+               "arr_48": run(base, "arr (48 steps)", 0.03, 0.6),
+               "arr_48_s1": run(base, "arr (48 steps, seed 1)", 0.03, 0.6),
+               "kl_only": run({**base, "replay_ratio": 0.0}, "kl_only", 0.0, 0.5)}  # one seed: not printed
+    rows = seed_table({"methods": methods}).splitlines()[2:]
+    assert rows == [
+        "| lora + lora_seed1 | own | 2 | +0.3000 | 0.900 | 0.0% | 100.0% | – |",
+        "| arr + arr_seed1 | own | 2 | +0.0300 | 0.800 | 90.0% | 88.9% | – |",  # 1 - 0.03 / 0.3, 0.8 / 0.9
+        "| lora_48 + lora_48_s1 | 48 | 2 | +0.6000 | 0.600 | 0.0% | 100.0% | -100.0%, 66.7% |",
+        "| arr_48 + arr_48_s1 | 48 | 2 | +0.0300 | 0.600 | 95.0% | 100.0% | 90.0%, 66.7% |"]
