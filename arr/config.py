@@ -138,7 +138,7 @@ class ARRConfig(TrainingArguments):
                           "KL(trained || initial). A beta only means something together with its direction."},
     )
     replay_ratio: float = field(
-        default=0.125,
+        default=0.0625,
         metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )
