@@ -34,7 +34,7 @@ commands:
         Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
         (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
         results.md and results.png to output_dir (default runs/compare). --quick: 8 steps of 4 sequences, small
-        probes, no arr_adaptive (about 10 minutes on 2 CPU cores).
+        probes, no arr_adaptive (about 12 minutes on 2 CPU cores).
         METHODS.yaml maps method names to config keys, e.g. `laplace_100: {method: laplace, laplace_lambda: 100}`;
         a method run at several strengths is drawn as a curve. eval.KEY=VALUE sets a probe option.
 

@@ -26,7 +26,7 @@ METHODS = {name: {"method": name}  # the presets of config.py
            for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
 OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
-# moves beta off its start, so it repeats ARR): about 10 minutes on 2 CPU cores.
+# moves beta off its start, so it repeats ARR): about 12 minutes on 2 CPU cores (725 s measured).
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
          "eval": dict(heldout_docs=12, knowledge_items=16, mmlu_items=12, chat_items=16, drift_prompts=6,
                       drift_tokens=24, task_items=24),
@@ -67,11 +67,11 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     previous = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
     earlier_args = {**vars(EvalArgs()), **previous.get("eval_args", {})}  # keys added since: their defaults
     reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
-    results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
-                       "methods": {}}, None
-    drift_answers = None
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
-    own = resolved_config(*build_config({**recipe, **overrides}))
+    own = {k: v for k, v in resolved_config(*build_config({**recipe, **overrides})).items() if k in RUN_KEYS}
+    results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
+                       "run": own, "methods": {}}, None
+    drift_answers = None
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         wanted = resolved_config(*build_config({**recipe, **keys}))
@@ -100,7 +100,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
             "curvature_seconds": metrics.get("curvature", {}).get("seconds", 0.0),
-            "objective": objective, "probes": probes,
+            "objective": objective, "run": {k: wanted[k] for k in RUN_KEYS}, "probes": probes,
             **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
         print(format_table(probes), flush=True)
@@ -130,19 +130,23 @@ def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
     return {"family": family + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
 
 
+def is_lora(method: dict) -> bool:
+    """Whether a results.json method is plain LoRA, at any steps and seed: the baseline of "removed" and "kept"."""
+    return method["family"].startswith("lora")
+
+
 def markdown_table(results: dict) -> str:
-    """One row per method. "removed" and "kept" compare it with plain LoRA trained for the same steps and seed
-    (the method family "lora" with the same suffix): the share of LoRA's forgetting it removes and of LoRA's
-    task score it keeps, the two halves of the bar in docs/RESULTS.md."""
+    """One row per method. "removed" and "kept" compare it with plain LoRA (the method family "lora") trained with
+    the same run keys (steps and seed): the share of LoRA's forgetting it removes and of LoRA's task score it keeps,
+    the two halves of the bar in docs/RESULTS.md."""
     methods = results["methods"]
     probe_names = list(next(iter(methods.values()))["probes"]["after"])
-    lora = {m["family"].removeprefix("lora"): m for m in methods.values() if m.get("family", "").startswith("lora")}
+    lora = {tuple(m["run"].items()): m for m in methods.values() if is_lora(m)}
     head = ("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | forgetting ↓ | "
             "task EM ↑ | removed | kept | " + " | ".join(f"Δ {p}" for p in probe_names) + " | train s | peak MB |")
     rows = [head, "|" + "---|" * (13 + len(probe_names))]
     for name, m in methods.items():
-        o, family = m["objective"], m.get("family", "")
-        base = lora.get(family[family.find(" ("):] if " (" in family else "")
+        o, base = m["objective"], lora.get(tuple(m["run"].items()))
         removed = f"{1 - m['forgetting'] / base['forgetting']:.1%}" if base and base["forgetting"] > 0 else "–"
         kept = f"{m['task_score'] / base['task_score']:.1%}" if base and base["task_score"] > 0 else "–"
         deltas = " | ".join(f"{m['probes']['delta'][p]:+.4f}" for p in probe_names)

@@ -37,6 +37,7 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
                          "arr_adaptive": (0.2, 0.25), "laplace": (0.0, 0.0)}
     assert saved["methods"]["laplace"]["objective"]["laplace_lambda"] == 300.0
     assert saved["methods"]["laplace"]["family"] == "laplace"
+    assert saved["run"] == saved["methods"]["laplace"]["run"] == {"max_steps": 2, "seed": 42}
     assert saved["methods"]["arr_adaptive"]["strength"] == ["kl_target", 0.1]
     table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
     assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
@@ -95,13 +96,16 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                         "adaptive": {"family": "arr_adaptive", "strength": ("kl_target", 0.1)}}
     probes = {"after": {"heldout_nll": 1.0}, "delta": {"heldout_nll": 0.5}}
     results = {"methods": {n: {"forgetting": 0.4 - 0.1 * i, "task_score": 0.5 + 0.1 * i, "train_seconds": 1,
-                               "peak_mem_mb": 2, "objective": objectives[n], **families[n], "probes": probes}
-                           for i, n in enumerate(objectives)}}
-    results["methods"]["lora_48"] = {**results["methods"]["lora"], "family": "lora (48 steps)", "forgetting": 0.8}
-    results["methods"]["arr_48"] = {**results["methods"]["arr"], "family": "arr (48 steps)"}
+                               "peak_mem_mb": 2, "objective": objectives[n], **families[n], "probes": probes,
+                               "run": {"max_steps": 24, "seed": 42}} for i, n in enumerate(objectives)}}
+    at_48, at_48_s1 = {"max_steps": 48, "seed": 42}, {"max_steps": 48, "seed": 1}
+    results["methods"]["lora_48"] = {**results["methods"]["lora"], "family": "lora (48 steps)", "forgetting": 0.8,
+                                     "run": at_48}
+    results["methods"]["arr_48"] = {**results["methods"]["arr"], "family": "arr (48 steps)", "run": at_48}
     results["methods"]["lora_48_s1"] = {**results["methods"]["lora"], "family": "lora (48 steps, seed 1)",
-                                        "forgetting": 0.2, "task_score": 0.6}
-    results["methods"]["arr_48_s1"] = {**results["methods"]["arr"], "family": "arr (48 steps, seed 1)"}
+                                        "forgetting": 0.2, "task_score": 0.6, "run": at_48_s1}
+    results["methods"]["arr_48_s1"] = {**results["methods"]["arr"], "family": "arr (48 steps, seed 1)",
+                                       "run": at_48_s1}
     table = markdown_table(results).splitlines()
     assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
                                "forgetting ↓ | task EM ↑ | removed | kept |")
@@ -122,17 +126,18 @@ def test_seed_means_average_each_objective_over_seeds_against_lora_on_the_same_s
             "laplace_lambda": 0.0}
     lora = {**base, "beta": 0.0, "replay_ratio": 0.0}
 
-    def run(objective, family, forgetting, score):
-        return {"objective": objective, "family": family, "forgetting": forgetting, "task_score": score}
+    def run(objective, family, steps, seed, forgetting, score):
+        return {"objective": objective, "family": family, "run": {"max_steps": steps, "seed": seed},
+                "forgetting": forgetting, "task_score": score}
 
-    methods = {"lora": run(lora, "lora", 0.2, 1.0), "lora_seed1": run(lora, "lora (seed 1)", 0.4, 0.8),
-               "arr": run(base, "arr", 0.01, 0.9), "arr_seed1": run(base, "arr (seed 1)", 0.05, 0.7),
-               "lora_48": run(lora, "lora (48 steps)", 0.5, 0.5),
-               "lora_48_s1": run(lora, "lora (48 steps, seed 1)", 0.7, 0.7),
-               "arr_48": run(base, "arr (48 steps)", 0.03, 0.6),
-               "arr_48_s1": run(base, "arr (48 steps, seed 1)", 0.03, 0.6),
-               "kl_only": run({**base, "replay_ratio": 0.0}, "kl_only", 0.0, 0.5)}  # one seed: not printed
-    rows = seed_table({"methods": methods}).splitlines()[2:]
+    methods = {"lora": run(lora, "lora", 24, 42, 0.2, 1.0), "lora_seed1": run(lora, "lora (seed 1)", 24, 1, 0.4, 0.8),
+               "arr": run(base, "arr", 24, 42, 0.01, 0.9), "arr_seed1": run(base, "arr (seed 1)", 24, 1, 0.05, 0.7),
+               "lora_48": run(lora, "lora (48 steps)", 48, 42, 0.5, 0.5),
+               "lora_48_s1": run(lora, "lora (48 steps, seed 1)", 48, 1, 0.7, 0.7),
+               "arr_48": run(base, "arr (48 steps)", 48, 42, 0.03, 0.6),
+               "arr_48_s1": run(base, "arr (48 steps, seed 1)", 48, 1, 0.03, 0.6),
+               "kl_only": run({**base, "replay_ratio": 0.0}, "kl_only", 24, 42, 0.0, 0.5)}  # one seed: not printed
+    rows = seed_table({"run": {"max_steps": 24, "seed": 42}, "methods": methods}).splitlines()[2:]
     assert rows == [
         "| lora + lora_seed1 | own | 2 | +0.3000 | 0.900 | 0.0% | 100.0% | – |",
         "| arr + arr_seed1 | own | 2 | +0.0300 | 0.800 | 90.0% | 88.9% | – |",  # 1 - 0.03 / 0.3, 0.8 / 0.9
