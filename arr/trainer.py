@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 from peft import PeftModel, get_peft_model
+from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -24,7 +25,8 @@ from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
 from .errors import ARRError
 from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
-from .reference import check_reference_is_initial, initial_head, reference_cache, reference_logits
+from .reference import (adapter_layers, adapters_off, check_reference_is_initial, initial_head, reference_cache,
+                        reference_logits)
 
 LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce", "laplace")
 STATE_FILE = "arr_state.json"  # ARR's own state in a checkpoint: the adaptive beta
@@ -76,6 +78,7 @@ class ARRTrainer(Trainer):
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
         check_reference_is_initial(model)
+        self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
         tokenizer = processing_class
 
         sft = train_dataset
@@ -173,7 +176,7 @@ class ARRTrainer(Trainer):
         else:
             ref_logits = None
             if self.objective.needs_reference and ref_cached is None:
-                ref_logits = reference_logits(model, self.accelerator.unwrap_model(model), model_inputs)
+                ref_logits = reference_logits(model, self.adapter_layers, model_inputs)
             outputs = model(**model_inputs)
             parts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits, counts,
                                    ref_cached)
@@ -212,17 +215,19 @@ class ARRTrainer(Trainer):
         try:
             ref_hidden = None
             if self.objective.needs_reference and ref_cached is None:
-                with torch.no_grad(), peft_model.disable_adapter():
+                with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers):
                     model(**model_inputs, logits_to_keep=1)
                 ref_hidden = captured.pop()
-            model(**model_inputs, logits_to_keep=1)
+            with record_function("arr/forward"):
+                model(**model_inputs, logits_to_keep=1)
             hidden = captured.pop()
         finally:
             hook.remove()
         head = peft_model.get_output_embeddings()
-        return self.objective.forward_hidden(hidden, head, labels, model_inputs["attention_mask"], is_replay,
-                                             ref_hidden, initial_head(head), counts, self.args.loss_chunk_size,
-                                             ref_cached)
+        with record_function("arr/chunked_loss"):
+            return self.objective.forward_hidden(hidden, head, labels, model_inputs["attention_mask"], is_replay,
+                                                 ref_hidden, initial_head(head), counts, self.args.loss_chunk_size,
+                                                 ref_cached)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""

@@ -16,7 +16,7 @@ The first --warmup-steps steps of each variant (CUDA/allocator warm-up, lazy ini
 A cached variant's one-off cache build is timed apart ("cache s") from the training loop, and for the top-k cache
 the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default ARR path against
-plain LoRA, from this run.
+plain LoRA, from this run (with --repeats N, the medians of N interleaved repeats, each against its own LoRA run).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from transformers import TrainerCallback
 
@@ -51,9 +52,12 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1) -> dict:
+def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1,
+                  profile_file: str | None = None) -> dict:
     """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
-    `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id."""
+    `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id.
+    With `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the
+    time per step of the trainer's labelled regions (arr/...) into the result."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,9 +87,14 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
         trainer.data_collator = lambda rows: tokens.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
         clock = StepClock(warmup_steps)
         trainer.add_callback(clock)
+        profiler = StepProfiler(warmup_steps, steps - warmup_steps, profile_file) if profile_file else None
+        if profiler:
+            trainer.add_callback(profiler)
         trainer.train()
         result = {"seconds": clock.seconds, "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
                   "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0)}
+        if profiler:
+            result["regions_ms"] = profiler.regions_ms
         if trainer.ref_cache is not None and trainer.ref_cache.topk:
             result.update(topk_kl_error(trainer))
     return result
@@ -110,6 +119,34 @@ class StepClock(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = self.now() - self.start
+
+
+class StepProfiler(TrainerCallback):
+    """torch.profiler over the steps after `warmup_steps`, host side only (tracing every kernel of a GPU run takes
+    minutes, and at these sizes the GPU step is bound by the host); writes its operator table to `path` and keeps the
+    host milliseconds per step of each arr/... region."""
+
+    def __init__(self, warmup_steps: int, timed_steps: int, path: str):
+        self.warmup_steps, self.timed_steps, self.path = warmup_steps, timed_steps, path
+        self.profiler, self.regions_ms = None, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step == self.warmup_steps:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        Path(self.path).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40))
+        self.regions_ms = {e.key: e.cpu_time_total / 1000 / self.timed_steps for e in events
+                           if e.key.startswith("arr/")}
 
 
 def topk_kl_error(trainer, n_rows: int = 16) -> dict:
@@ -190,6 +227,11 @@ def main() -> None:
                         help="steps per variant, warm-up included (default 10 on the tiny model, 5 on others)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps of each variant left untimed")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="profile the timed steps on the host: one operator table per run in DIR, and the "
+                             "milliseconds per step of the trainer's arr/... regions printed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every variant this many times, interleaved; the JSON line then holds the medians")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {', '.join(VARIANTS)} "
                              f"(lora and {DEFAULT_PATH}, the headline, always run)")
@@ -200,39 +242,55 @@ def main() -> None:
         variants = list(dict.fromkeys(["lora", DEFAULT_PATH, *args.variants.split(",")]))
         if unknown := set(variants) - set(VARIANTS):
             sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    results = {}
+    ratios = {}  # (model, variant) -> [(wall ratio, peak ratio) against plain LoRA of the same repeat]
     for model in models:
         steps = args.steps or (10 if model == "tiny" else 5)
         if steps <= args.warmup_steps:
             sys.exit(f"--steps ({steps}) must exceed --warmup-steps ({args.warmup_steps})")
-        results[model] = {}
-        for variant in variants:
-            code = (f"import bench.overhead as b, json; "
-                    f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
-                    f"{args.warmup_steps})))")
-            proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(proc.stderr[-3000:])
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[model][variant] = r
-            base = results[model]["lora"]
-            extra = f"  cache {r['cache_seconds']:.1f} s" if r["cache_seconds"] else ""
-            if "topk_rel_error" in r:
-                extra += (f"  top-k KL error {100 * r['topk_rel_error']:.2f}% "
-                          f"({r['topk_kl']:.5f} vs exact {r['exact_kl']:.5f})")
-            print(f"{Path(model).name:12s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
-                  f"wall x{r['seconds'] / base['seconds']:.3f}  peak {r['peak_mem_mb']:8.0f} MB  "
-                  f"x{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}{extra}", flush=True)
+        for repeat in range(args.repeats):
+            base = None
+            for variant in variants:
+                r = run_variant(model, variant, steps, args, repeat)
+                base = base or r
+                wall, peak = r["seconds"] / base["seconds"], r["peak_mem_mb"] / base["peak_mem_mb"]
+                ratios.setdefault((model, variant), []).append((wall, peak))
+                extra = f"  cache {r['cache_seconds']:.1f} s" if r["cache_seconds"] else ""
+                if "topk_rel_error" in r:
+                    extra += (f"  top-k KL error {100 * r['topk_rel_error']:.2f}% "
+                              f"({r['topk_kl']:.5f} vs exact {r['exact_kl']:.5f})")
+                print(f"{Path(model).name:12s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
+                      f"wall x{wall:.3f}  peak {r['peak_mem_mb']:8.0f} MB  x{peak:.3f}{extra}", flush=True)
+                for region, ms in r.get("regions_ms", {}).items():
+                    print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
+        if args.repeats > 1:
+            for variant in variants[1:]:
+                walls = sorted(w for w, _ in ratios[model, variant])
+                print(f"{Path(model).name:12s} {variant:12s} median of {args.repeats}: wall x{median(walls):.3f} "
+                      f"(x{walls[0]:.3f} to x{walls[-1]:.3f})", flush=True)
     if not args.quick:
         memory = loss_memory()
         print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
               f"(chunk {memory['chunk']}) "
               f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
-    headline = results[models[-1]]
+    headline = ratios[models[-1], DEFAULT_PATH]
     print(json.dumps({"model": models[-1], "path": DEFAULT_PATH,
-                      "wall_ratio": round(headline[DEFAULT_PATH]["seconds"] / headline["lora"]["seconds"], 4),
-                      "peak_mem_ratio": round(headline[DEFAULT_PATH]["peak_mem_mb"] / headline["lora"]["peak_mem_mb"],
-                                              4)}))
+                      "wall_ratio": round(median(w for w, _ in headline), 4),
+                      "peak_mem_ratio": round(median(p for _, p in headline), 4)}))
+
+
+def run_variant(model: str, variant: str, steps: int, args, repeat: int) -> dict:
+    """`train_variant` in a child process of its own (so that its peak memory is its own)."""
+    profile_file = None
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        profile_file = str(Path(args.profile) / f"{Path(model).name}_{variant}_{repeat}.txt")
+    code = (f"import bench.overhead as b, json; "
+            f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
+            f"{args.warmup_steps}, {profile_file!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from arr.data import Collator, load_sft_examples
 from arr.objective import ARRObjective, kl_from_logprobs, token_kl
-from arr.reference import initial_head, reference_logits
+from arr.reference import ReferenceCache, adapter_layers, adapters_off, initial_head, reference_logits
 from conftest import replay_texts, sft_records
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -81,7 +81,7 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**LORA))
     objective = ARRObjective(beta=1.0, kl_on="all")
 
-    ref = reference_logits(model, model, inputs)
+    ref = reference_logits(model, adapter_layers(model), inputs)
     torch.testing.assert_close(ref, expected, atol=0, rtol=0)
     parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"], ref)
     assert parts.kl.item() == pytest.approx(0.0, abs=1e-7)
@@ -92,10 +92,10 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
         optimizer.step()
         optimizer.zero_grad()
         parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"],
-                          reference_logits(model, model, inputs))
+                          reference_logits(model, adapter_layers(model), inputs))
     assert parts.kl.item() > 1e-4
     # the reference is still the untouched model after training
-    torch.testing.assert_close(reference_logits(model, model, inputs), expected, atol=0, rtol=0)
+    torch.testing.assert_close(reference_logits(model, adapter_layers(model), inputs), expected, atol=0, rtol=0)
 
 
 def test_kl_on_selects_positions(tokenizer):
@@ -126,8 +126,27 @@ def test_replay_ce_is_mean_over_every_replay_token(tokenizer):
     assert parts.total.item() == pytest.approx(parts.sft_ce.item() + 0.5 * parts.replay_ce.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("kl_on, direction", [("all", "forward"), ("sft", "reverse"), ("replay", "forward")])
-def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer, kl_on, direction):
+def cached_reference(ref_logits, topk):
+    """`ref_cached` for a batch whose row i is cache row i: its reference log-probs, all or the top k (as built by
+    ReferenceCache.build)."""
+    logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
+    rows, width = logp.shape[:2]
+    logp = logp.reshape(rows * width, -1)
+    offsets = torch.arange(rows) * width
+    if topk is None:
+        cache = ReferenceCache(logp, offsets)
+    else:
+        values, idx = logp.topk(topk, -1)
+        cache = ReferenceCache(values, offsets, idx.int(), logp.scatter(1, idx, float("-inf")).logsumexp(-1))
+    return cache.positions(torch.arange(rows), width + 1), lambda entries: cache.lookup(entries, "cpu")
+
+
+@pytest.mark.parametrize("kl_on, direction, cache", [("all", "forward", None), ("sft", "reverse", None),
+                                                     ("replay", "forward", None), ("all", "forward", 5),
+                                                     ("all", "reverse", 5), ("sft", "forward", "exact")])
+def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer, kl_on, direction, cache):
+    """The chunked loss, which computes each part's gradient on the logits in closed form, against autograd through
+    the full-logits loss: on-line reference, or a cached one (exact or top k)."""
     batch = batch_of(tokenizer, n=3, replay_rows=2)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     torch.manual_seed(0)
@@ -136,10 +155,12 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
     objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, replay_weight=0.5)
     for name, p in model.named_parameters():  # move the adapter so KL and all gradients are non-trivial
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+            torch.nn.init.normal_(p, std=0.3)
     args = (batch["labels"], batch["attention_mask"], batch["is_replay"])
 
-    naive = objective(model(**inputs).logits, *args, reference_logits(model, model, inputs))
+    ref_logits = reference_logits(model, adapter_layers(model), inputs)
+    ref_cached = None if cache is None else cached_reference(ref_logits, None if cache == "exact" else cache)
+    naive = objective(model(**inputs).logits, *args, None if cache else ref_logits, ref_cached=ref_cached)
     naive.total.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -149,7 +170,8 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
         ref_hidden = decoder(**inputs).last_hidden_state
     hidden = decoder(**inputs).last_hidden_state
     head = model.get_output_embeddings()
-    chunked = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7)
+    chunked = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7,
+                                       ref_cached=ref_cached)
     chunked.total.backward()
     for a, b in zip(chunked, naive):
         assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-7)
@@ -160,7 +182,8 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4)
     with torch.no_grad():  # no gradient taken: the same values
-        values = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7)
+        values = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7,
+                                          ref_cached=ref_cached)
     assert [v.item() for v in values] == pytest.approx([v.item() for v in chunked], rel=1e-6)
 
 
@@ -183,6 +206,29 @@ def test_initial_head_is_the_head_with_the_adapter_off(llama_dir, lora, head_tra
         trained, initial = head(hidden), initial_head(head)(hidden)
     torch.testing.assert_close(initial, expected, atol=0, rtol=0)
     assert ((trained - expected).abs().max() > 1e-3) == head_trained
+
+
+@pytest.mark.parametrize("lora", [{"target_modules": ["q_proj", "lm_head"]}, {"target_modules": ["q_proj", "v_proj"],
+                                   "modules_to_save": ["lm_head"]}])
+def test_adapters_off_is_disable_adapter_and_restores_each_layer(model_dir, tokenizer, lora):
+    batch = batch_of(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**{**LORA, **lora}))
+    layers = adapter_layers(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        trained = model(**inputs).logits
+        with model.disable_adapter():
+            expected = model(**inputs).logits
+        layers[0].enable_adapters(False)  # a layer already off stays off afterwards
+        with adapters_off(layers):
+            initial = model(**inputs).logits
+    torch.testing.assert_close(initial, expected, atol=0, rtol=0)
+    assert (trained - expected).abs().max() > 1e-3
+    assert [layer.disable_adapters for layer in layers] == [True] + [False] * (len(layers) - 1)
 
 
 def test_topk_reference_kl_is_the_coarsened_kl_a_lower_bound_and_exact_at_full_k():
