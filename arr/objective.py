@@ -2,9 +2,10 @@ r"""The ARR objective, whole.
 
     loss = CE_sft + beta * KL + replay_weight * CE_replay + laplace_lambda / 2 * sum_l sum(F_l * dW_l^2)
 
-Two equivalent implementations: `forward` takes [B, T, V] logits (simple, the reference), `forward_hidden` takes
-the final hidden states and the LM head and works through the selected tokens in chunks, taking each chunk's
-gradient as it goes, so no [tokens, vocab] tensor larger than one chunk ever exists and nothing is recomputed in the
+Two equivalent implementations: `forward` takes [B, T, V] logits (simple, the reference: autograd does the
+gradients), `forward_hidden` takes the final hidden states and the LM head and works through the selected tokens in
+chunks, computing each chunk's gradient on its logits in closed form as it goes (p - t, see kl_and_target), so no
+[tokens, vocab] tensor larger than one chunk ever exists, none is kept for autograd, and nothing is recomputed in the
 backward pass. Calling the head *module* (not reading its weight) keeps a LoRA on `lm_head` in play.
 
 All three are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step and every
@@ -94,6 +95,14 @@ def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str)
     return (logp.exp() * (logp - logp_ref)).sum(-1)
 
 
+def coarsened(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor, ref_tail: torch.Tensor):
+    """The model's and a top-k reference's log-probs over k + 1 outcomes: the reference's k tokens (`ref_idx`) and
+    "any other" (`ref_tail` is the reference's log of that remaining mass)."""
+    tail = logp.scatter(1, ref_idx, float("-inf")).logsumexp(-1)
+    coarse = torch.cat([logp.gather(1, ref_idx), tail[:, None].clamp(min=-1e4)], 1)  # clamp: no 0 * inf at an empty tail
+    return coarse, torch.cat([ref_logp.float(), ref_tail.float()[:, None].clamp(min=-1e4)], 1)
+
+
 def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None,
                     ref_tail: torch.Tensor | None = None, direction: str = "forward") -> torch.Tensor:
     """Per-row KL between the model's log-probs `logp` [n, V] and a reference that is either exact (`ref_logp`
@@ -102,10 +111,34 @@ def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.T
     other"), a lower bound of the full KL that reaches it as the tail mass goes to 0."""
     if ref_idx is None:
         return kl_from_logprobs(logp, ref_logp.float(), direction)
-    tail = logp.scatter(1, ref_idx, float("-inf")).logsumexp(-1)
-    coarse = torch.cat([logp.gather(1, ref_idx), tail[:, None].clamp(min=-1e4)], 1)  # clamp: no 0 * inf at an empty tail
-    coarse_ref = torch.cat([ref_logp.float(), ref_tail.float()[:, None].clamp(min=-1e4)], 1)
-    return kl_from_logprobs(coarse, coarse_ref, direction)
+    return kl_from_logprobs(*coarsened(logp, ref_logp, ref_idx, ref_tail), direction)
+
+
+@torch.no_grad()
+def kl_and_target(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None,
+                  ref_tail: torch.Tensor | None = None, direction: str = "forward"):
+    """`kl_to_reference`, and the distribution t per row for which the KL's gradient on the logits is p - t (p the
+    model's softmax). Forward KL: t is the reference, pi_0. Reverse KL: t = p * (1 - log(p / pi_0) + KL), from
+    d KL(p || pi_0) / d z_j = p_j * (log(p_j / pi_0(j)) - KL). With a top-k reference both hold on the k + 1 coarse
+    outcomes, and a tail token j gets the tail's value times p_j / P(tail). Works in place on an exact `ref_logp`
+    (few [n, V] tensors at a time), which the caller must not use again."""
+    if ref_idx is None:
+        ref_logp = ref_logp.float()
+        if direction == "forward":
+            target = ref_logp.exp()
+            return (target * ref_logp.sub_(logp)).sum(-1), target
+        p = logp.exp()
+        log_ratio = ref_logp.sub_(logp)  # log(pi_0 / p)
+        kl = -(p * log_ratio).sum(-1)
+        return kl, p.mul_(log_ratio.add_(1 + kl[:, None]))
+    coarse, coarse_ref = coarsened(logp, ref_logp, ref_idx, ref_tail)
+    kl = kl_from_logprobs(coarse, coarse_ref, direction)
+    if direction == "forward":  # t_j = p_j * pi_0(tail) / P(tail) on the tail, in logs (p_j may underflow to 0)
+        target = (logp + (coarse_ref[:, -1:] - coarse[:, -1:])).exp_()
+        return kl, target.scatter_(1, ref_idx, coarse_ref[:, :-1].exp())
+    factor = (coarse_ref - coarse).add_(1 + kl[:, None])
+    target = logp.exp().mul_(factor[:, -1:])
+    return kl, target.scatter_(1, ref_idx, coarse[:, :-1].exp() * factor[:, :-1])
 
 
 class ARRObjective(nn.Module):
@@ -207,22 +240,33 @@ class ARRObjective(nn.Module):
             def ref_distribution(ref_h):
                 return (F.log_softmax(ref_head(ref_h).float(), dim=-1),)
 
-        def chunk_sums(h, targets, sft_rows, replay_rows, kl_rows, ref_part):
-            logp = F.log_softmax(head(h).float(), dim=-1)
-            nll = -logp.gather(1, targets[:, None]).squeeze(1)
-            kl = logp.new_zeros(())
-            if ref_part is not None:
-                with torch.no_grad():
-                    ref = ref_distribution(ref_part)
-                kl = (kl_to_reference(logp, *ref, direction=self.kl_direction) * kl_rows).sum()
-            return torch.stack([(nll * sft_rows).sum(), kl, (nll * replay_rows).sum()])
-
-        # Each chunk's gradient is taken during the forward pass (the idea of Liger-Kernel's fused linear losses,
-        # which are CUDA-only kernels for a plain weight matrix; this runs anywhere and with any head module), so its
-        # logits are freed at once and never recomputed. Backward then only routes the stored gradients on, through
-        # a surrogate term whose value is 0.
         weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
                                self.replay_weight / counts.replay.clamp(min=1)]).float()
+
+        @torch.no_grad()
+        def sums_and_logit_grad(logits, targets, sft_rows, replay_rows, kl_rows, ref_part):
+            """The chunk's three loss sums and the gradient of its weighted loss on the logits, without autograd:
+            every part's gradient is p - t for a target distribution t per row (p the model's softmax): the label's
+            one-hot for CE, kl_and_target's t for KL. Liger-Kernel's fused linear losses work the same way (as CUDA
+            kernels for a plain weight matrix); this runs anywhere, with any head module, and holds no [n, V] tensor
+            for autograd."""
+            logp = F.log_softmax(logits.float(), dim=-1)
+            nll = -logp.gather(1, targets[:, None]).squeeze(1)
+            kl, target = torch.zeros_like(nll), None
+            if ref_part is not None:
+                kl, target = kl_and_target(logp, *ref_distribution(ref_part), direction=self.kl_direction)
+            sums = torch.stack([(nll * sft_rows).sum(), (kl * kl_rows).sum(), (nll * replay_rows).sum()])
+            if not track:
+                return sums, None
+            ce_weight = sft_rows * weights[0] + replay_rows * weights[2]
+            kl_weight = kl_rows * weights[1] if target is not None else torch.zeros_like(ce_weight)
+            grad = logp.exp_().mul_((ce_weight + kl_weight)[:, None])
+            if target is not None:
+                grad.sub_(target.mul_(kl_weight[:, None]))
+            return sums, grad.scatter_add_(1, targets[:, None], -ce_weight[:, None])
+
+        # Each chunk's gradient is taken during the forward pass, so its logits are freed at once and never
+        # recomputed. Backward then only routes the stored gradients on, through a surrogate term whose value is 0.
         head_params = [p for p in head.parameters() if p.requires_grad]  # a LoRA on lm_head, a trained head copy
         track = torch.is_grad_enabled() and (flat[0].requires_grad or bool(head_params))
         hidden_grad = torch.zeros_like(flat[0]) if track and flat[0].requires_grad else None
@@ -231,20 +275,20 @@ class ARRObjective(nn.Module):
         for start in range(0, flat[0].shape[0], chunk_size):
             part = [t[start:start + chunk_size] for t in flat]
             ref_part = ref_flat[start:start + chunk_size] if ref_flat is not None else None
-            if not track:
-                with torch.no_grad():
-                    sums = sums + chunk_sums(*part, ref_part)
-                continue
             h = part[0].detach().requires_grad_(hidden_grad is not None)
-            chunk = chunk_sums(h, *part[1:], ref_part)
+            with torch.set_grad_enabled(track):
+                logits = head(h)
+            chunk, logit_grad = sums_and_logit_grad(logits, *part[1:], ref_part)
+            sums = sums + chunk
+            if not track:
+                continue
             wrt = ([h] if hidden_grad is not None else []) + head_params
-            grads = list(torch.autograd.grad((chunk * weights).sum(), wrt, allow_unused=True))
+            grads = list(torch.autograd.grad(logits, wrt, logit_grad.to(logits.dtype), allow_unused=True))
             if hidden_grad is not None:
                 hidden_grad[start:start + chunk_size] = grads.pop(0)
             for total, g in zip(param_grads, grads):
                 if g is not None:
                     total += g
-            sums = sums + chunk.detach()
         sft_ce = sums[0] / counts.sft.clamp(min=1)
         kl = sums[1] / counts.kl.clamp(min=1)
         replay_ce = sums[2] / counts.replay.clamp(min=1)
