@@ -95,6 +95,13 @@ def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str)
     return (logp.exp() * (logp - logp_ref)).sum(-1)
 
 
+def log_softmax_float(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in float32, written over `logits` when they already are float32 (one [n, V] tensor fewer; the
+    head's backward does not read its output)."""
+    logits = logits.float()
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
 def coarsened(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor, ref_tail: torch.Tensor):
     """The model's and a top-k reference's log-probs over k + 1 outcomes: the reference's k tokens (`ref_idx`) and
     "any other" (`ref_tail` is the reference's log of that remaining mass)."""
@@ -126,7 +133,7 @@ def kl_and_target(logp: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Ten
         ref_logp = ref_logp.float()
         if direction == "forward":
             target = ref_logp.exp()
-            return (target * ref_logp.sub_(logp)).sum(-1), target
+            return ref_logp.sub_(logp).mul_(target).sum(-1), target
         p = logp.exp()
         log_ratio = ref_logp.sub_(logp)  # log(pi_0 / p)
         kl = -(p * log_ratio).sum(-1)
@@ -238,7 +245,7 @@ class ARRObjective(nn.Module):
             ref_flat = ref_hidden[:, :-1][rows]
 
             def ref_distribution(ref_h):
-                return (F.log_softmax(ref_head(ref_h).float(), dim=-1),)
+                return (log_softmax_float(ref_head(ref_h)),)
 
         weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
                                self.replay_weight / counts.replay.clamp(min=1)]).float()
@@ -250,7 +257,7 @@ class ARRObjective(nn.Module):
             one-hot for CE, kl_and_target's t for KL. Liger-Kernel's fused linear losses work the same way (as CUDA
             kernels for a plain weight matrix); this runs anywhere, with any head module, and holds no [n, V] tensor
             for autograd."""
-            logp = F.log_softmax(logits.float(), dim=-1)
+            logp = log_softmax_float(logits)
             nll = -logp.gather(1, targets[:, None]).squeeze(1)
             kl, target = torch.zeros_like(nll), None
             if ref_part is not None:
