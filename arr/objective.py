@@ -96,8 +96,8 @@ def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str)
 
 
 def log_softmax_float(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax in float32, written over `logits` when they already are float32 (one [n, V] tensor fewer; the
-    head's backward does not read its output)."""
+    """log_softmax in float32, written over `logits` when they already are float32: one [n, V] tensor fewer. A linear
+    head's backward does not read its output; one whose backward did would stop with autograd's in-place error."""
     logits = logits.float()
     return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
@@ -249,6 +249,8 @@ class ARRObjective(nn.Module):
 
         weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
                                self.replay_weight / counts.replay.clamp(min=1)]).float()
+        head_params = [p for p in head.parameters() if p.requires_grad]  # a LoRA on lm_head, a trained head copy
+        track = torch.is_grad_enabled() and (flat[0].requires_grad or bool(head_params))
 
         @torch.no_grad()
         def sums_and_logit_grad(logits, targets, sft_rows, replay_rows, kl_rows, ref_part):
@@ -272,10 +274,8 @@ class ARRObjective(nn.Module):
                 grad.sub_(target.mul_(kl_weight[:, None]))
             return sums, grad.scatter_add_(1, targets[:, None], -ce_weight[:, None])
 
-        # Each chunk's gradient is taken during the forward pass, so its logits are freed at once and never
+        # Each chunk's gradient is taken during the forward pass, so its logits are freed with the chunk and never
         # recomputed. Backward then only routes the stored gradients on, through a surrogate term whose value is 0.
-        head_params = [p for p in head.parameters() if p.requires_grad]  # a LoRA on lm_head, a trained head copy
-        track = torch.is_grad_enabled() and (flat[0].requires_grad or bool(head_params))
         hidden_grad = torch.zeros_like(flat[0]) if track and flat[0].requires_grad else None
         param_grads = [torch.zeros_like(p) for p in head_params] if track else []
         sums = hidden.new_zeros(3, dtype=torch.float32)
