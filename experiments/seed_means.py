@@ -43,15 +43,19 @@ def seed_table(results: dict) -> str:
         seeds = sorted(runs, key=lambda s: (s != own["seed"], s))  # the comparison's own seed first
         forgetting = mean(runs[s][1]["forgetting"] for s in seeds)
         score = mean(runs[s][1]["task_score"] for s in seeds)
-        against = []
-        for base_steps in dict.fromkeys((steps, own["max_steps"])):
+
+        def versus_lora(base_steps):
+            """(removed, kept) against LoRA at `base_steps` on the same seeds, or None where LoRA lacks a seed."""
             base = lora.get(base_steps, {})
-            if all(s in base for s in seeds):
-                base_forgetting = mean(base[s][1]["forgetting"] for s in seeds)
-                base_score = mean(base[s][1]["task_score"] for s in seeds)
-                against.append((share(base_forgetting - forgetting, base_forgetting), share(score, base_score)))
-        same = against[0] if against else ("–", "–")
-        other = ", ".join(against[1]) if len(against) > 1 else "–"
+            if not all(s in base for s in seeds):
+                return None
+            base_forgetting = mean(base[s][1]["forgetting"] for s in seeds)
+            base_score = mean(base[s][1]["task_score"] for s in seeds)
+            return share(base_forgetting - forgetting, base_forgetting), share(score, base_score)
+
+        same = versus_lora(steps) or ("–", "–")
+        other = versus_lora(own["max_steps"]) if steps != own["max_steps"] else None
+        other = ", ".join(other) if other else "–"
         names = " + ".join(runs[s][0] for s in seeds)
         rows.append(f"| {names} | {'own' if steps == own['max_steps'] else steps} | {len(seeds)} | {forgetting:+.4f} | "
                     f"{score:.3f} | {same[0]} | {same[1]} | {other} |")
