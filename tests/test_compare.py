@@ -136,10 +136,13 @@ def test_seed_means_average_each_objective_over_seeds_against_lora_on_the_same_s
                "lora_48_s1": run(lora, "lora (48 steps, seed 1)", 48, 1, 0.7, 0.7),
                "arr_48": run(base, "arr (48 steps)", 48, 42, 0.03, 0.6),
                "arr_48_s1": run(base, "arr (48 steps, seed 1)", 48, 1, 0.03, 0.6),
-               "kl_only": run({**base, "replay_ratio": 0.0}, "kl_only", 24, 42, 0.0, 0.5)}  # one seed: not printed
+               "kl_only": run({**base, "replay_ratio": 0.0}, "kl_only", 24, 42, 0.0, 0.5),  # one seed: not printed
+               "arr_72": run(base, "arr (72 steps)", 72, 42, 0.03, 0.6),  # no LoRA at 72 steps
+               "arr_72_s1": run(base, "arr (72 steps, seed 1)", 72, 1, 0.03, 0.6)}
     rows = seed_table({"run": {"max_steps": 24, "seed": 42}, "methods": methods}).splitlines()[2:]
     assert rows == [
         "| lora + lora_seed1 | own | 2 | +0.3000 | 0.900 | 0.0% | 100.0% | – |",
         "| arr + arr_seed1 | own | 2 | +0.0300 | 0.800 | 90.0% | 88.9% | – |",  # 1 - 0.03 / 0.3, 0.8 / 0.9
         "| lora_48 + lora_48_s1 | 48 | 2 | +0.6000 | 0.600 | 0.0% | 100.0% | -100.0%, 66.7% |",
-        "| arr_48 + arr_48_s1 | 48 | 2 | +0.0300 | 0.600 | 95.0% | 100.0% | 90.0%, 66.7% |"]
+        "| arr_48 + arr_48_s1 | 48 | 2 | +0.0300 | 0.600 | 95.0% | 100.0% | 90.0%, 66.7% |",
+        "| arr_72 + arr_72_s1 | 72 | 2 | +0.0300 | 0.600 | – | – | 90.0%, 66.7% |"]
