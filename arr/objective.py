@@ -287,15 +287,15 @@ class ARRObjective(nn.Module):
                 logits = head(h)
             chunk, logit_grad = sums_and_logit_grad(logits, *part[1:], ref_part)
             sums = sums + chunk
-            if not track:
-                continue
-            wrt = ([h] if hidden_grad is not None else []) + head_params
-            grads = list(torch.autograd.grad(logits, wrt, logit_grad.to(logits.dtype), allow_unused=True))
-            if hidden_grad is not None:
-                hidden_grad[start:start + chunk_size] = grads.pop(0)
-            for total, g in zip(param_grads, grads):
-                if g is not None:
-                    total += g
+            if track:
+                wrt = ([h] if hidden_grad is not None else []) + head_params
+                grads = list(torch.autograd.grad(logits, wrt, logit_grad.to(logits.dtype), allow_unused=True))
+                if hidden_grad is not None:
+                    hidden_grad[start:start + chunk_size] = grads.pop(0)
+                for total, g in zip(param_grads, grads):
+                    if g is not None:
+                        total += g
+            del logits, logit_grad  # else this chunk's [n, V] tensors live on while the next chunk makes its own
         sft_ce = sums[0] / counts.sft.clamp(min=1)
         kl = sums[1] / counts.kl.clamp(min=1)
         replay_ce = sums[2] / counts.replay.clamp(min=1)

@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -185,6 +187,38 @@ def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer,
         values = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7,
                                           ref_cached=ref_cached)
     assert [v.item() for v in values] == pytest.approx([v.item() for v in chunked], rel=1e-6)
+
+
+class RecordingHead(torch.nn.Module):
+    """A linear head that notes, at every call, how many of the logits tensors it returned before are still alive."""
+
+    def __init__(self, hidden_size, vocab):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, vocab, bias=False)
+        self.outputs, self.alive_at_call = [], []
+
+    def forward(self, h):
+        self.alive_at_call.append(sum(ref() is not None for ref in self.outputs))
+        logits = self.linear(h)
+        self.outputs.append(weakref.ref(logits))
+        return logits
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_chunked_loss_frees_each_chunks_logits_before_the_next_chunk(grad):
+    """At most one chunk's logits (the trained model's, while the reference's are made) exist at a time: a chunk's
+    [n, V] tensors kept alive into the next chunk would raise the loss's peak memory by a chunk."""
+    torch.manual_seed(0)
+    head = RecordingHead(16, 50)
+    hidden = torch.randn(2, 20, 16, requires_grad=grad)
+    labels = torch.randint(0, 50, (2, 20))
+    mask, is_replay = torch.ones(2, 20, dtype=torch.long), torch.tensor([False, True])
+    with torch.set_grad_enabled(grad):
+        parts = ARRObjective(beta=0.5).forward_hidden(hidden, head, labels, mask, is_replay, torch.randn(2, 20, 16),
+                                                      head, chunk_size=8)
+    assert len(head.alive_at_call) == 2 * 5  # 38 positions in 5 chunks, trained and reference head each
+    assert max(head.alive_at_call) == 1 and head.alive_at_call[::2] == [0] * 5
+    assert parts.kl.item() > 0
 
 
 @pytest.mark.parametrize("lora, head_trained", [
