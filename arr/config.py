@@ -155,9 +155,10 @@ class ARRConfig(TrainingArguments):
                           "reused in a new order. Empty: as many as the run needs."},
     )
     loss_chunk_size: int = field(
-        default=256,
+        default=128,
         metadata={"help": "Tokens per chunk of the loss computed from hidden states (no [tokens, vocab] logits beyond "
-                          "one chunk, in forward or backward). 0: the plain path through full logits. FSDP and "
+                          "one chunk, in forward or backward; at most three [chunk, vocab] float32 tensors exist at "
+                          "once). 0: the plain path through full logits. FSDP and "
                           "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
     )
     ref_cache: str = field(

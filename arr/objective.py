@@ -223,7 +223,7 @@ class ARRObjective(nn.Module):
         ref_hidden: torch.Tensor | None = None,
         ref_head=None,
         counts: TokenCounts | None = None,
-        chunk_size: int = 256,
+        chunk_size: int = 128,
         ref_cached: tuple[torch.Tensor, Callable] | None = None,
     ) -> LossParts:
         """The same loss from final hidden states [B, T, H]. `head` maps [n, H] to logits, `ref_head` likewise for
