@@ -3,6 +3,7 @@
     python -m bench.overhead --quick        # tiny model, plain LoRA and the default ARR path only: < 1 min
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
+    python -m bench.overhead --models smollm2 --variants arr_chunked --loss-chunk-size 256   # another chunk size
 
 Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
 peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. ARR runs at the shipped defaults (arr/config.py) in
@@ -53,11 +54,12 @@ def peak_mb() -> float:
 
 
 def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1,
-                  profile_file: str | None = None) -> dict:
+                  profile_file: str | None = None, loss_chunk_size: int | None = None) -> dict:
     """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
     `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id.
     With `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the
-    time per step of the trainer's labelled regions (arr/...) into the result."""
+    time per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped
+    one in every variant that uses the chunked loss."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +79,9 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     with tempfile.TemporaryDirectory() as out:
         config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
                            replay_seq_length=64, save_strategy="no", report_to="none", disable_tqdm=True,
-                           logging_steps=steps, bf16=device == "cuda", **VARIANTS[variant])
+                           logging_steps=steps, bf16=device == "cuda",
+                           **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
+                           **VARIANTS[variant])
         trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
                              processing_class=tokenizer, replay_dataset=resources.wiki_replay_texts(),
                              peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
@@ -175,12 +179,13 @@ def topk_kl_error(trainer, n_rows: int = 16) -> dict:
 
 
 
-def loss_memory(seq: int = 2048, hidden: int = 896, vocab: int = 151_936) -> dict:
+def loss_memory(chunk: int | None = None, seq: int = 2048, hidden: int = 896, vocab: int = 151_936) -> dict:
     """Extra memory of the loss itself (forward + backward) at seq x vocab on synthetic hidden states, for the
-    plain logits path and the chunked one at the shipped loss_chunk_size; each measured in its own process."""
+    plain logits path and the chunked one (at the shipped loss_chunk_size unless `chunk`); each measured in its own
+    process."""
     from arr.config import ARRConfig
 
-    chunk = ARRConfig.__dataclass_fields__["loss_chunk_size"].default
+    chunk = chunk or ARRConfig.__dataclass_fields__["loss_chunk_size"].default
     out = {"chunk": chunk}
     for name in ("naive", "chunked"):
         code = (f"import bench.overhead as b; import json; print(json.dumps(b._loss_memory_child("
@@ -230,12 +235,17 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="profile the timed steps on the host: one operator table per run in DIR, and the "
                              "milliseconds per step of the trainer's arr/... regions printed")
+    parser.add_argument("--loss-chunk-size", type=int, default=None,
+                        help="tokens per chunk of the chunked loss, in every variant that uses it and in the "
+                             "loss-memory probe (default: the shipped loss_chunk_size)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, interleaved; the JSON line then holds the medians")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {', '.join(VARIANTS)} "
                              f"(lora and {DEFAULT_PATH}, the headline, always run)")
     args = parser.parse_args()
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        sys.exit(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size} (arr_naive is the unchunked loss)")
     models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     variants = ["lora", DEFAULT_PATH] if args.quick else list(VARIANTS)
     if args.variants:
@@ -264,16 +274,18 @@ def main() -> None:
                     print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
         if args.repeats > 1:
             for variant in variants[1:]:
-                walls = sorted(w for w, _ in ratios[model, variant])
+                walls, peaks = (sorted(column) for column in zip(*ratios[model, variant]))
                 print(f"{Path(model).name:12s} {variant:12s} median of {args.repeats}: wall x{median(walls):.3f} "
-                      f"(x{walls[0]:.3f} to x{walls[-1]:.3f})", flush=True)
+                      f"(x{walls[0]:.3f} to x{walls[-1]:.3f})  peak x{median(peaks):.3f} "
+                      f"(x{peaks[0]:.3f} to x{peaks[-1]:.3f})", flush=True)
     if not args.quick:
-        memory = loss_memory()
+        memory = loss_memory(args.loss_chunk_size)
         print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
               f"(chunk {memory['chunk']}) "
               f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
     headline = ratios[models[-1], DEFAULT_PATH]
-    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH,
+    chunk = {} if args.loss_chunk_size is None else {"loss_chunk_size": args.loss_chunk_size}
+    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk,
                       "wall_ratio": round(median(w for w, _ in headline), 4),
                       "peak_mem_ratio": round(median(p for _, p in headline), 4)}))
 
@@ -286,7 +298,7 @@ def run_variant(model: str, variant: str, steps: int, args, repeat: int) -> dict
         profile_file = str(Path(args.profile) / f"{Path(model).name}_{variant}_{repeat}.txt")
     code = (f"import bench.overhead as b, json; "
             f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
-            f"{args.warmup_steps}, {profile_file!r})))")
+            f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
