@@ -157,8 +157,8 @@ class ARRConfig(TrainingArguments):
     loss_chunk_size: int = field(
         default=128,
         metadata={"help": "Tokens per chunk of the loss computed from hidden states (no [tokens, vocab] logits beyond "
-                          "one chunk, in forward or backward; at most three [chunk, vocab] float32 tensors exist at "
-                          "once). 0: the plain path through full logits. FSDP and "
+                          "one chunk, in forward or backward; with the default forward KL three [chunk, vocab] "
+                          "float32 tensors at most). 0: the plain path through full logits. FSDP and "
                           "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
     )
     ref_cache: str = field(
