@@ -49,10 +49,11 @@ def adapter_layers(peft_model: PeftModel) -> list[torch.nn.Module]:
 def adapters_off(layers: list[torch.nn.Module]):
     """The initial model inside the block, as under `PeftModel.disable_adapter()`, for the reference forward of every
     training step. PEFT's context manager also checks the model's status and resets requires_grad on every adapter
-    weight, walking all modules on entry and exit: 78 ms per call for Qwen2.5-0.5B's shape on this CPU, a large part
-    of a GPU step (docs/PERFORMANCE.md). This flips only the flag that PEFT's layers read in their forward
-    (`disable_adapters`, stored as `_disable_adapters` in the pinned peft) on a list made once; requires_grad does not
-    matter to a forward under no_grad."""
+    weight, walking all modules on entry and exit: 26 ms per call for Qwen2.5-0.5B's shape on an H100, about 0.13 of
+    a LoRA step there, and 99 ms for SmolLM2-135M on a 2-core CPU (bench.reference_cost, docs/PERFORMANCE.md).
+    This flips only the flag that PEFT's layers read in their forward (`disable_adapters`, stored as
+    `_disable_adapters` in the pinned peft) on a list made once; requires_grad does not matter to a forward under
+    no_grad."""
     before = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True
