@@ -149,6 +149,13 @@ class ARRConfig(TrainingArguments):
                           "the end; an example with no response token left is an error."},
     )
     replay_seq_length: int = field(default=512, metadata={"help": "Length of the packed replay sequences."})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Concatenate each micro-batch's rows into one row without padding, as TRL's padding_free "
+                          "(position_ids restart per sequence and attention stays within it), so a batch costs its "
+                          "tokens: padded, one 512-token replay row pads every short SFT row beside it to 512. False: "
+                          "right-pad to the longest row. Checked against the model at start."},
+    )
     replay_max_sequences: int | None = field(
         default=None,
         metadata={"help": "Cap on distinct replay sequences drawn from the corpus; when the run needs more they are "

@@ -315,13 +315,22 @@ class ReplayMixSampler(Sampler[int]):
 
 
 class Collator:
-    """Right-pads a list of rows into input_ids / attention_mask / labels (-100 on padding) / is_replay, plus the
-    rows' dataset indices (`row`, for the reference cache) when they carry one."""
+    """Batches rows for the trainer: input_ids / labels / is_replay, plus the rows' dataset indices (`row`, for the
+    reference cache) when they carry one.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    Padded (default): rows right-padded to the longest, with attention_mask (labels -100 on padding), is_replay per
+    row. `padding_free`: the rows concatenated into one row with no padding, as transformers'
+    DataCollatorWithFlattening and TRL's padding_free do: position_ids restart at 0 for each sequence, which is how
+    the model keeps them apart (attention stays within a sequence), the first label of each sequence is -100, and
+    is_replay and row are per token (why it is not DataCollatorWithFlattening itself). Batches of mixed lengths then
+    cost their tokens, not rows x the longest."""
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False):
+        self.pad_token_id, self.padding_free = pad_token_id, padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self.packed(rows)
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -335,4 +344,22 @@ class Collator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "is_replay": is_replay}
         if all("row" in r for r in rows):
             batch["row"] = torch.tensor([r["row"] for r in rows])
+        return batch
+
+    @staticmethod
+    def packed(rows: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(r["input_ids"]) for r in rows]
+        labels = [torch.as_tensor(r["labels"]).clone() for r in rows]
+        for row_labels in labels:
+            row_labels[0] = IGNORE_INDEX  # no prediction of a sequence's first token from the one before it
+
+        def per_token(values):
+            return torch.cat([torch.full((n,), v) for n, v in zip(lengths, values)])[None]
+
+        batch = {"input_ids": torch.cat([torch.as_tensor(r["input_ids"]) for r in rows])[None],
+                 "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                 "labels": torch.cat(labels)[None],
+                 "is_replay": per_token([bool(r.get("is_replay", False)) for r in rows])}
+        if all("row" in r for r in rows):
+            batch["row"] = per_token([r["row"] for r in rows])
         return batch

@@ -67,10 +67,12 @@ class LossParts(NamedTuple):
 
 
 def position_masks(labels: torch.Tensor, attention_mask: torch.Tensor, is_replay: torch.Tensor, kl_on: str):
-    """Boolean masks over the T - 1 shifted positions: (sft CE, replay CE, KL)."""
+    """Boolean masks over the T - 1 shifted positions: (sft CE, replay CE, KL). Position t predicts token t + 1 only
+    where attention_mask[:, t + 1] is 1: in a padded batch its attention mask, in a packed one `continuation_mask`
+    (0 where a new sequence starts). `is_replay` is per row [B] or, in a packed batch, per token [B, T]."""
     targets = labels[:, 1:]
     has_next = attention_mask[:, 1:].bool()
-    replay_rows = is_replay.bool()[:, None]
+    replay_rows = is_replay.bool()[:, :-1] if is_replay.dim() == 2 else is_replay.bool()[:, None]
     trainable = targets.ne(IGNORE_INDEX) & has_next
     sft = trainable & ~replay_rows
     replay = trainable & replay_rows
@@ -78,8 +80,16 @@ def position_masks(labels: torch.Tensor, attention_mask: torch.Tensor, is_replay
     return sft, replay, has_next & rows
 
 
+def continuation_mask(batch: dict) -> torch.Tensor:
+    """[B, T], 1 where a token follows the previous one in the same sequence: the attention mask of a padded batch;
+    for a packed (padding-free) batch, which has position_ids and no attention mask, 0 where a sequence starts."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"]
+    return batch["position_ids"].ne(0).long()
+
+
 def count_tokens(batch: dict, kl_on: str) -> TokenCounts:
-    sft, replay, kl = position_masks(batch["labels"], batch["attention_mask"], batch["is_replay"], kl_on)
+    sft, replay, kl = position_masks(batch["labels"], continuation_mask(batch), batch["is_replay"], kl_on)
     return TokenCounts(sft.sum(), kl.sum(), replay.sum())
 
 
@@ -179,7 +189,8 @@ class ARRObjective(nn.Module):
         counts: TokenCounts | None = None,
         ref_cached: tuple[torch.Tensor, Callable] | None = None,
     ) -> LossParts:
-        """`logits`/`ref_logits`: [B, T, V]; `labels`: [B, T] (unshifted, -100 = no loss); `is_replay`: [B].
+        """`logits`/`ref_logits`: [B, T, V]; `labels`: [B, T] (unshifted, -100 = no loss); `attention_mask` and
+        `is_replay` as in `position_masks`.
         `counts` are the step-wide denominators; by default this batch's own. `ref_cached` replaces `ref_logits`
         by precomputed reference log-probs: (cache positions [B, T - 1], lookup(positions) -> the reference
         arguments of `kl_to_reference`)."""

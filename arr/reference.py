@@ -131,9 +131,14 @@ class ReferenceCache:
     def topk(self) -> int | None:
         return None if self.idx is None else self.idx.shape[1]
 
-    def positions(self, rows: torch.Tensor, width: int) -> torch.Tensor:
-        """Cache entries of the [B, width - 1] predictions of a batch of dataset rows (padding gives unused ids)."""
-        entries = self.offsets[rows.cpu()][:, None] + torch.arange(width - 1)[None]
+    def positions(self, rows: torch.Tensor, width: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache entries of the [B, width - 1] predictions of a batch: `rows` holds the dataset row of each batch row
+        [B], or of each token [B, width] with its `position_ids` in a packed batch. Positions with no prediction
+        (padding, a sequence's last token) give unused entries."""
+        if position_ids is None:
+            entries = self.offsets[rows.cpu()][:, None] + torch.arange(width - 1)[None]
+        else:
+            entries = self.offsets[rows[:, :-1].cpu()] + position_ids[:, :-1].cpu()
         return entries.clamp(max=len(self.logp) - 1)
 
     def lookup(self, entries: torch.Tensor, device) -> tuple:

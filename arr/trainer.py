@@ -24,7 +24,7 @@ from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
 from .errors import ARRError
-from .objective import ARRObjective, LossParts, TokenCounts, count_tokens
+from .objective import ARRObjective, LossParts, TokenCounts, continuation_mask, count_tokens
 from .reference import (adapter_layers, adapters_off, check_reference_is_initial, initial_head, reference_cache,
                         reference_logits)
 
@@ -37,6 +37,27 @@ def adapted_beta(beta: float, kl: float, target: float, rate: float) -> float:
     coefficient of PPO-style RLHF trainers (Ziegler et al. 2019; TRL's AdaptiveKLController, whose clip of 0.2 and
     horizon H correspond to rate = 0.2 / H here)."""
     return beta * (1 + rate * min(1.0, max(-1.0, kl / target - 1)))
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module) -> None:
+    """Refuse padding_free for a model that does not keep packed sequences apart: a short sequence alone and packed
+    after another must give the same logits (a model that ignores position_ids, or attends across them, would
+    silently train on text from neighbouring rows). Half precision allows for its rounding."""
+    device, was_training = next(model.parameters()).device, model.training
+    vocab, positions = model.config.vocab_size, torch.arange(8, device=device)
+    tokens = positions * (vocab // 8) + vocab // 16  # spread out, clear of the special tokens at the start
+    model.eval()  # no dropout
+    try:
+        alone = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False).logits[0].float()
+        packed = model(input_ids=torch.cat([tokens.flip(0), tokens])[None], position_ids=positions.repeat(2)[None],
+                       use_cache=False).logits[0, 8:].float()
+    finally:
+        model.train(was_training)
+    change = ((alone - packed).abs().mean() / alone.abs().mean().clamp(min=1e-6)).item()
+    if change > (1e-3 if model.dtype == torch.float32 else 2e-2):
+        raise ARRError(f"padding_free: {type(model).__name__} does not keep packed sequences apart (its logits move "
+                       f"by {change:.1%} with a sequence packed before); set padding_free: false")
 
 
 class _StepEnd(TrainerCallback):
@@ -78,6 +99,8 @@ class ARRTrainer(Trainer):
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
         check_reference_is_initial(model)
+        if args.padding_free:
+            check_packing(model)
         self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
         tokenizer = processing_class
 
@@ -113,7 +136,7 @@ class ARRTrainer(Trainer):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
         super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
-                         data_collator=kwargs.pop("data_collator", Collator(pad_id)),
+                         data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
                          processing_class=tokenizer, **kwargs)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight,
                                       args.laplace_lambda)
@@ -123,7 +146,7 @@ class ARRTrainer(Trainer):
             topk = args.ref_cache_topk if args.ref_cache == "topk" else None
             with args.main_process_first(desc="reference cache"):  # one process builds it, the rest read it
                 self.ref_cache, self.ref_cache_info = reference_cache(
-                    model, self.train_dataset, self.data_collator, topk, os.path.join(args.output_dir, "ref_cache"))
+                    model, self.train_dataset, Collator(pad_id), topk, os.path.join(args.output_dir, "ref_cache"))
         self._step_kl, self._beta_sum = torch.zeros(()), 0.0
         self.curvature, self.curvature_info = None, {}
         if args.laplace_lambda > 0:
@@ -161,25 +184,28 @@ class ARRTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, is_replay = inputs["labels"], inputs["is_replay"]
+        labels, is_replay, mask = inputs["labels"], inputs["is_replay"], continuation_mask(inputs)
+        # No KV cache in a training step, even if args.use_cache asks for one: transformers keeps the sequences of a
+        # packed batch apart only without one (masking_utils: position_ids, no attention mask, no past_key_values).
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay", "row")}
+        model_inputs["use_cache"] = False
         counts = TokenCounts.from_tensor(num_items_in_batch) if num_items_in_batch is not None else None
         ref_cached = None
         if self.ref_cache is not None:
             if "row" not in inputs:
                 raise ARRError("ref_cache needs the dataset index of every row (`row`): keep ARR's own collator")
             cache, device = self.ref_cache, labels.device
-            ref_cached = (cache.positions(inputs["row"], labels.shape[1]).to(device),
+            ref_cached = (cache.positions(inputs["row"], labels.shape[1], inputs.get("position_ids")).to(device),
                           lambda entries: cache.lookup(entries, device))
         if self.chunked_loss and not return_outputs:
-            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, is_replay, counts, ref_cached)
+            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, mask, is_replay, counts,
+                                                            ref_cached)
         else:
             ref_logits = None
             if self.objective.needs_reference and ref_cached is None:
                 ref_logits = reference_logits(model, self.adapter_layers, model_inputs)
             outputs = model(**model_inputs)
-            parts = self.objective(outputs.logits, labels, inputs["attention_mask"], is_replay, ref_logits, counts,
-                                   ref_cached)
+            parts = self.objective(outputs.logits, labels, mask, is_replay, ref_logits, counts, ref_cached)
         loss = parts.total
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
@@ -204,7 +230,7 @@ class ARRTrainer(Trainer):
             self._step_kl += shares[1]
         return (loss, outputs) if return_outputs else loss
 
-    def _chunked_loss_parts(self, model, model_inputs, labels, is_replay, counts, ref_cached) -> LossParts:
+    def _chunked_loss_parts(self, model, model_inputs, labels, mask, is_replay, counts, ref_cached) -> LossParts:
         """Forward through the (possibly wrapped) model with logits for the last position only, take the final
         hidden states from a hook on the decoder, and let the objective apply the LM head chunk by chunk."""
         peft_model = self.accelerator.unwrap_model(model)
@@ -225,9 +251,8 @@ class ARRTrainer(Trainer):
             hook.remove()
         head = peft_model.get_output_embeddings()
         with record_function("arr/chunked_loss"):
-            return self.objective.forward_hidden(hidden, head, labels, model_inputs["attention_mask"], is_replay,
-                                                 ref_hidden, initial_head(head), counts, self.args.loss_chunk_size,
-                                                 ref_cached)
+            return self.objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, initial_head(head),
+                                                 counts, self.args.loss_chunk_size, ref_cached)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""

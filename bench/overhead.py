@@ -54,12 +54,14 @@ def peak_mb() -> float:
 
 
 def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1,
-                  profile_file: str | None = None, loss_chunk_size: int | None = None) -> dict:
+                  profile_file: str | None = None, loss_chunk_size: int | None = None,
+                  replay_seq_length: int = 64) -> dict:
     """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
     `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id.
     With `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the
     time per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped
-    one in every variant that uses the chunked loss."""
+    one in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the
+    length of its SFT rows) unless given."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +80,7 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as out:
         config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
-                           replay_seq_length=64, save_strategy="no", report_to="none", disable_tqdm=True,
+                           replay_seq_length=replay_seq_length, save_strategy="no", report_to="none", disable_tqdm=True,
                            logging_steps=steps, bf16=device == "cuda",
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
                            **VARIANTS[variant])
@@ -158,10 +160,12 @@ def topk_kl_error(trainer, n_rows: int = 16) -> dict:
     and through the top-k cache."""
     import torch
 
+    from arr.data import Collator
     from arr.objective import kl_to_reference, position_masks
 
     model, cache = trainer.model.eval(), trainer.ref_cache
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))])
+    rows = [trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))]
+    batch = Collator(trainer.data_collator.pad_token_id)(rows)  # padded: rows side by side
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -238,6 +242,9 @@ def main() -> None:
     parser.add_argument("--loss-chunk-size", type=int, default=None,
                         help="tokens per chunk of the chunked loss, in every variant that uses it and in the "
                              "loss-memory probe (default: the shipped loss_chunk_size)")
+    parser.add_argument("--replay-seq-length", type=int, default=64,
+                        help="tokens per replay row (default 64, the embedded recipe's; ARRConfig's own default "
+                             "is 512)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, interleaved; the JSON line then holds the medians")
     parser.add_argument("--variants", default=None,
@@ -298,7 +305,7 @@ def run_variant(model: str, variant: str, steps: int, args, repeat: int) -> dict
         profile_file = str(Path(args.profile) / f"{Path(model).name}_{variant}_{repeat}.txt")
     code = (f"import bench.overhead as b, json; "
             f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
-            f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r})))")
+            f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])

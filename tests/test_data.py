@@ -124,6 +124,23 @@ def test_mixed_rows_keep_their_own_loss_mask(tokenizer):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding never trains
 
 
+def test_padding_free_batch_is_the_rows_end_to_end_with_their_own_positions_and_masks(tokenizer):
+    sft = load_sft_examples([{"prompt": "hi", "completion": "yo"}], tokenizer, 64)
+    replay = torch.arange(10, 30).reshape(2, 10)
+    rows = [MixedDataset(sft, replay)[i] for i in range(3)]
+    batch = Collator(tokenizer.pad_token_id, padding_free=True)(rows)
+    n = len(sft[0]["input_ids"])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, n + 20)  # no padding at all
+    assert torch.equal(batch["input_ids"][0], torch.cat([torch.tensor(sft[0]["input_ids"]), replay[0], replay[1]]))
+    assert batch["position_ids"][0].tolist() == [*range(n), *range(10), *range(10)]
+    assert batch["is_replay"][0].tolist() == [False] * n + [True] * 20
+    assert batch["row"][0].tolist() == [0] * n + [1] * 10 + [2] * 10
+    # each sequence's first token is never a target (of the previous sequence's last position)
+    assert batch["labels"][0, n].item() == batch["labels"][0, n + 10].item() == IGNORE_INDEX
+    assert torch.equal(batch["labels"][0, n + 1:n + 10], replay[0, 1:])
+    assert torch.equal(batch["labels"][0, :n], torch.tensor(sft[0]["labels"]))  # an SFT row starts on its prompt
+
+
 def test_pack_replay_reads_only_what_it_needs(tokenizer):
     consumed = []
 

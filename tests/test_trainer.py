@@ -3,8 +3,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from arr import ARRConfig, ARRTrainer, ConfigError
+from arr import ARRConfig, ARRError, ARRTrainer, ConfigError
 from arr.data import Collator, load_sft_examples
+from arr.trainer import check_packing
 from conftest import replay_texts, sft_records
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -71,6 +72,57 @@ def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llam
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-6, rtol=0)
         base = AutoModelForCausalLM.from_pretrained(llama_dir)(**inputs).logits
     assert (base - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk,cache", [(1024, "none"), (0, "none"), (1024, "exact")])
+def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir, tokenizer, tmp_path, chunk, cache):
+    def step(padding_free):
+        config = ARRConfig(output_dir=str(tmp_path / str(padding_free)), beta=0.5, replay_ratio=0.25,
+                           replay_seq_length=16, loss_chunk_size=chunk, ref_cache=cache, padding_free=padding_free,
+                           use_cache=True, **STEPS)  # use_cache: even then, a training step runs with no KV cache
+        trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                             replay_dataset=replay_texts(40))
+        with torch.no_grad():  # move the adapter off its start, so that the KL is not 0
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        rows = [trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]  # 3 SFT rows, 1 replay
+        assert [r["is_replay"] for r in rows] == [False, False, False, True]
+        batch = trainer.data_collator(rows)
+        counts = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+        loss = trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=counts)
+        loss.backward()
+        parts = trainer._part_sums.clone()
+        return batch, counts, loss, parts, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    padded, padded_counts, padded_loss, padded_parts, padded_grads = step(False)
+    packed, packed_counts, packed_loss, packed_parts, packed_grads = step(True)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert torch.equal(packed_counts, padded_counts)  # the same tokens are trained on and regularised
+    assert padded_parts[1] > 1e-4 and padded_parts[2] > 0  # KL and replay CE are really in play
+    torch.testing.assert_close(packed_parts, padded_parts, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-7)
+    assert packed_grads.keys() == padded_grads.keys() and len(padded_grads) > 0
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_refuses_a_model_that_lets_packed_sequences_see_each_other(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    check_packing(model)
+
+    class IgnoresPositions(torch.nn.Module):  # a model with no packing support: one causal sequence, positions 0..N
+        config, dtype = model.config, model.dtype
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, position_ids, use_cache):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    with pytest.raises(ARRError, match="does not keep packed sequences apart.*padding_free: false"):
+        check_packing(IgnoresPositions())
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
