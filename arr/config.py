@@ -151,10 +151,11 @@ class ARRConfig(TrainingArguments):
     replay_seq_length: int = field(default=512, metadata={"help": "Length of the packed replay sequences."})
     padding_free: bool = field(
         default=True,
-        metadata={"help": "Concatenate each micro-batch's rows into one row without padding, as TRL's padding_free "
-                          "(position_ids restart per sequence and attention stays within it), so a batch costs its "
-                          "tokens: padded, one 512-token replay row pads every short SFT row beside it to 512. False: "
-                          "right-pad to the longest row. Checked against the model at start."},
+        metadata={"help": "Rows of a micro-batch that fit together share one row of the longest row's width, told "
+                          "apart by position_ids (attention stays within each sequence), instead of each being "
+                          "padded to it: one 512-token replay row would otherwise pad every short SFT row beside it "
+                          "to 512. Never more positions or attention than padding. False: always pad. Checked "
+                          "against the model at start."},
     )
     replay_max_sequences: int | None = field(
         default=None,

@@ -318,20 +318,46 @@ class Collator:
     """Batches rows for the trainer: input_ids / labels / is_replay, plus the rows' dataset indices (`row`, for the
     reference cache) when they carry one.
 
-    Padded (default): rows right-padded to the longest, with attention_mask (labels -100 on padding), is_replay per
-    row. `padding_free`: the rows concatenated into one row with no padding, as transformers'
-    DataCollatorWithFlattening and TRL's padding_free do: position_ids restart at 0 for each sequence, which is how
-    the model keeps them apart (attention stays within a sequence), the first label of each sequence is -100, and
-    is_replay and row are per token (why it is not DataCollatorWithFlattening itself). Batches of mixed lengths then
-    cost their tokens, not rows x the longest."""
+    Padded: rows right-padded to the longest, with attention_mask (labels -100 on padding), is_replay per row.
+    `padding_free`: rows that fit together share a row of the longest row's width (first-fit decreasing, as TRL's
+    "bfd" packing does for a whole dataset; here per micro-batch, so the step's rows and replay mix stay as sampled).
+    position_ids restart at 0 for each sequence, which is how the model keeps them apart (attention stays within a
+    sequence); padding gets position 0 throughout, so each pad token is a sequence of its own that predicts nothing;
+    the first label of each sequence is -100; is_replay and row are per token (why it is not transformers'
+    DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to 512: they share
+    a second row. Never more positions, nor a larger attention area, than padding; when no two rows fit together the
+    batch is the padded one."""
 
     def __init__(self, pad_token_id: int, padding_free: bool = False):
         self.pad_token_id, self.padding_free = pad_token_id, padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if self.padding_free:
-            return self.packed(rows)
-        width = max(len(r["input_ids"]) for r in rows)
+        lengths = [len(r["input_ids"]) for r in rows]
+        width = max(lengths)
+        packs = shared_rows(lengths, width) if self.padding_free else []
+        if not packs or len(packs) == len(rows):
+            return self.padded(rows, width)
+        shape = (len(packs), width)
+        batch = {"input_ids": torch.full(shape, self.pad_token_id), "position_ids": torch.zeros(shape, dtype=torch.long),
+                 "labels": torch.full(shape, IGNORE_INDEX), "is_replay": torch.zeros(shape, dtype=torch.bool)}
+        with_rows = all("row" in r for r in rows)
+        if with_rows:
+            batch["row"] = torch.zeros(shape, dtype=torch.long)
+        for b, members in enumerate(packs):
+            start = 0
+            for i in members:
+                span = slice(start, start + lengths[i])
+                batch["input_ids"][b, span] = torch.as_tensor(rows[i]["input_ids"])
+                batch["labels"][b, span] = torch.as_tensor(rows[i]["labels"])
+                batch["labels"][b, start] = IGNORE_INDEX  # a sequence's first token is no target of the one before
+                batch["position_ids"][b, span] = torch.arange(lengths[i])
+                batch["is_replay"][b, span] = bool(rows[i].get("is_replay", False))
+                if with_rows:
+                    batch["row"][b, span] = rows[i]["row"]
+                start += lengths[i]
+        return batch
+
+    def padded(self, rows: list[dict], width: int) -> dict[str, torch.Tensor]:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -346,20 +372,16 @@ class Collator:
             batch["row"] = torch.tensor([r["row"] for r in rows])
         return batch
 
-    @staticmethod
-    def packed(rows: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(r["input_ids"]) for r in rows]
-        labels = [torch.as_tensor(r["labels"]).clone() for r in rows]
-        for row_labels in labels:
-            row_labels[0] = IGNORE_INDEX  # no prediction of a sequence's first token from the one before it
 
-        def per_token(values):
-            return torch.cat([torch.full((n,), v) for n, v in zip(lengths, values)])[None]
-
-        batch = {"input_ids": torch.cat([torch.as_tensor(r["input_ids"]) for r in rows])[None],
-                 "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-                 "labels": torch.cat(labels)[None],
-                 "is_replay": per_token([bool(r.get("is_replay", False)) for r in rows])}
-        if all("row" in r for r in rows):
-            batch["row"] = per_token([r["row"] for r in rows])
-        return batch
+def shared_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of sequences grouped into rows of at most `width` tokens, first-fit decreasing."""
+    packs, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, space in enumerate(free) if lengths[i] <= space), None)
+        if b is None:
+            packs.append([i])
+            free.append(width - lengths[i])
+        else:
+            packs[b].append(i)
+            free[b] -= lengths[i]
+    return packs

@@ -124,21 +124,27 @@ def test_mixed_rows_keep_their_own_loss_mask(tokenizer):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding never trains
 
 
-def test_padding_free_batch_is_the_rows_end_to_end_with_their_own_positions_and_masks(tokenizer):
+def test_padding_free_rows_that_fit_together_share_a_row_with_their_own_positions_and_masks(tokenizer):
     sft = load_sft_examples([{"prompt": "hi", "completion": "yo"}], tokenizer, 64)
-    replay = torch.arange(10, 30).reshape(2, 10)
+    n = len(sft[0]["input_ids"])
+    replay = torch.arange(10, 10 + 2 * (n // 2)).reshape(2, n // 2)  # two replay rows that fit beside each other
     rows = [MixedDataset(sft, replay)[i] for i in range(3)]
     batch = Collator(tokenizer.pad_token_id, padding_free=True)(rows)
-    n = len(sft[0]["input_ids"])
-    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, n + 20)  # no padding at all
-    assert torch.equal(batch["input_ids"][0], torch.cat([torch.tensor(sft[0]["input_ids"]), replay[0], replay[1]]))
-    assert batch["position_ids"][0].tolist() == [*range(n), *range(10), *range(10)]
-    assert batch["is_replay"][0].tolist() == [False] * n + [True] * 20
-    assert batch["row"][0].tolist() == [0] * n + [1] * 10 + [2] * 10
-    # each sequence's first token is never a target (of the previous sequence's last position)
-    assert batch["labels"][0, n].item() == batch["labels"][0, n + 10].item() == IGNORE_INDEX
-    assert torch.equal(batch["labels"][0, n + 1:n + 10], replay[0, 1:])
-    assert torch.equal(batch["labels"][0, :n], torch.tensor(sft[0]["labels"]))  # an SFT row starts on its prompt
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, n)  # 2 rows, not 3
+    assert torch.equal(batch["input_ids"][0], torch.tensor(sft[0]["input_ids"]))
+    m = n // 2
+    assert torch.equal(batch["input_ids"][1, :2 * m], torch.cat([replay[0], replay[1]]))
+    assert batch["position_ids"].tolist() == [[*range(n)], [*range(m), *range(m), *[0] * (n - 2 * m)]]
+    assert batch["is_replay"].tolist() == [[False] * n, [True] * (2 * m) + [False] * (n - 2 * m)]
+    assert batch["row"].tolist() == [[0] * n, [1] * m + [2] * m + [0] * (n - 2 * m)]
+    # each sequence's first token is never a target (of the previous sequence's last position); padding never trains
+    assert batch["labels"][1, 0].item() == batch["labels"][1, m].item() == IGNORE_INDEX
+    assert torch.equal(batch["labels"][1, m + 1:2 * m], replay[1, 1:])
+    assert (batch["labels"][1, 2 * m:] == IGNORE_INDEX).all()
+    assert torch.equal(batch["labels"][0], torch.tensor(sft[0]["labels"]))  # an SFT row starts on its prompt
+    # when no two rows fit together the batch is the padded one
+    alone = Collator(tokenizer.pad_token_id, padding_free=True)(rows[:2])
+    assert torch.equal(alone["attention_mask"], Collator(tokenizer.pad_token_id)(rows[:2])["attention_mask"])
 
 
 def test_pack_replay_reads_only_what_it_needs(tokenizer):
