@@ -102,7 +102,7 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
         if profiler:
             result["regions_ms"] = profiler.regions_ms
         if trainer.ref_cache is not None and trainer.ref_cache.topk:
-            result.update(topk_kl_error(trainer))
+            result.update(topk_kl_error(trainer, collate.pad_token_id))
     return result
 
 
@@ -155,7 +155,7 @@ class StepProfiler(TrainerCallback):
                            if e.key.startswith("arr/")}
 
 
-def topk_kl_error(trainer, n_rows: int = 16) -> dict:
+def topk_kl_error(trainer, pad_token_id: int, n_rows: int = 16) -> dict:
     """Mean per-token KL of the trained model to the initial one on `n_rows` dataset rows, exact (online reference)
     and through the top-k cache."""
     import torch
@@ -165,7 +165,7 @@ def topk_kl_error(trainer, n_rows: int = 16) -> dict:
 
     model, cache = trainer.model.eval(), trainer.ref_cache
     rows = [trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))]
-    batch = Collator(trainer.data_collator.pad_token_id)(rows)  # padded: rows side by side
+    batch = Collator(pad_token_id)(rows)  # padded: rows side by side
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
