@@ -4,10 +4,12 @@
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
     python -m bench.overhead --models smollm2 --variants arr_chunked --loss-chunk-size 256   # another chunk size
+    python -m bench.overhead --models smollm2 --variants arr_chunked --replay-seq-length 512 [--no-padding-free]
 
 Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
 peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. ARR runs at the shipped defaults (arr/config.py) in
-every variant but the way it gets the reference:
+every variant but the way it gets the reference (replay rows are the embedded recipe's 64 tokens unless
+--replay-seq-length says otherwise):
   lora         plain LoRA SFT (beta = 0, no replay)
   arr_naive    reference forward every step, loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
   arr_chunked  reference forward every step, chunked loss from hidden states (the shipped default)
@@ -55,13 +57,13 @@ def peak_mb() -> float:
 
 def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1,
                   profile_file: str | None = None, loss_chunk_size: int | None = None,
-                  replay_seq_length: int = 64) -> dict:
+                  replay_seq_length: int = 64, padding_free: bool = True) -> dict:
     """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
     `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id.
     With `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the
     time per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped
     one in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the
-    length of its SFT rows) unless given."""
+    length of its SFT rows) unless given; `padding_free` False pads every batch in every variant."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,8 +82,8 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as out:
         config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
-                           replay_seq_length=replay_seq_length, save_strategy="no", report_to="none", disable_tqdm=True,
-                           logging_steps=steps, bf16=device == "cuda",
+                           replay_seq_length=replay_seq_length, padding_free=padding_free, save_strategy="no",
+                           report_to="none", disable_tqdm=True, logging_steps=steps, bf16=device == "cuda",
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
                            **VARIANTS[variant])
         trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
@@ -245,6 +247,8 @@ def main() -> None:
     parser.add_argument("--replay-seq-length", type=int, default=64,
                         help="tokens per replay row (default 64, the embedded recipe's; ARRConfig's own default "
                              "is 512)")
+    parser.add_argument("--no-padding-free", action="store_true",
+                        help="pad every batch in every variant (padding_free: false) instead of the shipped packing")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, interleaved; the JSON line then holds the medians")
     parser.add_argument("--variants", default=None,
@@ -305,7 +309,8 @@ def run_variant(model: str, variant: str, steps: int, args, repeat: int) -> dict
         profile_file = str(Path(args.profile) / f"{Path(model).name}_{variant}_{repeat}.txt")
     code = (f"import bench.overhead as b, json; "
             f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
-            f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length})))")
+            f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length}, "
+            f"{not args.no_padding_free})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
