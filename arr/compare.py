@@ -26,7 +26,7 @@ METHODS = {name: {"method": name}  # the presets of config.py
            for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
 OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
-# moves beta off its start, so it repeats ARR): about 10-12 minutes on 2 CPU cores (574-738 s measured).
+# moves beta off its start, so it repeats ARR): about 9-12 minutes on 2 CPU cores (544-738 s measured).
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
          "eval": dict(heldout_docs=12, knowledge_items=16, mmlu_items=12, chat_items=16, drift_prompts=6,
                       drift_tokens=24, task_items=24),

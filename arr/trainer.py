@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import ARRConfig, cache_dir
@@ -99,7 +100,7 @@ class ARRTrainer(Trainer):
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
         check_reference_is_initial(model)
-        if args.padding_free:
+        if args.padding_free and not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are partitioned: no forward yet
             check_packing(model)
         self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
         tokenizer = processing_class
