@@ -1,6 +1,7 @@
 """Two CPU processes (torch.distributed with gloo, launched by torchrun), under DDP and under FSDP, give the
 per-step losses of one process at the same global batch, replay interleaving included; under DDP also with the
-Laplace penalty and the adaptive beta (which every process must update identically)."""
+Laplace penalty and the adaptive beta (which every process must update identically). Replay rows are twice as long
+as the SFT rows, so padding_free packs them differently in one micro-batch of 8 and in two of 4."""
 
 import json
 import os
@@ -30,7 +31,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, llama_dir, engine):
     sft = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
     (tmp_path / "corpus.txt").write_text("\n\n".join(replay_texts(80)))
     base = dict(model_name_or_path=str(llama_dir), sft_data=sft, replay_data=str(tmp_path / "corpus.txt"),
-                max_steps=4, learning_rate=1e-2, replay_seq_length=16, beta=0.5, replay_ratio=0.25,
+                max_steps=4, learning_rate=1e-2, replay_seq_length=64, beta=0.5, replay_ratio=0.25,
                 save_strategy="no", lora_r=4, lora_dropout=0.0, disable_tqdm=True, seed=5, use_cpu=True)
     runs = {"one": (8, [sys.executable, "-m", "arr"]),
             "two": (4, [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "arr"])}  # a free port each time
