@@ -334,9 +334,14 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         width = max(lengths)
-        packs = shared_rows(lengths, width) if self.padding_free else []
-        if not packs or len(packs) == len(rows):
-            return self.padded(rows, width)
+        if self.padding_free:
+            packs = shared_rows(lengths, width)
+            if len(packs) < len(rows):
+                return self.packed(rows, lengths, packs, width)
+        return self.padded(rows, width)
+
+    def packed(self, rows: list[dict], lengths: list[int], packs: list[list[int]], width: int
+               ) -> dict[str, torch.Tensor]:
         shape = (len(packs), width)
         batch = {"input_ids": torch.full(shape, self.pad_token_id), "position_ids": torch.zeros(shape, dtype=torch.long),
                  "labels": torch.full(shape, IGNORE_INDEX), "is_replay": torch.zeros(shape, dtype=torch.bool)}
