@@ -24,7 +24,8 @@ from .train import resolved_config
 
 METHODS = {name: {"method": name}  # the presets of config.py
            for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
-OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "replay_ratio", "kl_target", "laplace_lambda")
+OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "replay_data", "replay_ratio", "kl_target",
+                  "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
 # moves beta off its start, so it repeats ARR): about 9-12 minutes on 2 CPU cores (544-738 s measured).
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
@@ -105,7 +106,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
         print(format_table(probes), flush=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))  # after each method: nothing lost
     (out_dir / "results.md").write_text(markdown_table(results))
     plot(results, out_dir / "results.png")
     return results
@@ -129,6 +130,12 @@ def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
         (kl_on, replay_on)]
     knob = "replay_ratio" if family == "replay_only" else "beta"
     return {"family": family + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose (x, y) no other point beats on both axes (higher is better on each)."""
+    return [name for name, (x, y) in points.items()
+            if not any(a >= x and b >= y and (a, b) != (x, y) for a, b in points.values())]
 
 
 def is_lora(method: dict) -> bool:

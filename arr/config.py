@@ -19,9 +19,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ARRError, ConfigError
-
-KL_ON_CHOICES = ("sft", "replay", "all")
-KL_DIRECTIONS = ("forward", "reverse")
+from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 
@@ -85,7 +83,8 @@ class DataArguments:
     )
     replay_data: str | None = field(
         default=None,
-        metadata={"help": "Replay corpus: a .txt file (one document per paragraph), .jsonl/.json, .parquet, a "
+        metadata={"help": "Replay data: 'self' (the initial model's own answers to general prompts, generated once; "
+                          "see self_replay_prompts), or a corpus: a .txt file (one document per paragraph), .jsonl/.json, .parquet, a "
                           "folder of those, or a `datasets` hub id. Read as a stream. Empty: the replay split of the "
                           "embedded Wikipedia lead paragraphs (titles held out for evaluation are never replayed)."},
     )
@@ -124,13 +123,22 @@ class ARRConfig(TrainingArguments):
         default=False, metadata={"help": "Kept False: ARR's collator needs its own columns."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "Kept True: a resumed run restores the adaptive beta (kl_target) with it."}
+    )
 
     beta: float = field(default=1.0, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
     kl_on: str = field(
         default="all",
-        metadata={"help": "Tokens the KL is averaged over: 'sft' (every position of SFT sequences, prompt included), "
-                          "'replay' (every replay token) or 'all' (both). 'all' keeps KL active when there is no "
-                          "replay and distils the initial model on general text when there is."},
+        metadata={"help": "Where the KL is taken: 'all' (every position), 'prompt_and_replay' (every position "
+                          "whose label the SFT CE does not train: SFT prompts and replay rows), 'replay' (replay rows "
+                          "only) or 'sft' (every position of SFT rows, prompt and response)."},
+    )
+    kl_mask_target: bool = field(
+        default=False,
+        metadata={"help": "Mask-the-Target: at a KL position whose label the SFT CE trains, leave the label token out "
+                          "of both distributions (renormalised), so the KL keeps the initial model's preferences "
+                          "among the alternatives without pulling against the CE. Other positions keep the full KL."},
     )
     kl_direction: str = field(
         default="forward",
@@ -143,6 +151,20 @@ class ARRConfig(TrainingArguments):
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )
     replay_weight: float = field(default=1.0, metadata={"help": "Weight of the replay next-token CE (>= 0)."})
+    self_replay_prompts: str | None = field(
+        default=None,
+        metadata={"help": "replay_data=self: the general prompts the initial model answers, a .txt file (one per "
+                          "line) or .jsonl with a `prompt` field. Empty: the packaged prompts (self_replay.py), "
+                          "disjoint from every probe of arr eval."},
+    )
+    self_replay_max_new_tokens: int = field(
+        default=96, metadata={"help": "replay_data=self: longest answer generated, in tokens."}
+    )
+    self_replay_temperature: float = field(
+        default=0.0,
+        metadata={"help": "replay_data=self: 0 = greedy answers (the initial model's most likely reply); > 0 = "
+                          "sampled at this temperature (seeded by `seed`)."},
+    )
     max_length: int = field(
         default=1024,
         metadata={"help": "SFT sequences are cut to this many tokens, keeping the start (the prompt) and dropping "
@@ -214,13 +236,18 @@ class ARRConfig(TrainingArguments):
     def uses_replay(self) -> bool:
         return self.replay_ratio > 0
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over every micro-batch and process."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
 
 def check_objective(cfg) -> None:
     """Validate the ARR-specific fields; each error names its key."""
     if not cfg.beta >= 0:
         raise ConfigError(f"beta must be >= 0, got {cfg.beta}")
-    if cfg.kl_on not in KL_ON_CHOICES:
-        raise ConfigError(f"kl_on must be one of {', '.join(KL_ON_CHOICES)}, got {cfg.kl_on!r}")
+    if cfg.kl_on not in KL_PLACEMENTS:
+        raise ConfigError(f"kl_on must be one of {', '.join(KL_PLACEMENTS)}, got {cfg.kl_on!r}")
     if cfg.kl_direction not in KL_DIRECTIONS:
         raise ConfigError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
@@ -245,6 +272,10 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
     if not cfg.laplace_lambda >= 0:
         raise ConfigError(f"laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
+    if cfg.self_replay_max_new_tokens < 1:
+        raise ConfigError(f"self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
+    if not cfg.self_replay_temperature >= 0:
+        raise ConfigError(f"self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
     if cfg.laplace_samples < 1:
         raise ConfigError(f"laplace_samples must be >= 1, got {cfg.laplace_samples}")
 

@@ -28,7 +28,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from .reference import cached_tensors, fingerprint
+from .cache import cached_tensors, fingerprint
 
 ESTIMATOR = "diagonal-empirical-fisher-per-token-v1"  # part of the cache key: change it when the estimate changes
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .objective import IGNORE_INDEX
+from .batch import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -248,11 +248,12 @@ def token_blocks(source: str | Iterable[str] | torch.Tensor, tokenizer, seq_leng
 
 
 class MixedDataset(Dataset):
-    """Indices [0, n_sft) are SFT examples, [n_sft, n_sft + n_replay) packed replay sequences."""
+    """Indices [0, n_sft) are SFT examples, [n_sft, n_sft + n_replay) replay sequences: packed corpus blocks
+    ([n, seq_length] token ids, every token trained) or rows with their own labels (self-generated replay)."""
 
-    def __init__(self, sft: list[dict], replay: torch.Tensor | None = None):
+    def __init__(self, sft: list[dict], replay: torch.Tensor | list[dict] | None = None):
         self.sft = sft
-        self.replay = replay if replay is not None else torch.empty(0, 0, dtype=torch.long)
+        self.replay = replay if replay is not None else []
 
     def __len__(self) -> int:
         return len(self.sft) + len(self.replay)
@@ -260,8 +261,19 @@ class MixedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if i < len(self.sft):
             return {**self.sft[i], "is_replay": False, "row": i}
-        block = self.replay[i - len(self.sft)].tolist()
-        return {"input_ids": block, "labels": block, "is_replay": True, "row": i}
+        row = self.replay[i - len(self.sft)]
+        if isinstance(row, torch.Tensor):
+            row = {"input_ids": row.tolist(), "labels": row.tolist()}
+        return {**row, "is_replay": True, "row": i}
+
+
+def replay_sequences_needed(n_sft: int, args) -> int:
+    """Replay sequences the whole run draws (at least 1), capped by `args.replay_max_sequences`; when the pool is
+    smaller the sampler reuses it in a new order."""
+    schedule = ReplayMixSampler(n_sft, 1, args.global_batch, args.replay_ratio, args.seed)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(schedule.steps_per_epoch * args.num_train_epochs)
+    needed = max(1, schedule.replay_before(total_steps))
+    return needed if args.replay_max_sequences is None else min(needed, args.replay_max_sequences)
 
 
 def _rounded(x: float) -> int:

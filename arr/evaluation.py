@@ -39,19 +39,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import resources
+from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
+from .chunked_loss import kl_from_logprobs
 from .errors import ARRError, DataError
-from .objective import kl_from_logprobs
+from .generation import by_length, chat_prompt_ids, encode, greedy_answers
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
-GENERAL_PROMPTS = (
-    "What is the capital of France?", "Give me three tips for staying healthy.", "Explain what a rainbow is.",
-    "Write a short poem about the sea.", "How do I boil an egg?", "What is photosynthesis?",
-    "Tell me a fun fact about space.", "Why is the sky blue?", "Summarize the plot of Romeo and Juliet.",
-    "What are the primary colors?", "How many days are there in a leap year?", "Who wrote Pride and Prejudice?",
-    "Suggest a name for a pet cat.", "What is the boiling point of water?", "Describe a healthy breakfast.",
-    "What does a computer processor do?",
-)
 LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
 LOWER_IS_BETTER_LM_EVAL = ("perplexity", "bits_per_byte", "bpb", "nll")  # lm-eval metrics named like these
 
@@ -150,13 +144,6 @@ def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------- scoring core
 
 
-def _by_length(rows: list[list[int]], size: int):
-    """(indices, rows) batches of similar length, longest first, so that little of each batch is padding."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    for i in range(0, len(order), size):
-        yield order[i:i + size], [rows[j] for j in order[i:i + size]]
-
-
 @torch.no_grad()
 def score_at(model, tokenizer, rows: list[list[int]], positions: list[range], score, batch_size: int, desc: str
              ) -> list:
@@ -167,7 +154,7 @@ def score_at(model, tokenizer, rows: list[list[int]], positions: list[range], sc
     device = next(model.parameters()).device
     out: list = [None] * len(rows)
     pad = tokenizer.pad_token_id or 0
-    for indices, batch in tqdm(list(_by_length(rows, batch_size)), desc=desc, leave=False):
+    for indices, batch in tqdm(list(by_length(rows, batch_size)), desc=desc, leave=False):
         width = len(batch[0])
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -201,40 +188,8 @@ def next_token_logprobs(model, tokenizer, contexts: list[list[int]], candidates:
                     lambda i, logits: torch.log_softmax(logits[0], -1)[candidates].tolist(), batch_size, desc)
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def chat_prompt_ids(tokenizer, conversation: str | list[dict]) -> list[int]:
-    """Token ids of a user message (or a conversation) in the chat template, ending where the answer starts.
-    Without a chat template (plain prompt/completion training), the prompt text itself."""
-    turns = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
-    if not tokenizer.chat_template:
-        return encode(tokenizer, "".join(t["content"] for t in turns))
-    return encode(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-
-
 def answer_ids(tokenizer, answer: str) -> list[int]:
     return encode(tokenizer, answer) + [tokenizer.eos_token_id]
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int
-                   ) -> list[list[int]]:
-    """Greedy answer token ids (up to and including EOS) for chat prompts, batched with left padding."""
-    device = next(model.parameters()).device
-    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    answers: list[list[int] | None] = [None] * len(rows)
-    pad = tokenizer.pad_token_id or 0
-    for indices, batch in _by_length(rows, batch_size):
-        width = len(batch[0])
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for i, row in zip(indices, out[:, width:].tolist()):
-            answers[i] = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
-    return answers
 
 
 def _nll(scores):

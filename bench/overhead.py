@@ -162,8 +162,8 @@ def topk_kl_error(trainer, pad_token_id: int, n_rows: int = 16) -> dict:
     and through the top-k cache."""
     import torch
 
+    from arr.chunked_loss import RefLogprobs, kl_to_reference
     from arr.data import Collator
-    from arr.objective import kl_to_reference, position_masks
 
     model, cache = trainer.model.eval(), trainer.ref_cache
     rows = [trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))]
@@ -174,13 +174,11 @@ def topk_kl_error(trainer, pad_token_id: int, n_rows: int = 16) -> dict:
         logits = model(**inputs).logits[:, :-1].float()
         with model.disable_adapter():
             ref_logits = model(**inputs).logits[:, :-1].float()
-    _, _, kl_positions = position_masks(batch["labels"], batch["attention_mask"], batch["is_replay"],
-                                        trainer.args.kl_on)
-    kl_positions = kl_positions.to(device)
+    kl_positions = trainer.objective.positions(batch).kl.to(device)
     logp = torch.log_softmax(logits[kl_positions], -1)
-    exact = kl_to_reference(logp, torch.log_softmax(ref_logits[kl_positions], -1)).mean().item()
+    exact = kl_to_reference(logp, RefLogprobs(torch.log_softmax(ref_logits[kl_positions], -1))).mean().item()
     entries = cache.positions(batch["row"], batch["input_ids"].shape[1])[kl_positions.cpu()]
-    approx = kl_to_reference(logp, *cache.lookup(entries, device)).mean().item()
+    approx = kl_to_reference(logp, cache.lookup(entries, device)).mean().item()
     return {"exact_kl": exact, "topk_kl": approx, "topk_rel_error": (exact - approx) / exact if exact else 0.0}
 
 
@@ -206,6 +204,7 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
     import torch
 
     from arr.objective import ARRObjective
+    from arr.reference import OnlineReference
 
     torch.manual_seed(0)
     torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,15 +213,15 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
     hidden = torch.randn(1, seq, hidden_size, requires_grad=True)
     ref_hidden = torch.randn(1, seq, hidden_size)
     labels = torch.randint(0, vocab, (1, seq))
-    mask, is_replay = torch.ones(1, seq, dtype=torch.long), torch.tensor([True])
+    batch = {"labels": labels, "attention_mask": torch.ones(1, seq, dtype=torch.long), "is_replay": torch.tensor([True])}
     objective = ARRObjective(beta=0.1, kl_on="all")
     before = peak_mb()
     if name == "naive":
         with torch.no_grad():
             ref_logits = head(ref_hidden)
-        parts = objective(head(hidden), labels, mask, is_replay, ref_logits)
+        parts = objective(head(hidden), batch, OnlineReference(ref_logits))
     else:
-        parts = objective.forward_hidden(hidden, head, labels, mask, is_replay, ref_hidden, head, chunk_size=chunk)
+        parts = objective(hidden, batch, OnlineReference(ref_hidden, head), head, chunk_size=chunk)
     parts.total.backward()
     return {"extra_mb": peak_mb() - before}
 

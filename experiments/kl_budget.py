@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from arr import resources
 from arr.compare import compare
 from arr.evaluation import EvalArgs
 
@@ -24,7 +23,7 @@ from arr.evaluation import EvalArgs
 # skipped (size 0) to fit nine runs in the time.
 PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens=24, knowledge_items=0, mmlu_items=0,
                    task_items=50)
-TASKS = {"date": resources.date_task, "topic": resources.topic_task, "reverse": resources.reverse_task}
+from experiments.tasks import TASKS
 # ARR at replay_ratio 0.125, the default when this experiment was run (its published table was made with it).
 METHODS = {
     "lora": {"method": "lora"},
@@ -80,4 +79,4 @@ def table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/kl_budget"), sys.argv[2:] or list(TASKS))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/kl_budget"), sys.argv[2:] or ["date", "topic", "reverse"])

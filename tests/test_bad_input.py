@@ -61,7 +61,7 @@ CASES = {
     "negative beta": ({}, ["beta=-1"], "beta must be >= 0, got -1"),
     "replay_ratio 1": ({}, ["replay_ratio=1"], "replay_ratio must be in [0, 1), got 1"),
     "negative replay_ratio": ({}, ["replay_ratio=-0.1"], "replay_ratio must be in [0, 1), got -0.1"),
-    "bad kl_on": ({}, ["kl_on=prompt"], "kl_on must be one of sft, replay, all, got 'prompt'"),
+    "bad kl_on": ({}, ["kl_on=prompt"], "kl_on must be one of all, sft, replay, prompt_and_replay, got 'prompt'"),
     "bad kl_direction": ({}, ["kl_direction=sideways"], "kl_direction must be one of forward, reverse"),
     "bad sft_format": ({}, ["sft_format=csv"], "sft_format must be one of auto, messages, alpaca"),
     "max_length too small": ({}, ["max_length=1"], "max_length must be >= 2, got 1"),

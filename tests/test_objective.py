@@ -5,10 +5,19 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from arr.cache import ReferenceCache
+from arr.chunked_loss import RefLogprobs, kl_from_logprobs, kl_to_reference
 from arr.data import Collator, load_sft_examples
-from arr.objective import ARRObjective, kl_from_logprobs, token_kl
-from arr.reference import ReferenceCache, adapter_layers, adapters_off, initial_head, reference_logits
+from arr.objective import ARRObjective
+from arr.reference import (CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
+                           reference_logits)
 from conftest import replay_texts, sft_records
+
+
+def token_kl(logits, ref_logits, direction):
+    """KL per row of [N, V] logits, through the library's log-prob form."""
+    return kl_to_reference(torch.log_softmax(logits.float(), -1),
+                           RefLogprobs(torch.log_softmax(ref_logits.float(), -1)), direction)
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 
@@ -40,7 +49,7 @@ def test_beta0_no_replay_equals_plain_lora_loss_and_gradients(model_dir, tokeniz
     model.zero_grad()
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    parts = ARRObjective(beta=0.0)(logits, batch["labels"], batch["attention_mask"], batch["is_replay"])
+    parts = ARRObjective(beta=0.0)(logits, batch)
     parts.total.backward()
     assert parts.total.item() == pytest.approx(plain.item(), abs=1e-6)
     assert parts.kl.item() == 0 and parts.replay_ce.item() == 0
@@ -85,7 +94,7 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
 
     ref = reference_logits(model, adapter_layers(model), inputs)
     torch.testing.assert_close(ref, expected, atol=0, rtol=0)
-    parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"], ref)
+    parts = objective(model(**inputs).logits, batch, OnlineReference(ref))
     assert parts.kl.item() == pytest.approx(0.0, abs=1e-7)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -93,8 +102,8 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
         parts.total.backward()
         optimizer.step()
         optimizer.zero_grad()
-        parts = objective(model(**inputs).logits, batch["labels"], batch["attention_mask"], batch["is_replay"],
-                          reference_logits(model, adapter_layers(model), inputs))
+        parts = objective(model(**inputs).logits, batch,
+                          OnlineReference(reference_logits(model, adapter_layers(model), inputs)))
     assert parts.kl.item() > 1e-4
     # the reference is still the untouched model after training
     torch.testing.assert_close(reference_logits(model, adapter_layers(model), inputs), expected, atol=0, rtol=0)
@@ -103,23 +112,24 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
 def test_kl_on_selects_positions(tokenizer):
     batch = batch_of(tokenizer, n=2, replay_rows=2)
     torch.manual_seed(0)
-    logits = torch.randn(*batch["input_ids"].shape, 20)
+    logits = torch.randn(*batch["input_ids"].shape, len(tokenizer))
     ref = torch.randn_like(logits)
     mask = batch["attention_mask"][:, 1:].bool()
     rows = batch["is_replay"][:, None]
     per_token = token_kl(logits[:, :-1], ref[:, :-1], "forward")
-    for kl_on, selected in [("sft", mask & ~rows), ("replay", mask & rows), ("all", mask)]:
-        labels = torch.zeros_like(batch["labels"])
-        parts = ARRObjective(beta=1.0, kl_on=kl_on)(logits, labels, batch["attention_mask"], batch["is_replay"], ref)
+    response = batch["labels"][:, 1:].ne(-100) & ~rows
+    for kl_on, selected in [("sft", mask & ~rows), ("replay", mask & rows), ("all", mask),
+                            ("prompt_and_replay", mask & ~response)]:
+        parts = ARRObjective(beta=1.0, kl_on=kl_on)(logits, batch, OnlineReference(ref))
         assert parts.kl.item() == pytest.approx(per_token[selected].mean().item(), rel=1e-5)
+    assert (mask & rows).sum() < (mask & ~response).sum() < mask.sum()  # the placements differ here
 
 
 def test_replay_ce_is_mean_over_every_replay_token(tokenizer):
     batch = batch_of(tokenizer, n=2, replay_rows=2)
     torch.manual_seed(0)
     logits = torch.randn(*batch["input_ids"].shape, len(tokenizer))
-    parts = ARRObjective(beta=0.0, replay_weight=0.5)(logits, batch["labels"], batch["attention_mask"],
-                                                      batch["is_replay"])
+    parts = ARRObjective(beta=0.0, replay_weight=0.5)(logits, batch)
     replay = batch["is_replay"]
     ce = torch.nn.functional.cross_entropy(logits[replay, :-1].reshape(-1, logits.shape[-1]),
                                            batch["labels"][replay, 1:].reshape(-1), reduction="none")
@@ -129,8 +139,8 @@ def test_replay_ce_is_mean_over_every_replay_token(tokenizer):
 
 
 def cached_reference(ref_logits, topk):
-    """`ref_cached` for a batch whose row i is cache row i: its reference log-probs, all or the top k (as built by
-    ReferenceCache.build)."""
+    """A CachedReference for a padded batch whose row i is cache row i: its reference log-probs, all or the top k
+    (as ReferenceCache.build makes them)."""
     logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
     rows, width = logp.shape[:2]
     logp = logp.reshape(rows * width, -1)
@@ -139,54 +149,126 @@ def cached_reference(ref_logits, topk):
         cache = ReferenceCache(logp, offsets)
     else:
         values, idx = logp.topk(topk, -1)
-        cache = ReferenceCache(values, offsets, idx.int(), logp.scatter(1, idx, float("-inf")).logsumexp(-1))
-    return cache.positions(torch.arange(rows), width + 1), lambda entries: cache.lookup(entries, "cpu")
+        following = ref_logits.new_zeros(rows, width, dtype=torch.long)  # the next token of each position
+        following[:] = ROW_TOKENS[0][:, 1:]
+        cache = ReferenceCache(values, offsets, idx.int(), logp.scatter(1, idx, float("-inf")).logsumexp(-1),
+                               logp.gather(1, following.reshape(-1, 1)).squeeze(1))
+    return CachedReference(cache, cache.positions(torch.arange(rows), width + 1), "cpu")
 
 
-@pytest.mark.parametrize("kl_on, direction, cache", [("all", "forward", None), ("sft", "reverse", None),
-                                                     ("replay", "forward", None), ("all", "forward", 5),
-                                                     ("all", "reverse", 5), ("sft", "forward", "exact")])
-def test_chunked_loss_from_hidden_states_is_gradient_exact(llama_dir, tokenizer, kl_on, direction, cache):
-    """The chunked loss, which computes each part's gradient on the logits in closed form, against autograd through
-    the full-logits loss: on-line reference, or a cached one (exact or top k)."""
+ROW_TOKENS = []  # the batch's input_ids, for cached_reference's label log-probs
+
+
+def safe_kl(logp, ref_logp, direction):
+    """KL from log-probs where some outcomes have probability 0 (log -inf): they add 0, with finite gradients."""
+    gone = torch.isinf(logp) | torch.isinf(ref_logp)
+    logp, ref_logp = logp.masked_fill(gone, 0.0), ref_logp.masked_fill(gone, 0.0)
+    p, q = logp.exp().masked_fill(gone, 0.0), ref_logp.exp().masked_fill(gone, 0.0)
+    return (q * (ref_logp - logp)).sum(-1) if direction == "forward" else (p * (logp - ref_logp)).sum(-1)
+
+
+def autograd_loss(objective, logits, batch, ref_logits, topk=None):
+    """The ARR loss straight from the definitions in objective.py, differentiated by autograd: CE by
+    F.cross_entropy; the KL on full-vocabulary log-probs, with the label removed (-inf) and renormalised at
+    kl_masked positions; for a top-k reference both distributions summed into the k tokens and "any other"."""
+    pos = objective.positions(batch)
+    targets = batch["labels"][:, 1:].clamp(min=0)
+    logits = logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    sft_ce = ce[pos.sft].sum() / pos.sft.sum().clamp(min=1)
+    replay_ce = ce[pos.replay].sum() / pos.replay.sum().clamp(min=1)
+    z, r, y = logits[pos.kl], ref_logits[:, :-1].float()[pos.kl], targets[pos.kl]
+    drop = torch.nn.functional.one_hot(y, z.shape[-1]).bool() & pos.kl_masked[pos.kl][:, None]
+    logp = torch.log_softmax(z.masked_fill(drop, float("-inf")), -1)
+    ref = torch.log_softmax(r.masked_fill(drop, float("-inf")), -1)
+    if topk is not None:  # outcomes: the unmasked reference's top k, then everything else
+        idx = torch.log_softmax(r, -1).topk(topk, -1).indices
+        rest = torch.ones_like(logp, dtype=torch.bool).scatter(1, idx, False)
+        logp = torch.cat([logp.gather(1, idx), logp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)], 1)
+        ref = torch.cat([ref.gather(1, idx), ref.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)], 1)
+    kl = safe_kl(logp, ref, objective.kl_direction).sum() / pos.kl.sum().clamp(min=1)
+    return sft_ce + objective.beta * kl + objective.replay_weight * replay_ce, (sft_ce, kl, replay_ce)
+
+
+@pytest.mark.parametrize("kl_on, direction, mask, cache", [
+    ("all", "forward", False, None), ("sft", "reverse", False, None), ("replay", "forward", False, None),
+    ("prompt_and_replay", "forward", False, None), ("all", "forward", True, None), ("all", "reverse", True, None),
+    ("all", "forward", False, 5), ("all", "reverse", False, 5), ("all", "forward", True, 5), ("all", "reverse", True, 5),
+    ("sft", "forward", False, "exact"), ("all", "forward", True, "exact")])
+def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, direction, mask, cache):
+    """The chunked loss from hidden states (closed-form gradients, LoRA on the head) and the full-logits path,
+    against autograd through the definitions: on-line reference, or a cached one (exact or top k), with and without
+    the target masked."""
     batch = batch_of(tokenizer, n=3, replay_rows=2)
+    ROW_TOKENS[:] = [batch["input_ids"]]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
                            LoraConfig(**{**LORA, "target_modules": ["q_proj", "v_proj", "lm_head"]}))
-    objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, replay_weight=0.5)
+    objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, kl_mask_target=mask, replay_weight=0.5)
     for name, p in model.named_parameters():  # move the adapter so KL and all gradients are non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
-    args = (batch["labels"], batch["attention_mask"], batch["is_replay"])
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in trained}
+        model.zero_grad()
+        return out
 
     ref_logits = reference_logits(model, adapter_layers(model), inputs)
-    ref_cached = None if cache is None else cached_reference(ref_logits, None if cache == "exact" else cache)
-    naive = objective(model(**inputs).logits, *args, None if cache else ref_logits, ref_cached=ref_cached)
-    naive.total.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
+    total, expected_parts = autograd_loss(objective, model(**inputs).logits, batch, ref_logits,
+                                          None if cache in (None, "exact") else cache)
+    total.backward()
+    expected = grads()
+    assert expected_parts[1].item() > 1e-4
+    assert objective.positions(batch).kl_masked.any() == mask
 
-    decoder = model.get_decoder()
-    with torch.no_grad(), model.disable_adapter():
-        ref_hidden = decoder(**inputs).last_hidden_state
-    hidden = decoder(**inputs).last_hidden_state
+    def reference(hidden_form):
+        if cache is not None:
+            return cached_reference(ref_logits, None if cache == "exact" else cache)
+        if not hidden_form:
+            return OnlineReference(ref_logits)
+        with torch.no_grad(), model.disable_adapter():
+            return OnlineReference(model.get_decoder()(**inputs).last_hidden_state,
+                                   initial_head(model.get_output_embeddings()))
+
     head = model.get_output_embeddings()
-    chunked = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7,
-                                       ref_cached=ref_cached)
-    chunked.total.backward()
-    for a, b in zip(chunked, naive):
-        assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-7)
-    assert naive.kl.item() > 1e-4
-    lm_head_grads = [n for n in expected if "lm_head" in n and "lora" in n]
-    assert lm_head_grads and all(expected[n].abs().sum() > 0 for n in lm_head_grads)  # LoRA on lm_head trains
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4)
+    for form in ("hidden", "logits"):
+        if form == "hidden":
+            parts = objective(model.get_decoder()(**inputs).last_hidden_state, batch, reference(True), head,
+                              chunk_size=7)
+        else:
+            parts = objective(model(**inputs).logits, batch, reference(False))
+        parts.total.backward()
+        assert parts.total.item() == pytest.approx(total.item(), rel=1e-5)
+        assert [parts.sft_ce.item(), parts.kl.item(), parts.replay_ce.item()] == pytest.approx(
+            [v.item() for v in expected_parts], rel=1e-5, abs=1e-7)
+        got = grads()
+        lm_head_grads = [n for n in expected if "lm_head" in n and "lora" in n]
+        assert lm_head_grads and all(expected[n].abs().sum() > 0 for n in lm_head_grads)  # LoRA on lm_head trains
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4)
     with torch.no_grad():  # no gradient taken: the same values
-        values = objective.forward_hidden(hidden, head, *args, ref_hidden, initial_head(head), chunk_size=7,
-                                          ref_cached=ref_cached)
-    assert [v.item() for v in values] == pytest.approx([v.item() for v in chunked], rel=1e-6)
+        values = objective(model.get_decoder()(**inputs).last_hidden_state, batch, reference(True), head,
+                           chunk_size=7)
+    assert values.total.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_masked_kl_matches_a_hand_computed_value():
+    """Mask-the-Target on a 4-token vocabulary, label 0: both distributions without token 0, renormalised."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1, 1e-9]]))[:, :4]
+    ref = torch.log(torch.tensor([[0.1, 0.6, 0.2, 0.1]]))
+    batch = {"input_ids": torch.tensor([[5, 0]]), "labels": torch.tensor([[-100, 0]]),
+             "attention_mask": torch.ones(1, 2, dtype=torch.long), "is_replay": torch.tensor([False])}
+    p, q = torch.tensor([0.5, 1 / 3, 1 / 6]), torch.tensor([2 / 3, 2 / 9, 1 / 9])  # tokens 1-3, renormalised
+    for direction, expected in (("forward", (q * (q / p).log()).sum()), ("reverse", (p * (p / q).log()).sum())):
+        objective = ARRObjective(beta=1.0, kl_direction=direction, kl_mask_target=True)
+        parts = objective(torch.cat([logits, logits])[None], batch, OnlineReference(torch.cat([ref, ref])[None]))
+        assert parts.kl.item() == pytest.approx(expected.item(), rel=1e-5)
+        unmasked = ARRObjective(beta=1.0, kl_direction=direction)(
+            torch.cat([logits, logits])[None], batch, OnlineReference(torch.cat([ref, ref])[None]))
+        assert abs(unmasked.kl.item() - parts.kl.item()) > 0.05  # the label's own mass no longer counts
 
 
 class RecordingHead(torch.nn.Module):
@@ -213,9 +295,9 @@ def test_chunked_loss_frees_each_chunks_logits_before_the_next_chunk(grad):
     hidden = torch.randn(2, 20, 16, requires_grad=grad)
     labels = torch.randint(0, 50, (2, 20))
     mask, is_replay = torch.ones(2, 20, dtype=torch.long), torch.tensor([False, True])
+    batch = {"labels": labels, "attention_mask": mask, "is_replay": is_replay}
     with torch.set_grad_enabled(grad):
-        parts = ARRObjective(beta=0.5).forward_hidden(hidden, head, labels, mask, is_replay, torch.randn(2, 20, 16),
-                                                      head, chunk_size=8)
+        parts = ARRObjective(beta=0.5)(hidden, batch, OnlineReference(torch.randn(2, 20, 16), head), head, chunk_size=8)
     assert len(head.alive_at_call) == 2 * 5  # 38 positions in 5 chunks, trained and reference head each
     assert max(head.alive_at_call) == 1 and head.alive_at_call[::2] == [0] * 5
     assert parts.kl.item() > 0
@@ -266,20 +348,18 @@ def test_adapters_off_is_disable_adapter_and_restores_each_layer(model_dir, toke
 
 
 def test_topk_reference_kl_is_the_coarsened_kl_a_lower_bound_and_exact_at_full_k():
-    from arr.objective import kl_to_reference
-
     torch.manual_seed(0)
     logp = torch.log_softmax(torch.randn(5, 50), -1)
     ref = torch.log_softmax(3 * torch.randn(5, 50), -1)
     for direction in ("forward", "reverse"):
-        exact = kl_to_reference(logp, ref, direction=direction)
+        exact = kl_to_reference(logp, RefLogprobs(ref), direction=direction)
         torch.testing.assert_close(exact, kl_from_logprobs(logp, ref, direction))
         full_k = ref.topk(50, -1)
-        torch.testing.assert_close(kl_to_reference(logp, full_k.values, full_k.indices,
-                                                   torch.full((5,), float("-inf")), direction), exact)
+        torch.testing.assert_close(kl_to_reference(logp, RefLogprobs(full_k.values, full_k.indices,
+                                                               torch.full((5,), float("-inf"))), direction), exact)
         values, ids = ref.topk(4, -1)
         tail = ref.scatter(1, ids, float("-inf")).logsumexp(-1)
-        approx = kl_to_reference(logp, values, ids, tail, direction)
+        approx = kl_to_reference(logp, RefLogprobs(values, ids, tail), direction)
         # by hand: the two distributions over {4 tokens, everything else}
         p = torch.cat([values, tail[:, None]], 1).exp()
         q = torch.cat([logp.gather(1, ids), logp.scatter(1, ids, float("-inf")).logsumexp(-1)[:, None]], 1).exp()

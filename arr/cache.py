@@ -1,0 +1,135 @@
+"""On-disk caches keyed by content: the initial model's log-probs on a fixed dataset (the reference cache) and, for
+curvature.py, the Fisher estimate. A key hashes everything the cached values depend on, so a changed model, data,
+tokenizer or setting gets a new entry and a stale one is never read."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .chunked_loss import RefLogprobs
+
+REFERENCE_CACHE_FORMAT = "v2"  # part of the key: change it when what the cache holds changes (v2: label_logp)
+
+
+def fingerprint(named_tensors, digest=None):
+    """A hash of tensors that changes with any fine-tune or checkpoint swap, cheap even for a 7B model: each
+    tensor's name, shape, dtype, float64 sum and a strided sample (not every byte)."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{tensor.double().sum().item():.10e}".encode())
+        digest.update(tensor.flatten()[::4099].float().cpu().numpy().tobytes())
+    return digest
+
+
+def base_weights_digest(peft_model: PeftModel):
+    """A fingerprint of the model's weights other than the adapter's: what the initial model is."""
+    return fingerprint((n, p) for n, p in peft_model.named_parameters() if "lora_" not in n)
+
+
+def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors from the safetensors file `path` when it exists, else `build()`'s, saved there aside and renamed into
+    place (a reader never sees a half-written file). Returns them with {"key", "cache_hit", "seconds"} (the seconds
+    the build took, 0 on a hit) and, after a build, "mb" on disk."""
+    key = path.stem
+    if path.is_file():
+        return load_file(path), {"key": key, "cache_hit": True, "seconds": 0.0}
+    start = time.perf_counter()
+    tensors = build()
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    tmp.replace(path)
+    return tensors, {"key": key, "cache_hit": False, "seconds": round(seconds, 2),
+                     "mb": round(path.stat().st_size / 2**20, 1)}
+
+
+class ReferenceCache:
+    """The initial model's next-token log-probs at every position of a fixed dataset (SFT examples and the replay
+    pool), computed once before training so that no step runs the reference forward again.
+
+    exact: all V log-probs per position ([positions, V] float32, for short data). topk: the k largest log-probs,
+    their token ids, the log of the remaining mass and the log-prob of the next token of the row (see
+    chunked_loss.RefLogprobs). Rows are found through `offsets`: position t of dataset row i is entry
+    offsets[i] + t."""
+
+    def __init__(self, logp: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor | None = None,
+                 tail: torch.Tensor | None = None, label_logp: torch.Tensor | None = None):
+        self.logp, self.offsets, self.idx, self.tail, self.label_logp = logp, offsets, idx, tail, label_logp
+
+    @property
+    def topk(self) -> int | None:
+        return None if self.idx is None else self.idx.shape[1]
+
+    def positions(self, rows: torch.Tensor, width: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache entries of the [B, width - 1] predictions of a batch: `rows` holds the dataset row of each batch row
+        [B], or of each token [B, width] with its `position_ids` in a packed batch. Positions with no prediction
+        (padding, a sequence's last token) give unused entries."""
+        if position_ids is None:
+            entries = self.offsets[rows.cpu()][:, None] + torch.arange(width - 1)[None]
+        else:
+            entries = self.offsets[rows[:, :-1].cpu()] + position_ids[:, :-1].cpu()
+        return entries.clamp(max=len(self.logp) - 1)
+
+    def lookup(self, entries: torch.Tensor, device) -> RefLogprobs:
+        entries = entries.cpu()
+        if self.idx is None:
+            return RefLogprobs(self.logp[entries].to(device))
+        return RefLogprobs(self.logp[entries].to(device), self.idx[entries].to(device).long(),
+                           self.tail[entries].to(device), self.label_logp[entries].to(device))
+
+    @staticmethod
+    @torch.no_grad()
+    def build(peft_model: PeftModel, dataset, collate, topk: int | None, batch_size: int = 8
+              ) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every row of `dataset`, `batch_size` rows per forward, adapter off, eval mode, as
+        the tensors of a ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp)."""
+        device = next(peft_model.parameters()).device
+        was_training = peft_model.training
+        peft_model.eval()
+        parts = {"logp": [], "idx": [], "tail": [], "label_logp": []}
+        lengths = []
+        try:
+            with peft_model.disable_adapter():
+                for start in tqdm(range(0, len(dataset), batch_size), desc="Caching reference log-probs"):
+                    rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                    batch = collate(rows)
+                    logits = peft_model(input_ids=batch["input_ids"].to(device),
+                                        attention_mask=batch["attention_mask"].to(device)).logits
+                    for row, row_logits in zip(rows, logits):
+                        logp = torch.log_softmax(row_logits[: len(row["input_ids"]) - 1].float(), -1)
+                        lengths.append(len(logp))
+                        if topk is None:
+                            parts["logp"].append(logp.cpu())
+                            continue
+                        values, ids = logp.topk(topk, dim=-1)
+                        following = torch.as_tensor(row["input_ids"][1:], device=logp.device)
+                        parts["logp"].append(values.cpu())
+                        parts["idx"].append(ids.int().cpu())
+                        parts["tail"].append(logp.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
+                        parts["label_logp"].append(logp.gather(1, following[:, None]).squeeze(1).cpu())
+        finally:
+            peft_model.train(was_training)
+        tensors = {name: torch.cat(values) for name, values in parts.items() if values}
+        return {**tensors, "offsets": torch.tensor([0, *lengths]).cumsum(0)[:-1]}
+
+
+def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path
+                    ) -> tuple[ReferenceCache, dict]:
+    """The cache for this model, data and k from `folder` when there, else built and saved there. The key hashes
+    the base model's weights, every row's token ids (so the data and the tokenizer), k and the cache format."""
+    digest = base_weights_digest(peft_model)
+    digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
+    for i in range(len(dataset)):
+        digest.update(torch.as_tensor(dataset[i]["input_ids"]).numpy().tobytes())
+    path = Path(folder) / f"{digest.hexdigest()[:32]}.safetensors"
+    tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk))
+    return ReferenceCache(**tensors), info

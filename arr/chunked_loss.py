@@ -1,0 +1,208 @@
+r"""The token terms of the ARR objective over selected positions, chunk by chunk, with closed-form gradients.
+
+`chunked_token_loss` applies the LM head to `chunk_size` positions at a time and computes each chunk's gradient on
+its logits as it goes: every term's gradient on the logits is p - t for a target distribution t (the label's one-hot
+for CE, `kl_and_target`'s t for the KL), so no [positions, vocab] tensor larger than one chunk exists, none is kept
+for autograd, and nothing is recomputed in backward. Backward then only routes the stored gradients on, through a
+surrogate term whose value is 0. Given logits instead of hidden states (head None) it is the plain full-logits loss.
+
+Liger-Kernel's fused linear losses (fused linear cross-entropy, the chunked distillation losses) are the pattern;
+ours is written by hand because it must call any head *module* (a LoRA on `lm_head`, a trained head copy, a head that
+FSDP gathers), run on CPU as well as CUDA, and take its reference from a cache as well as from a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+MASKED = -1e4  # the log-prob given to a token removed from a distribution: exp() is 0, and 0 * (MASKED - MASKED) is 0
+
+
+class RefLogprobs(NamedTuple):
+    """The initial model's next-token log-probs at n positions: all V (`logp` [n, V]), or the top k (`logp` [n, k]
+    at token ids `idx`, `tail` [n] the log of the remaining mass, and `label_logp` [n] the log-prob of each
+    position's label, which a top-k reference cannot give otherwise)."""
+
+    logp: torch.Tensor
+    idx: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+    label_logp: torch.Tensor | None = None
+
+
+def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str) -> torch.Tensor:
+    """Per-row KL: forward KL(ref || model) or reverse KL(model || ref), from log-probs."""
+    if direction == "forward":
+        return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+    return (logp.exp() * (logp - logp_ref)).sum(-1)
+
+
+def log_softmax_float(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in float32, written over `logits` when they already are float32: one [n, V] tensor fewer. A linear
+    head's backward does not read its output; one whose backward did would stop with autograd's in-place error."""
+    logits = logits.float()
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-7)))
+
+
+def without_target(logp: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """In place on the `rows` of [n, V] log-probs: the label token removed and the rest renormalised
+    (Mask-the-Target). The label then has log-prob MASKED, so its probability is 0."""
+    at = targets[:, None]
+    label = logp.gather(1, at)
+    logp.scatter_(1, at, torch.where(rows[:, None], float("-inf"), label))
+    logp.sub_(torch.where(rows, logp.logsumexp(-1), 0.0)[:, None])
+    return logp.scatter_(1, at, torch.where(rows[:, None], MASKED, label))
+
+
+def reference_without_target(ref: RefLogprobs, targets: torch.Tensor, rows: torch.Tensor) -> RefLogprobs:
+    """`without_target` for a reference, exact or top k. For top k: the label is dropped from the k tokens when it is
+    one of them, else its mass (`label_logp`) leaves the tail; then both are renormalised by 1 - p(label)."""
+    if ref.idx is None:
+        return RefLogprobs(without_target(ref.logp.float(), targets, rows))
+    hit = ref.idx.eq(targets[:, None]) & rows[:, None]
+    label = ref.label_logp.float()
+    tail = ref.tail.float()
+    tail = torch.where(rows & ~hit.any(1), tail + log1mexp(label - tail), tail)
+    norm = torch.where(rows, log1mexp(label), 0.0)
+    values = (ref.logp.float() - norm[:, None]).masked_fill(hit, MASKED)
+    return RefLogprobs(values, ref.idx, tail - norm, label)
+
+
+def coarsened(logp: torch.Tensor, ref: RefLogprobs):
+    """The model's and a top-k reference's log-probs over k + 1 outcomes: the reference's k tokens and "any other"."""
+    tail = logp.scatter(1, ref.idx, float("-inf")).logsumexp(-1)
+    coarse = torch.cat([logp.gather(1, ref.idx), tail[:, None].clamp(min=MASKED)], 1)  # clamp: no 0 * inf
+    return coarse, torch.cat([ref.logp.float(), ref.tail.float()[:, None].clamp(min=MASKED)], 1)
+
+
+def kl_to_reference(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forward") -> torch.Tensor:
+    """Per-row KL between the model's log-probs `logp` [n, V] and a reference, exact or top k. Top k gives the exact
+    KL between the two distributions coarsened to k + 1 outcomes (the k tokens and "any other"), a lower bound of the
+    full KL that reaches it as the tail mass goes to 0."""
+    if ref.idx is None:
+        return kl_from_logprobs(logp, ref.logp.float(), direction)
+    return kl_from_logprobs(*coarsened(logp, ref), direction)
+
+
+@torch.no_grad()
+def kl_and_target(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forward"):
+    """`kl_to_reference`, and the distribution t per row for which the KL's gradient on the logits is p - t (p the
+    model's softmax). Forward KL: t is the reference. Reverse KL: t = p * (1 - log(p / ref) + KL), from
+    d KL(p || ref) / d z_j = p_j * (log(p_j / ref_j) - KL). With a top-k reference both hold on the k + 1 coarse
+    outcomes, and a tail token j gets the tail's value times p_j / P(tail). Works in place on an exact reference
+    (few [n, V] tensors at a time), which the caller must not use again."""
+    if ref.idx is None:
+        ref_logp = ref.logp.float()
+        if direction == "forward":
+            target = ref_logp.exp()
+            return ref_logp.sub_(logp).mul_(target).sum(-1), target
+        p = logp.exp()
+        log_ratio = ref_logp.sub_(logp)  # log(ref / p)
+        kl = -(p * log_ratio).sum(-1)
+        return kl, p.mul_(log_ratio.add_(1 + kl[:, None]))
+    coarse, coarse_ref = coarsened(logp, ref)
+    kl = kl_from_logprobs(coarse, coarse_ref, direction)
+    if direction == "forward":  # t_j = p_j * ref(tail) / P(tail) on the tail, in logs (p_j may underflow to 0)
+        target = (logp + (coarse_ref[:, -1:] - coarse[:, -1:])).exp_()
+        return kl, target.scatter_(1, ref.idx, coarse_ref[:, :-1].exp())
+    factor = (coarse_ref - coarse).add_(1 + kl[:, None])
+    target = logp.exp().mul_(factor[:, -1:])
+    return kl, target.scatter_(1, ref.idx, coarse[:, :-1].exp() * factor[:, :-1])
+
+
+@torch.no_grad()
+def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, masked, weights, reference, direction, track):
+    """One chunk: the three loss sums (sft NLL, KL, replay NLL) and, when `track`, the gradient of the weighted loss
+    on the chunk's logits. `logp` holds the chunk's float32 logits and is overwritten; `reference()` gives the
+    reference at the chunk's KL positions (None: no KL here). With every position under an unmasked KL, at most three
+    [chunk, V] tensors exist at a time (reverse KL briefly a fourth)."""
+    logp = log_softmax_float(logp)
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    kl_sum, kl_grad, p = nll.new_zeros(()), None, None
+    kl_rows = kl.nonzero().squeeze(1)
+    every_row = len(kl_rows) == len(kl)
+    ref = reference() if reference is not None else None
+    if ref is not None:
+        rows_masked = masked[kl_rows]
+        aliased = every_row and not rows_masked.any()  # the KL reads logp itself: no copy
+        model_logp = logp if aliased else logp[kl_rows]
+        if rows_masked.any():
+            kl_targets = targets[kl_rows]
+            model_logp = without_target(model_logp, kl_targets, rows_masked)
+            ref = reference_without_target(ref, kl_targets, rows_masked)
+        values, target = kl_and_target(model_logp, ref, direction)
+        del ref  # kl_and_target wrote over an exact reference; its memory goes now
+        kl_sum = values.sum()
+        if track:  # weight * (p - t) on the KL rows, written over t
+            p_kl = logp.exp_() if aliased else model_logp.exp_()
+            kl_grad = target.neg_().add_(p_kl).mul_(weights[1])
+            p = p_kl if aliased else None
+            del p_kl, model_logp
+    sums = torch.stack([(nll * sft).sum(), kl_sum, (nll * replay).sum()])
+    if not track:
+        return sums, None
+    ce_weight = sft * weights[0] + replay * weights[2]
+    p = logp.exp_() if p is None else p
+    grad = p.mul_(ce_weight[:, None]).scatter_add_(1, targets[:, None], -ce_weight[:, None])
+    if kl_grad is not None:
+        grad = grad.add_(kl_grad) if every_row else grad.index_add_(0, kl_rows, kl_grad)
+    return sums, grad
+
+
+def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targets: torch.Tensor, sft: torch.Tensor,
+                       replay: torch.Tensor, kl: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor,
+                       reference: Callable[[int, int], RefLogprobs] | None, direction: str, chunk_size: int):
+    """Loss sums and gradients over n selected positions.
+
+    inputs: [n, H] final hidden states (then `head` maps them to logits) or [n, V] logits (head None);
+    targets: [n] next-token labels (any valid id where no CE is taken); sft, replay, kl, masked: [n] bools, which
+    terms each position takes (masked: its KL leaves the label out); weights: [3] the factors of the sft CE, KL and
+    replay CE sums in the loss; reference(a, b): the reference log-probs of the KL positions a..b-1 in order.
+    Returns the [3] sums and a term of value 0 whose gradient is the weighted loss's (None when nothing is tracked)."""
+    head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+    track = torch.is_grad_enabled() and (inputs.requires_grad or bool(head_params))
+    input_grad = torch.zeros_like(inputs) if track and inputs.requires_grad else None
+    param_grads = [torch.zeros_like(p) for p in head_params]
+    sums = inputs.new_zeros(3, dtype=torch.float32)
+    chunk_size, kl_done = chunk_size or max(1, len(inputs)), 0
+    for start in range(0, len(inputs), chunk_size):
+        part = slice(start, start + chunk_size)
+        kl_end = kl_done + int(kl[part].sum())
+        chunk_reference = None
+        if reference is not None and kl_end > kl_done:
+            chunk_reference = partial(reference, kl_done, kl_end)
+        h = inputs[part].detach()
+        if head is None:
+            logits = h.float().clone()  # written over below; the inputs stay as they are
+        else:
+            h.requires_grad_(input_grad is not None)
+            with torch.set_grad_enabled(track):
+                logits = head(h)
+        chunk, logit_grad = _chunk_sums_and_logit_grad(logits if head is None else logits.detach(), targets[part],
+                                                       sft[part], replay[part], kl[part], masked[part], weights,
+                                                       chunk_reference, direction, track)
+        sums, kl_done = sums + chunk, kl_end
+        if track and head is None:
+            input_grad[part] = logit_grad
+        elif track:
+            wrt = ([h] if input_grad is not None else []) + head_params
+            grads = list(torch.autograd.grad(logits, wrt, logit_grad.to(logits.dtype), allow_unused=True))
+            if input_grad is not None:
+                input_grad[part] = grads.pop(0)
+            for total, g in zip(param_grads, grads):
+                if g is not None:
+                    total += g
+        del logits, logit_grad  # else this chunk's [n, V] tensors live on while the next chunk makes its own
+    if not track:
+        return sums, None
+    pairs = ([(inputs, input_grad)] if input_grad is not None else []) + list(zip(head_params, param_grads))
+    surrogate = sum((t.float() * g.float()).sum() for t, g in pairs)
+    return sums, surrogate - surrogate.detach()

@@ -1,0 +1,53 @@
+"""Chat prompts in, the model's own answers out: batched generation shared by self-generated replay (training) and
+the probes of evaluation.py."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tokenizer, conversation: str | list[dict]) -> list[int]:
+    """Token ids of a user message (or a conversation) in the chat template, ending where the answer starts.
+    Without a chat template (plain prompt/completion training), the prompt text itself."""
+    turns = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+    if not tokenizer.chat_template:
+        return encode(tokenizer, "".join(t["content"] for t in turns))
+    return encode(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+
+
+def by_length(rows: list[list[int]], size: int):
+    """(indices, rows) batches of similar length, longest first, so that little of each batch is padding."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    for i in range(0, len(order), size):
+        yield order[i:i + size], [rows[j] for j in order[i:i + size]]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int,
+                   temperature: float = 0.0, seed: int = 0, desc: str | None = None) -> list[list[int]]:
+    """Answer token ids (up to and including EOS) for chat prompts, batched by length with left padding: greedy, or
+    with `temperature` > 0 sampled from the whole distribution at that temperature (no top-k/top-p), seeded."""
+    device = next(model.parameters()).device
+    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    answers: list[list[int] | None] = [None] * len(rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False}
+    # generation leaves the run's random stream as it found it
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        batches = list(by_length(rows, batch_size))
+        for indices, batch in tqdm(batches, desc=desc, disable=desc is None):
+            width = len(batch[0])
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            for i, row in zip(indices, out[:, width:].tolist()):
+                answers[i] = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+    return answers

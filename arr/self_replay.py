@@ -1,0 +1,85 @@
+"""Self-generated replay (`replay_data: self`, after Marek et al. 2026, arXiv 2605.26097): the initial model's own
+answers to general chat prompts, generated once before training and replayed at `replay_ratio` like any replay row.
+
+For an instruct model whose instruction data is not public, its own answers are the closest thing to the
+distribution it was tuned on; Wikipedia text is not, and replaying it pulls a chat model away from its chat
+behaviour. A row is the prompt in the chat template followed by the answer: the replay CE trains the answer tokens
+(`replay_weight`), and the KL to the initial model covers the whole row wherever `kl_on` places it on replay. Both,
+because the CE alone on greedy answers only pulls toward each answer's argmax tokens, while the KL keeps the whole
+next-token distribution, which is what the model's behaviour on unseen prompts depends on.
+
+Answers are greedy by default (the initial model's most likely reply, deterministic) or sampled at
+`self_replay_temperature` (seeded), and cached in $ARR_CACHE/self_replay under a key of the model's weights, the
+chat template, the prompts and the generation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from peft import PeftModel
+
+from . import resources
+from .batch import IGNORE_INDEX
+from .cache import base_weights_digest
+from .config import cache_dir
+from .data import read_jsonl
+from .errors import DataError
+from .generation import chat_prompt_ids, greedy_answers
+
+SELF = "self"  # the replay_data value that asks for self-generated replay
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl/.json file of records with a `prompt` field."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        prompts = []
+        for line, record in read_jsonl(path):
+            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise DataError(path, "a self-replay prompt record needs a non-empty string field 'prompt'", line)
+            prompts.append(record["prompt"].strip())
+        return prompts
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(path, "no prompts: the file is empty")
+    return prompts
+
+
+def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args) -> tuple[list[dict], dict]:
+    """`n` replay rows (fewer when there are fewer prompts; the sampler then reuses them) of the initial model's
+    answers, from the cache or generated now. Returns the rows ({input_ids, labels}) and {key, cache_hit, rows}."""
+    prompts = read_prompts(args.self_replay_prompts) if args.self_replay_prompts else resources.self_replay_prompts()
+    prompts = prompts[:n]
+    settings = {"max_new_tokens": args.self_replay_max_new_tokens, "temperature": args.self_replay_temperature,
+                "seed": args.seed if args.self_replay_temperature > 0 else None}
+    digest = base_weights_digest(peft_model)
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, prompts, settings]).encode())
+    path = cache_dir() / "self_replay" / f"{digest.hexdigest()[:32]}.json"
+    info = {"key": path.stem, "cache_hit": path.is_file(), "rows": len(prompts)}
+    if path.is_file():
+        answers = json.loads(path.read_text())
+    else:
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            with peft_model.disable_adapter():  # the initial model, whatever the adapter's init
+                answers = greedy_answers(peft_model, tokenizer, prompts, settings["max_new_tokens"], batch_size=16,
+                                         temperature=settings["temperature"], seed=args.seed,
+                                         desc="Generating self-replay answers")
+        finally:
+            peft_model.train(was_training)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
+        tmp.write_text(json.dumps(answers))
+        tmp.replace(path)  # a reader never sees a half-written file
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        context = chat_prompt_ids(tokenizer, prompt)
+        rows.append({"input_ids": context + answer, "labels": [IGNORE_INDEX] * len(context) + answer})
+    return rows, info

@@ -1,0 +1,79 @@
+"""Tasks beyond the bundled date normalisation, for checking that a setting carries across kinds of task. Each has
+200 training and 100 test examples in chat format, generated deterministically from the packaged Wikipedia records
+of the replay split (so the held-out titles of the probes stay unseen).
+
+- date (arr.resources.date_task): rewrite a date into ISO 8601; terse answers far from chat, the bundled task.
+- topic: name the topic (one of 11) of an article from its title and description; classification with free-text
+  labels, where the answer must come out exactly as one label.
+- reverse: write 4-6 given words in reverse order; an algorithmic rewrite the model cannot do unprompted, which needs
+  the most drift from the initial model.
+- catalogue: rewrite an article's title, topic and description into one line of a fixed house style; a practitioner's
+  formatting job (copy, reorder, lower-case the description's first letter, end with a full stop) that a chat model
+  answers in prose instead.
+"""
+
+from __future__ import annotations
+
+import random
+
+from arr import resources
+
+SIZES = {"train": 200, "test": 100}
+
+
+def _split_task(examples: list[dict], split: str) -> list[dict]:
+    if split not in SIZES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return examples[: SIZES["train"]] if split == "train" else examples[SIZES["train"]: sum(SIZES.values())]
+
+
+def _chat(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def _topical_records() -> list[dict]:
+    return [r for r in resources.wiki_split("replay")
+            if r.get("description") and r.get("topic") not in (None, "Uncategorized")]
+
+
+def topic_task(split: str = "train") -> list[dict]:
+    """Name the topic (one of 11) of a Wikipedia article from its title and description; train and test never share
+    an article."""
+    records = _topical_records()
+    topics = sorted({r["topic"] for r in records})
+    chosen = random.Random("arr-topic-task").sample(records, 300)
+    return _split_task([_chat(f"Which topic is the Wikipedia article \"{r['title']}\" ({r['description']}) about? "
+                              f"Choose one of: {', '.join(topics)}. Answer with the topic only.", r["topic"])
+                        for r in chosen], split)
+
+
+def reverse_task(split: str = "train") -> list[dict]:
+    """Write 4 to 6 given words in reverse order. Words are one-word Wikipedia titles; train and test are different
+    random lists."""
+    words = sorted({r["title"].lower() for r in resources.wiki_records()
+                    if r["title"].isalpha() and 3 <= len(r["title"]) <= 8})
+    rng = random.Random("arr-reverse-task")
+    examples = []
+    for _ in range(300):
+        chosen = rng.sample(words, rng.randint(4, 6))
+        examples.append(_chat(f"Reverse the order of these words: {' '.join(chosen)}", " ".join(reversed(chosen))))
+    return _split_task(examples, split)
+
+
+def catalogue_task(split: str = "train") -> list[dict]:
+    """One catalogue line in the house style `Title [Topic]: description.` (the description's first letter lower
+    case, a full stop at the end) from an article's title, topic and description given in any order."""
+    chosen = random.Random("arr-catalogue-task").sample(_topical_records(), 300)
+    rng = random.Random("arr-catalogue-order")
+    examples = []
+    for r in chosen:
+        description = r["description"].strip().rstrip(".")
+        fields = [f"Title: {r['title']}", f"Topic: {r['topic']}", f"Description: {description}"]
+        rng.shuffle(fields)
+        line = f"{r['title']} [{r['topic']}]: {description[:1].lower()}{description[1:]}."
+        examples.append(_chat("Write the catalogue line for this article in our house style.\n" + "\n".join(fields),
+                              line))
+    return _split_task(examples, split)
+
+
+TASKS = {"date": resources.date_task, "topic": topic_task, "reverse": reverse_task, "catalogue": catalogue_task}
