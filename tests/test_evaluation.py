@@ -152,3 +152,19 @@ def test_lm_eval_task_on_the_in_memory_model_matches_hand_loglikelihoods(tmp_pat
     assert after["lm_eval:arr_tiny_mc:acc"] == pytest.approx(expected_after)
     with pytest.raises(ev.ARRError, match="lm_eval_tasks"):
         ev.lm_eval_scores(model, tokenizer, ev.EvalArgs(lm_eval_tasks=["no_such_task_xyz"]))
+
+
+def test_self_replay_prompts_are_disjoint_from_every_probe():
+    """The default prompts of replay_data=self never hold a held-out title, a behaviour_kl prompt's subject or a
+    chatterbot question of chat_nll."""
+    prompts = resources.self_replay_prompts()
+    assert len(prompts) == 1024 and len(set(prompts)) == len(prompts)
+    titles = {r["title"] for r in resources.wiki_records()}
+    heldout = {r["title"] for r in resources.wiki_split("heldout")}
+    asks = [ask.split("{}") for ask in resources.SELF_REPLAY_ASKS]
+    subjects = [next(p[len(a):len(p) - len(b)] for a, b in asks if p.startswith(a) and p.endswith(b)) for p in prompts]
+    assert set(subjects) <= titles and not set(subjects) & heldout
+    probe_text = " ".join(ev.GENERAL_PROMPTS).lower()
+    assert not any(s.lower() in probe_text for s in subjects)
+    chat_questions = {q.lower() for q, _ in ev.chat_exchanges(10_000, 0)}
+    assert len(chat_questions) > 100 and not {p.lower() for p in prompts} & chat_questions

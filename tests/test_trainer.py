@@ -160,3 +160,70 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
     topk, topk_kl = run("topk", "topk", ref_cache_topk=8)
     assert topk.ref_cache.topk == 8 and topk_kl[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < topk_kl[1] <= exact_kl[1] * 1.01  # the coarsened KL is a lower bound
+
+
+@pytest.mark.parametrize("padding_free,chunk", [(False, 1024), (True, 1024), (False, 0)])
+def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_batchs_loss(
+        llama_dir, tokenizer, tmp_path, padding_free, chunk):
+    """kl_on=replay: the initial model's forward runs on the replay row only (one of four rows, or of three packed
+    rows), and loss and gradients equal those of a reference over every row."""
+    config = ARRConfig(output_dir=str(tmp_path), beta=0.5, kl_on="replay", replay_ratio=0.25, replay_seq_length=64,
+                       loss_chunk_size=chunk, padding_free=padding_free, **STEPS)
+    trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)])
+    counts = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    rows_seen = []
+    hook = trainer.model.get_decoder().register_forward_hook(lambda m, a, kw, out: rows_seen.append(
+        kw.get("input_ids", a[0] if a else None).shape[0]), with_kwargs=True)
+
+    def step(every_row):
+        trainer.sharded = every_row  # what FSDP/DeepSpeed get: the reference forward on every row
+        rows_seen.clear()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=counts)
+        loss.backward()
+        return loss, list(rows_seen), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    subset_loss, subset_rows, subset_grads = step(False)
+    full_loss, full_rows, full_grads = step(True)
+    hook.remove()
+    width = batch["input_ids"].shape[0]
+    assert full_rows == [width, width] and subset_rows == [1, width]  # reference forward first, then the trained one
+    torch.testing.assert_close(subset_loss, full_loss, rtol=1e-5, atol=1e-7)
+    assert full_grads.keys() == subset_grads.keys() and len(full_grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(subset_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_self_generated_replay_rows_are_the_initial_models_answers_cached_and_trained(
+        llama_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\ufeffName a colour.\n\nWhat is two plus two?\nSay hello.\n")
+
+    def trainer(out):
+        config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, kl_on="prompt_and_replay", replay_ratio=0.25,
+                           self_replay_prompts=str(prompts), self_replay_max_new_tokens=6, **STEPS)
+        return ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                          replay_dataset="self")
+
+    first = trainer("a")
+    assert first.self_replay_info["cache_hit"] is False and first.self_replay_info["rows"] == 3
+    replay = list(first.train_dataset.replay)
+    from arr.evaluation import chat_prompt_ids, greedy_answers
+    answers = greedy_answers(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tokenizer,
+                             ["Name a colour.", "What is two plus two?", "Say hello."], 6, 2)
+    for row, prompt, answer in zip(replay, ["Name a colour.", "What is two plus two?", "Say hello."], answers):
+        context = chat_prompt_ids(tokenizer, prompt)
+        assert row["input_ids"] == context + answer and len(answer) > 0
+        assert row["labels"] == [-100] * len(context) + answer  # the answer trains, the prompt does not
+    second = trainer("b")
+    assert second.self_replay_info["cache_hit"] is True and list(second.train_dataset.replay) == replay
+    first.train()
+    history = [h for h in first.state.log_history if "replay_ce" in h]
+    assert len(history) == 4 and all(h["replay_ce"] > 0 for h in history) and history[-1]["kl"] > 0
