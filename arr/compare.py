@@ -35,7 +35,7 @@ QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
 
 
 def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
-    args = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
+    args = [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
     proc = subprocess.run([sys.executable, "-m", "arr", "train", str(config_path), *args, f"output_dir={out}"],
                           capture_output=True, text=True)
     if proc.returncode != 0:

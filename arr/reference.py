@@ -50,8 +50,10 @@ def adapters_off(layers: list[torch.nn.Module]):
     training step. PEFT's context manager also checks the model's status and resets requires_grad on every adapter
     weight, walking all modules on entry and exit (docs/PERFORMANCE.md measures what that costs per step). This flips
     only the flag that PEFT's layers read in their forward (`disable_adapters`, stored as `_disable_adapters` in the
-    pinned peft) on a list made once; requires_grad does not matter to a forward under no_grad. A test holds it equal
-    to `disable_adapter()`, so a rename in peft fails there."""
+    pinned peft) on a list made once; requires_grad does not matter to a forward under no_grad. PEFT's public
+    per-layer switch, `enable_adapters(False/True)`, also walks each layer's weights to reset requires_grad:
+    bench.reference_cost measures all three (docs/PERFORMANCE.md), and the flag is the only one whose cost does not
+    grow with the adapter. A test holds it equal to `disable_adapter()`, so a rename in peft fails there."""
     before = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True

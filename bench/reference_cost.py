@@ -6,8 +6,8 @@ for it costs, measured in one process on one batch.
 On a randomly initialised model of the shape (LoRA r16 on all linear layers, bf16 autocast on a GPU), each timed
 `--iterations` times after 3 untimed ones, synchronised with the GPU:
   train step         forward and backward of plain LoRA (its loss from full logits)
-  reference forward  the same batch under no_grad with the adapter switched off, by PeftModel.disable_adapter() and
-                     by arr.reference.adapters_off
+  reference forward  the same batch under no_grad with the adapter switched off: by PeftModel.disable_adapter(), by
+                     each adapter layer's public enable_adapters(False/True), and by arr.reference.adapters_off
   switch alone       entering and leaving each context with nothing inside
 Step time depends on the shape, not on the weights. seq 68 is the date task's row length (bench.overhead's data).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,6 +24,20 @@ from transformers import AutoModelForCausalLM
 
 from arr.reference import adapter_layers, adapters_off
 from bench.random_model import SHAPES
+
+
+@contextmanager
+def adapters_off_public(layers: list[torch.nn.Module]):
+    """arr.reference.adapters_off through PEFT's public per-layer switch, `enable_adapters(False)` /
+    `enable_adapters(True)`, which also clears and restores requires_grad on each layer's adapter weights."""
+    enabled = [layer for layer in layers if not layer.disable_adapters]
+    for layer in enabled:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in enabled:
+            layer.enable_adapters(True)
 
 
 def milliseconds(work, iterations: int) -> float:
@@ -72,7 +87,9 @@ def main() -> None:
                 pass
         return run
 
-    switches = {"PeftModel.disable_adapter()": model.disable_adapter, "adapters_off": lambda: adapters_off(layers)}
+    switches = {"PeftModel.disable_adapter()": model.disable_adapter,
+                "each layer's enable_adapters()": lambda: adapters_off_public(layers),
+                "adapters_off (private flag)": lambda: adapters_off(layers)}
     train = milliseconds(train_step, args.iterations)
     print(f"{args.shape} on {device}, batch {args.batch_size} x {args.seq_length} tokens, {len(layers)} adapter "
           f"layers in {len(list(model.modules()))} modules")
