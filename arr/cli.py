@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 
 
-from .config import build_config, check_known_keys, expand_method, read_config, train_parser
+from . import run_folder
+from .config import build_config, dataclass_parser, expand_method, parse_dataclasses, read_config
 from .errors import ARRError, ConfigError
 from .resources import DEFAULT_RECIPE
 
@@ -46,7 +47,7 @@ Set-ups for several processes or GPUs go through accelerate: `accelerate launch 
 
 def train_command(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
-        print(train_parser().format_help())
+        print(dataclass_parser().format_help())
         return 0
     flags = {a for a in args if a in ("--resume", "--debug")}
     rest = [a for a in args if a not in flags]
@@ -75,37 +76,22 @@ def train_command(args: list[str]) -> int:
 def make_eval_args(values: dict):
     from .evaluation import EvalArgs
 
-    check_known_keys(values, (EvalArgs,), "eval key")
-    for key, value in values.items():
-        if key == "task_data":
-            if value is not None and not Path(str(value)).is_file():
-                raise ConfigError(f"eval key task_data: no such file {value!r}")
-        elif key == "lm_eval_include_path":
-            if value is not None and not Path(str(value)).is_dir():
-                raise ConfigError(f"eval key lm_eval_include_path: no such folder {value!r}")
-        elif key == "lm_eval_tasks":
-            values[key] = value = [value] if isinstance(value, str) else value
-            if not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
-                raise ConfigError(f"eval key lm_eval_tasks takes a list of task names, got {value!r}")
-        elif not (isinstance(value, int) and value >= 0 or key == "lm_eval_limit" and value is None):
-            raise ConfigError(f"eval key {key} takes an integer >= 0, got {value!r}")
-    return EvalArgs(**values)
+    (eval_args,) = parse_dataclasses(values, (EvalArgs,), "eval key")
+    return eval_args
 
 
 def eval_command(args: list[str]) -> int:
-    from transformers import HfArgumentParser
-
     from .evaluation import EvalArgs
 
     if "-h" in args or "--help" in args:
-        print(HfArgumentParser(EvalArgs, prog="arr eval RUN_DIR").format_help())
+        print(dataclass_parser((EvalArgs,), "arr eval RUN_DIR", "eval key", epilog=None).format_help())
         return 0
     rest = [a for a in args if a != "--debug"]
     if not rest or "=" in rest[0]:
         raise ConfigError("arr eval needs a run directory (the output_dir of arr train)")
     run_dir, overrides = Path(rest[0]), read_config(None, rest[1:])
-    if not (run_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{run_dir}: no adapter here (adapter_config.json is missing)")
+    if not (run_dir / run_folder.ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: no adapter here ({run_folder.ADAPTER_CONFIG} is missing)")
     model_path = overrides.pop("model_name_or_path", None)
     eval_args = make_eval_args(overrides)
 
@@ -113,7 +99,7 @@ def eval_command(args: list[str]) -> int:
 
     model, tokenizer = load_run(run_dir, model_path)
     result = evaluate_adapter(model, tokenizer, eval_args)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    (run_dir / run_folder.EVAL).write_text(json.dumps(result, indent=2))
     print(format_table(result))
     return 0
 

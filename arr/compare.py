@@ -16,18 +16,19 @@ from pathlib import Path
 
 import yaml
 
+from . import run_folder
+from .config import METHODS as PRESETS
 from .config import build_config, expand_method, read_config
 from .evaluation import (EvalArgs, evaluate_adapter, format_table, headline_forgetting, initial_drift_answers, load_run,
                          run_probes)
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
-METHODS = {name: {"method": name}  # the presets of config.py
-           for name in ("lora", "kl_only", "replay_only", "arr", "arr_adaptive", "laplace")}
+METHODS = {name: {"method": name} for name in PRESETS}  # every preset of config.py, under its own name
 OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "replay_data", "replay_ratio", "kl_target",
                   "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
-# moves beta off its start, so it repeats ARR): about 9-12 minutes on 2 CPU cores (544-738 s measured).
+# moves beta off its start, so it repeats ARR). Its run time is in docs/RESULTS.md.
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
          "eval": dict(heldout_docs=12, knowledge_items=16, mmlu_items=12, chat_items=16, drift_prompts=6,
                       drift_tokens=24, task_items=24),
@@ -41,7 +42,7 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"training {name} failed:\n{proc.stderr[-3000:]}")
     print(proc.stdout.strip().splitlines()[-1], flush=True)
-    return json.loads((out / "metrics.json").read_text())
+    return json.loads((out / run_folder.METRICS).read_text())
 
 
 # Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
@@ -52,10 +53,9 @@ NOT_RESULT_KEYS = ("output_dir", "loss_chunk_size", "padding_free", "disable_tqd
 def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
     """Whether `run_dir` holds a finished `arr train` run of the resolved configuration `wanted` (then it is
     reused). Keys in NOT_RESULT_KEYS may differ, and a key added to the config since has to hold its default."""
-    saved = run_dir / "arr_config.yaml"
-    if not ((run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file() and saved.is_file()):
+    if not run_folder.is_finished(run_dir):
         return False
-    ran = {**defaults, **yaml.safe_load(saved.read_text())}
+    ran = {**defaults, **yaml.safe_load((run_dir / run_folder.CONFIG).read_text())}
     return all(ran.get(k) == v for k, v in wanted.items() if k not in NOT_RESULT_KEYS)
 
 
@@ -66,7 +66,8 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     out_dir, overrides, methods = Path(out_dir), overrides or {}, methods or METHODS
     eval_args = eval_args or EvalArgs()
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
+    results_json = out_dir / run_folder.RESULTS_JSON
+    previous = json.loads(results_json.read_text()) if results_json.is_file() else {}
     earlier_args = {**vars(EvalArgs()), **previous.get("eval_args", {})}  # keys added since: their defaults
     reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
@@ -79,7 +80,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
         wanted = resolved_config(*build_config({**recipe, **keys}))
         if finished_run(run_dir, wanted, defaults):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = json.loads((run_dir / run_folder.METRICS).read_text())
         else:
             print(f"== {name}: training", flush=True)
             metrics = train_run(name, Path(config_path), keys, run_dir)
@@ -106,9 +107,9 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
         print(format_table(probes), flush=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))  # after each method: nothing lost
-    (out_dir / "results.md").write_text(markdown_table(results))
-    plot(results, out_dir / "results.png")
+        results_json.write_text(json.dumps(results, indent=2))  # after each method: nothing lost
+    (out_dir / run_folder.RESULTS_MD).write_text(markdown_table(results))
+    plot(results, out_dir / run_folder.RESULTS_PNG)
     return results
 
 

@@ -289,11 +289,13 @@ for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). `method` is shor
 checkpoint in output_dir; --debug shows tracebacks."""
 
 
-def train_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(CONFIG_CLASSES, prog="arr train", epilog=TRAIN_EPILOG)
+def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str = "config key",
+                     epilog: str | None = TRAIN_EPILOG) -> HfArgumentParser:
+    """The typed parser of `classes` (their fields are the keys; their help is what --help prints)."""
+    parser = HfArgumentParser(classes, prog=prog, epilog=epilog)
 
     def error(message):  # argparse would print usage and exit; we want one line naming the key
-        raise ConfigError(re.sub(r"argument --(\w+)(/--[\w-]+)?", r"config key \1", message))
+        raise ConfigError(re.sub(r"argument --(\w+)(/--[\w-]+)?", rf"{kind} \1", message))
 
     parser.error = error
     return parser
@@ -349,24 +351,30 @@ def expand_method(values: dict) -> dict:
 
 def build_config(values: dict):
     """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
-    values = expand_method(values)
-    check_known_keys(values, CONFIG_CLASSES, "config key")
-    argv = []
+    return parse_dataclasses(expand_method(values), CONFIG_CLASSES)
+
+
+def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config key"):
+    """Instances of `classes` from a flat mapping of their fields: one path for `arr train`, `arr eval` and
+    `arr compare`. An unknown key is refused with the nearest known one suggested; values are parsed by their
+    field types; every error is one line naming the key."""
+    check_known_keys(values, classes, kind)
+    argv, unparsable = [], {k: v for k, v in values.items() if v is None or v == []}
     for key, value in values.items():
-        if value is None:
+        if key in unparsable:
             continue
         items = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
     try:
-        parsed = train_parser().parse_args_into_dataclasses(args=argv)
+        parsed = dataclass_parser(classes, kind=kind).parse_args_into_dataclasses(args=argv)
     except ARRError:
         raise
     except ValueError as e:  # TrainingArguments' own checks
         raise ConfigError(" ".join(str(e).split())) from None
-    for obj in parsed:  # YAML null: argparse cannot express None, so set it after parsing
-        for key, value in values.items():
-            if value is None and hasattr(obj, key):
-                setattr(obj, key, None)
+    for obj in parsed:  # YAML null and []: argparse cannot express them, so set them after parsing
+        for key, value in unparsable.items():
+            if hasattr(obj, key):
+                setattr(obj, key, value)
     return parsed
 
 

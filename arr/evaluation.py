@@ -38,11 +38,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import resources
+from . import resources, run_folder
 from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
 from .chunked_loss import kl_from_logprobs
-from .errors import ARRError, DataError
+from .errors import ARRError, ConfigError, DataError
 from .generation import by_length, chat_prompt_ids, encode, greedy_answers
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
@@ -79,6 +79,15 @@ class EvalArgs:
     lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many documents per lm-eval task."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe samples."})
+
+    def __post_init__(self):
+        for key, value in vars(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"eval key {key} takes an integer >= 0, got {value}")
+        if self.task_data is not None and not Path(self.task_data).is_file():
+            raise ConfigError(f"eval key task_data: no such file {self.task_data!r}")
+        if self.lm_eval_include_path is not None and not Path(self.lm_eval_include_path).is_dir():
+            raise ConfigError(f"eval key lm_eval_include_path: no such folder {self.lm_eval_include_path!r}")
 
 
 # ---------------------------------------------------------------------------------------------- probe data
@@ -327,7 +336,8 @@ def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "arr_config.yaml").read_text()) if (run_dir / "arr_config.yaml").exists() else {}
+    saved = run_dir / run_folder.CONFIG
+    config = yaml.safe_load(saved.read_text()) if saved.exists() else {}
     base = model_name_or_path or config.get("model_name_or_path") or str(resources.default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(run_dir if (run_dir / "tokenizer_config.json").exists() else base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)

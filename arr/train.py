@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import tempfile
@@ -16,15 +15,13 @@ import yaml
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import resources
+from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
-CONFIG_FILE = "arr_config.yaml"
-METRICS_FILE = "metrics.json"
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -73,20 +70,6 @@ def check_output_dir(path: str) -> None:
     finally:
         if first_missing is not None and first_missing.exists():
             shutil.rmtree(first_missing)
-
-
-def save_atomically(write, directory: Path, last: str) -> None:
-    """Run `write(tmp_dir)`, then move its files into `directory`, the file `last` at the end: a reader that sees
-    `last` sees every other file complete. Used for the final adapter and the metrics."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-        write(Path(tmp))
-        names = sorted(os.listdir(tmp), key=lambda n: n == last)
-        for name in names:
-            target = directory / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(Path(tmp) / name, target)
 
 
 def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
@@ -148,13 +131,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         def write(tmp: Path):
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config(model_args, data_args, config),
+            (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(resolved_config(model_args, data_args, config),
                                                           sort_keys=False))
-            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2))
 
-        save_atomically(write, out, last="adapter_config.json")
+        run_folder.save_atomically(write, out, last=run_folder.ADAPTER_CONFIG)
         if config.save_merged_model:
             merged = trainer.model.merge_and_unload()
-            save_atomically(lambda tmp: (merged.save_pretrained(tmp / "merged"), tokenizer.save_pretrained(
-                tmp / "merged")), out, last="merged")
+            run_folder.save_atomically(lambda tmp: (merged.save_pretrained(tmp / run_folder.MERGED),
+                                                    tokenizer.save_pretrained(tmp / run_folder.MERGED)),
+                                       out, last=run_folder.MERGED)
     return metrics

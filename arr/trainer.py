@@ -24,6 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from . import run_folder
 from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
@@ -182,7 +183,7 @@ class ARRTrainer(Trainer):
             return None, {}
         topk = args.ref_cache_topk if args.ref_cache == "topk" else None
         with args.main_process_first(desc="reference cache"):
-            return reference_cache(model, self.train_dataset, collate, topk, os.path.join(args.output_dir, "ref_cache"))
+            return reference_cache(model, self.train_dataset, collate, topk, os.path.join(args.output_dir, run_folder.REF_CACHE))
 
     def _prepare_curvature(self, model, blocks, args: ARRConfig):
         """The Laplace penalty's (dW function, Fisher) pairs, the Fisher estimated once and cached."""
@@ -331,7 +332,7 @@ class ARRTrainer(Trainer):
         leaves a `checkpoint-N` that looks complete but is not (resume picks the newest one). The Trainer has no
         public hook for where a checkpoint is written, hence the two private methods overridden here."""
         run_dir = super()._get_output_dir(trial)
-        self._staging_dir = os.path.join(run_dir, ".staging")
+        staging = self._staging_dir = os.path.join(run_dir, run_folder.STAGING)
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -342,8 +343,8 @@ class ARRTrainer(Trainer):
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)
-            os.replace(os.path.join(run_dir, ".staging", name), final)
-            os.rmdir(os.path.join(run_dir, ".staging"))
+            os.replace(os.path.join(staging, name), final)
+            os.rmdir(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()

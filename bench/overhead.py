@@ -71,8 +71,7 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     from arr import ARRConfig, ARRTrainer, resources
 
     if model_name == "tiny":
-        sys.path.insert(0, "tests")
-        from conftest import make_tokenizer, tiny_model
+        from bench.tiny import make_tokenizer, tiny_model
 
         tokenizer = make_tokenizer()
         model = tiny_model("llama", len(tokenizer))

@@ -55,6 +55,13 @@ CASES = {
                                     "r.csv: replay corpus must be one kind of .txt, .jsonl, .json, .parquet file"),
     "replay shorter than one sequence": ({"r.txt": "tiny"}, ["replay_data={tmp}/r.txt", "replay_seq_length=5000"],
                                          "replay corpus is empty or shorter than one sequence of 5000 tokens"),
+    "empty self-replay prompt file": ({"p.txt": "\n \n"}, ["replay_data=self", "self_replay_prompts={tmp}/p.txt"],
+                                      "p.txt: no prompts: the file is empty"),
+    "self-replay prompt record without prompt": ({"p.jsonl": '{"text": "x"}\n'},
+                                                 ["replay_data=self", "self_replay_prompts={tmp}/p.jsonl"],
+                                                 "p.jsonl:1: a self-replay prompt record needs a non-empty string"),
+    "no self-replay answer tokens": ({}, ["self_replay_max_new_tokens=0"],
+                                     "self_replay_max_new_tokens must be >= 1, got 0"),
     "unknown key": ({}, ["learning_rat=0.1"], "unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
     "float of wrong type": ({}, ["beta=abc"], "config key beta: invalid float value: 'abc'"),
     "int of wrong type": ({}, ["lora_r=four"], "config key lora_r: invalid int value: 'four'"),
@@ -143,3 +150,19 @@ def test_chat_data_with_a_tokenizer_without_chat_template(base, tmp_path, llama_
 def test_non_finite_loss_names_step_and_part(base, tmp_path, capsys):
     check_error(capsys, ["train", str(base), "learning_rate=1e30", "max_steps=3", "beta=0.5"],
                 "non-finite loss at step 2: sft_ce = nan", tmp_path / "out", nothing_written=False)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("task_items=-1", "eval key task_items takes an integer >= 0, got -1"),
+    ("task_data=nope.jsonl", "eval key task_data: no such file 'nope.jsonl'"),
+    ("chat_items=many", "eval key chat_items: invalid int value: 'many'"),
+    ("heldout_doc=3", "unknown eval key 'heldout_doc'; did you mean 'heldout_docs'?"),
+])
+def test_bad_eval_keys(tmp_path, capsys, override, expected):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    code = main(["eval", str(run), override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("arr: error:") == 1 and expected in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json"]

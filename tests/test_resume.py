@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(script: Path, model_dir, out, mode):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
     return subprocess.run([sys.executable, str(script), str(model_dir), str(out), mode], env=env,
                           capture_output=True, text=True, timeout=600)
 
