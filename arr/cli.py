@@ -8,8 +8,10 @@ Bad input of any kind prints one line, `arr: error: ...`, naming the key or the 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 
@@ -61,9 +63,14 @@ def train_command(args: list[str]) -> int:
         print(f"No CONFIG.yaml given: running the embedded default recipe {DEFAULT_RECIPE}", flush=True)
     model_args, data_args, config = build_config(read_config(config_path, overrides))
 
-    from .train import run
+    from .train import Interrupted, run
 
-    metrics = run(model_args, data_args, config, resume="--resume" in flags)
+    try:
+        metrics = run(model_args, data_args, config, resume="--resume" in flags)
+    except Interrupted as e:
+        resume = shlex.join(["arr", "train", *(a for a in args if a != "--resume"), "--resume"])
+        print(f"arr: {e}; resume with: {resume}", file=sys.stderr)
+        return 130
     if not config.should_log:  # only the main process reports
         return 0
     final = metrics["final"]
@@ -146,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"arr: error: unknown command {command!r} (see arr --help)", file=sys.stderr)
         return 2
+    # transformers deprecated a property that peft still reads on every model it wraps: harmless, and not ours to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return commands[command](rest)
+    except KeyboardInterrupt:
+        print("arr: interrupted", file=sys.stderr)
+        return 130
     except ARRError as e:
         if debug:
             traceback.print_exc()

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -67,6 +68,16 @@ class ModelArguments:
                           "corda, loftq) are refused: the disabled adapter would no longer be the initial model."},
     )
 
+    def __post_init__(self):  # what PEFT would refuse only after the model is loaded, refused up front
+        if self.lora_r < 1:
+            raise ConfigError(f"config key lora_r must be >= 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"config key lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"config key lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ConfigError("config key lora_target_modules must name at least one module (or all-linear)")
+
 
 @dataclass
 class DataArguments:
@@ -101,7 +112,7 @@ class DataArguments:
 
     def __post_init__(self):
         if self.sft_format not in SFT_FORMATS:
-            raise ConfigError(f"sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
+            raise ConfigError(f"config key sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
 
 
 @dataclass
@@ -123,6 +134,13 @@ class ARRConfig(TrainingArguments):
         default=False, metadata={"help": "Kept False: ARR's collator needs its own columns."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an output_dir that already holds a finished adapter, replacing it."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=torch.cuda.is_available(), metadata={"help": "Pinned host memory for the batches (helps copies to a GPU "
+                                                             "only; off without one)."}
+    )
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "Kept True: a resumed run restores the adaptive beta (kl_target) with it."}
     )
@@ -245,39 +263,44 @@ class ARRConfig(TrainingArguments):
 def check_objective(cfg) -> None:
     """Validate the ARR-specific fields; each error names its key."""
     if not cfg.beta >= 0:
-        raise ConfigError(f"beta must be >= 0, got {cfg.beta}")
+        raise ConfigError(f"config key beta must be >= 0, got {cfg.beta}")
     if cfg.kl_on not in KL_PLACEMENTS:
-        raise ConfigError(f"kl_on must be one of {', '.join(KL_PLACEMENTS)}, got {cfg.kl_on!r}")
+        raise ConfigError(f"config key kl_on must be one of {', '.join(KL_PLACEMENTS)}, got {cfg.kl_on!r}")
     if cfg.kl_direction not in KL_DIRECTIONS:
-        raise ConfigError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
+        raise ConfigError(f"config key kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
-        raise ConfigError(f"replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
+        raise ConfigError(f"config key replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
     if not cfg.replay_weight >= 0:
-        raise ConfigError(f"replay_weight must be >= 0, got {cfg.replay_weight}")
+        raise ConfigError(f"config key replay_weight must be >= 0, got {cfg.replay_weight}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key} must be >= 1, got {getattr(cfg, key)}")
+    if not cfg.learning_rate >= 0:
+        raise ConfigError(f"config key learning_rate must be >= 0, got {cfg.learning_rate}")
     for key in ("max_length", "replay_seq_length"):
         if getattr(cfg, key) < 2:
-            raise ConfigError(f"{key} must be >= 2, got {getattr(cfg, key)}")
+            raise ConfigError(f"config key {key} must be >= 2, got {getattr(cfg, key)}")
     if cfg.loss_chunk_size < 0:
-        raise ConfigError(f"loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
+        raise ConfigError(f"config key loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
-        raise ConfigError(f"replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
+        raise ConfigError(f"config key replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
     if cfg.ref_cache not in REF_CACHE_MODES:
-        raise ConfigError(f"ref_cache must be one of {', '.join(REF_CACHE_MODES)}, got {cfg.ref_cache!r}")
+        raise ConfigError(f"config key ref_cache must be one of {', '.join(REF_CACHE_MODES)}, got {cfg.ref_cache!r}")
     if cfg.ref_cache_topk < 1:
-        raise ConfigError(f"ref_cache_topk must be >= 1, got {cfg.ref_cache_topk}")
+        raise ConfigError(f"config key ref_cache_topk must be >= 1, got {cfg.ref_cache_topk}")
     if cfg.kl_target is not None and not (cfg.kl_target > 0 and cfg.beta > 0):
-        raise ConfigError(f"kl_target must be > 0 and needs a starting beta > 0, got kl_target={cfg.kl_target}, "
+        raise ConfigError(f"config key kl_target must be > 0 and needs a starting beta > 0, got kl_target={cfg.kl_target}, "
                           f"beta={cfg.beta}")
     if not 0 < cfg.kl_adapt_rate < 1:
-        raise ConfigError(f"kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
+        raise ConfigError(f"config key kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
     if not cfg.laplace_lambda >= 0:
-        raise ConfigError(f"laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
+        raise ConfigError(f"config key laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
     if cfg.self_replay_max_new_tokens < 1:
-        raise ConfigError(f"self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
+        raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
-        raise ConfigError(f"self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
+        raise ConfigError(f"config key self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
     if cfg.laplace_samples < 1:
-        raise ConfigError(f"laplace_samples must be >= 1, got {cfg.laplace_samples}")
+        raise ConfigError(f"config key laplace_samples must be >= 1, got {cfg.laplace_samples}")
 
 
 # ------------------------------------------------------------------------------------- YAML + key=value loading

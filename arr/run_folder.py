@@ -9,10 +9,14 @@ renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RES
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter config: written last
 CONFIG = "arr_config.yaml"
@@ -21,12 +25,53 @@ EVAL = "eval.json"
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
 REF_CACHE = "ref_cache"  # the reference log-prob cache (ref_cache: exact / topk)
 STAGING = ".staging"  # a checkpoint being written
+LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
 
 def is_finished(run_dir: str | Path) -> bool:
     """Whether `run_dir` holds a complete `arr train` run."""
     return all((Path(run_dir) / name).is_file() for name in (ADAPTER_CONFIG, CONFIG, METRICS))
+
+
+@contextmanager
+def claimed(path: str, resume: bool = False, overwrite: bool = False, lock: bool = True):
+    """The output folder of one `arr train`, made if needed. Refused: a folder holding a finished run (unless
+    `overwrite` or `resume`), one that cannot be written, and one another `arr train` is writing (`lock`: an
+    exclusive flock on LOCK, which the operating system releases when its process ends, however it ends). When the
+    run stops with an error before anything but the lock was written, the folders it made are removed."""
+    out = Path(path).absolute()
+    if (out / ADAPTER_CONFIG).is_file() and not (resume or overwrite):
+        raise ConfigError(f"output_dir {path!r} already holds a finished adapter; set overwrite_output_dir: true to "
+                          "replace it, or pass --resume to continue from its newest checkpoint")
+    first_missing = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
+
+    def remove_if_empty():
+        if first_missing is not None and first_missing.exists() and set(os.listdir(out)) <= {LOCK}:
+            shutil.rmtree(first_missing)
+
+    handle = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+        if lock:
+            handle = open(out / LOCK, "a")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"output_dir {path!r} is being written by another arr train; wait for it or choose "
+                          "another output_dir") from None
+    except OSError as e:
+        remove_if_empty()
+        raise ConfigError(f"output_dir: {path!r} is not writable ({e.strerror})") from None
+    try:
+        yield out
+    except BaseException:
+        remove_if_empty()
+        raise
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 def save_atomically(write, directory: Path, last: str) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
-import shutil
-import tempfile
+import signal
+import sys
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from accelerate.utils import reduce
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments
@@ -58,20 +61,6 @@ def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tok
     return tokenizer, model, checked
 
 
-def check_output_dir(path: str) -> None:
-    """Fail before any work if the output directory cannot be created and written; leave nothing behind."""
-    out = Path(path).absolute()
-    first_missing = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise ConfigError(f"output_dir: {path!r} is not writable ({e.strerror})") from None
-    finally:
-        if first_missing is not None and first_missing.exists():
-            shutil.rmtree(first_missing)
-
-
 def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
     training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     return json.loads(json.dumps(
@@ -85,10 +74,51 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class Interrupted(ARRError):
+    """Ctrl-C stopped the run after a step; its newest checkpoint holds everything up to that step."""
+
+
+class StopOnInterrupt(TrainerCallback):
+    """Ctrl-C (SIGINT) asks for a clean stop: the run ends its optimizer step, writes a checkpoint and returns; a
+    second Ctrl-C stops at once. Every process stops at the same step."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if args.world_size > 1:
+            requested = reduce(torch.tensor(float(requested), device=args.device), reduction="sum").item() > 0
+        if requested:
+            self.requested = control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
-    """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics."""
-    if config.local_process_index == 0:  # one process per machine: its mkdir-and-clean-up would race the others'
-        check_output_dir(config.output_dir)
+    """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics.
+    Raises Interrupted when Ctrl-C stopped it (a checkpoint is left to resume from)."""
+    folder = nullcontext()
+    if config.local_process_index == 0:  # one process per machine makes the folder; the main one locks it
+        folder = run_folder.claimed(config.output_dir, resume, config.overwrite_output_dir,
+                                    lock=config.process_index == 0)
+    with folder:
+        return _run(model_args, data_args, config, resume)
+
+
+def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool) -> dict:
     tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
         data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
 
@@ -105,9 +135,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     surrogate = corpus(data_args.laplace_data or corpus_replay) if config.laplace_lambda > 0 else None
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          peft_config=lora_config(model_args), replay_dataset=replay, curvature_dataset=surrogate)
+    interrupt = StopOnInterrupt()
+    trainer.add_callback(interrupt)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - start
+    if interrupt.requested:
+        raise Interrupted(f"stopped by Ctrl-C after step {result.global_step}; its checkpoint is in "
+                          f"{config.output_dir}")
 
     parts_history = [
         {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES, "beta") if k in h}}

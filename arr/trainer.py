@@ -29,7 +29,7 @@ from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, token_blocks
-from .errors import ARRError
+from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
 from .reference import CachedReference, OnlineReference, adapter_layers, adapters_off, check_reference_is_initial, initial_head
 from .self_replay import SELF, self_replay_rows
@@ -143,7 +143,11 @@ class ARRTrainer(Trainer):
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
         if peft_config is not None and not isinstance(model, PeftModel):
             set_seed(args.seed)  # the LoRA init draws random numbers: same seed, same adapter
-            model = get_peft_model(model, peft_config)
+            try:
+                model = get_peft_model(model, peft_config)
+            except ValueError as e:  # PEFT's word for a LoRA config that does not fit the model
+                key = "lora_target_modules" if "target modules" in str(e).lower() else "peft_config"
+                raise ConfigError(f"config key {key}: {' '.join(str(e).split())}") from None
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
         check_reference_is_initial(model)
