@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from . import run_folder
-from .config import build_config, dataclass_parser, expand_method, parse_dataclasses, read_config
+from .config import build_config, dataclass_parser, expand_method, parse_dataclasses, read_config, train_help
 from .errors import ARRError, ConfigError
 from .resources import DEFAULT_RECIPE
 
@@ -27,12 +27,13 @@ Fine-tune causal language models with LoRA without forgetting (Approximate Regul
 commands:
   train [CONFIG.yaml] [key=value ...] [--resume] [--debug]
         Fine-tune. With no config: the embedded default recipe (arr/recipes/default.yaml), SmolLM2-135M-Instruct
-        on the bundled date task with Wikipedia replay.
-        `arr train --help` explains every key.
+        on the bundled date task. `arr train --help` explains ARR's keys, `--help-all` every Trainer option too.
+        e.g.  arr train my.yaml sft_data=my_task.jsonl beta=0.5 output_dir=runs/my-task
   eval RUN_DIR [key=value ...] [--debug]
         What did the run forget and learn? General-capability probes with the adapter off (before) and on
         (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
         `arr eval --help` lists the probe sizes.
+        e.g.  arr eval runs/my-task task_data=my_task_test.jsonl
   compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml]
         Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
         (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
@@ -40,6 +41,7 @@ commands:
         probes, no arr_adaptive (about 12 minutes on 2 CPU cores).
         METHODS.yaml maps method names to config keys, e.g. `laplace_100: {method: laplace, laplace_lambda: 100}`;
         a method run at several strengths is drawn as a curve. eval.KEY=VALUE sets a probe option.
+        e.g.  arr compare my.yaml --quick output_dir=runs/compare
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
 """
@@ -48,8 +50,8 @@ Set-ups for several processes or GPUs go through accelerate: `accelerate launch 
 
 
 def train_command(args: list[str]) -> int:
-    if "-h" in args or "--help" in args:
-        print(dataclass_parser().format_help())
+    if "-h" in args or "--help" in args or "--help-all" in args:
+        print(train_help(every_option="--help-all" in args))
         return 0
     flags = {a for a in args if a in ("--resume", "--debug")}
     rest = [a for a in args if a not in flags]

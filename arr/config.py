@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,6 +311,48 @@ TRAIN_EPILOG = f"""Every option above is also a YAML key of CONFIG.yaml and can 
 for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). `method` is shorthand for a set of objective keys
 ({', '.join(METHODS)}; e.g. method=laplace), and keys given beside it win. Flags: --resume continues from the last
 checkpoint in output_dir; --debug shows tracebacks."""
+
+
+# `arr train --help`: ARR's own keys, grouped (every own key is in one group: tested), before the Trainer's.
+HELP_GROUPS = {
+    "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
+                  "loss_chunk_size", "ref_cache", "ref_cache_topk"),
+    "replay": ("replay_data", "replay_ratio", "replay_weight", "replay_seq_length", "replay_max_sequences",
+               "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
+               "replay_split", "replay_config", "padding_free"),
+    "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
+    "LoRA": ("model_name_or_path", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+             "use_rslora", "use_dora", "init_lora_weights"),
+    "data": ("sft_data", "sft_format", "max_length"),
+    "run": ("output_dir", "overwrite_output_dir", "learning_rate", "max_steps", "num_train_epochs",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps", "logging_steps",
+            "save_merged_model"),
+}
+METHOD_HELP = "A preset of objective keys (keys given beside it win): " + ", ".join(METHODS) + "."
+
+
+def train_help(every_option: bool = False) -> str:
+    """`arr train --help`: each group's keys with their defaults and meanings, then (with `every_option`) every
+    Trainer option, as HfArgumentParser prints them."""
+    fields = {f.name: f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    lines = ["usage: arr train [CONFIG.yaml] [key=value ...] [--resume] [--debug] [--help-all]", "",
+             "Every key is a YAML key of CONFIG.yaml and a key=value override (YAML syntax for the value)."]
+    for group, keys in HELP_GROUPS.items():
+        lines += ["", f"{group}:"]
+        for key in keys:
+            if key == "method":
+                lines += ["  method (default: none)", textwrap.fill(METHOD_HELP, 116, initial_indent=" " * 6,
+                                                                       subsequent_indent=" " * 6)]
+                continue
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines += [f"  {key} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
+                                                                     initial_indent=" " * 6, subsequent_indent=" " * 6)]
+    if not every_option:
+        lines += ["", "Every transformers.TrainingArguments option works too (ARRConfig extends it): "
+                      "arr train --help-all lists them all."]
+        return "\n".join(lines)
+    return "\n".join(lines) + "\n\nall options:\n" + dataclass_parser().format_help()
 
 
 def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str = "config key",

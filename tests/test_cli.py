@@ -61,18 +61,34 @@ def test_debug_shows_traceback(files, capsys):
 def test_help_explains_every_option():
     from dataclasses import fields
 
-    from arr.config import ARRConfig, DataArguments, ModelArguments
+    from transformers import TrainingArguments
+
+    from arr.config import HELP_GROUPS, ARRConfig, DataArguments, ModelArguments
 
     env = {**os.environ, "COLUMNS": "200"}
     top = subprocess.run([sys.executable, "-m", "arr", "--help"], capture_output=True, text=True, env=env)
-    assert top.returncode == 0 and "arr train" in top.stdout
-    train = subprocess.run([sys.executable, "-m", "arr", "train", "--help"], capture_output=True, text=True, env=env)
-    assert train.returncode == 0
+    assert top.returncode == 0 and "arr train" in top.stdout and top.stdout.count("e.g.  arr ") == 3
+    trainer_keys = {f.name for f in fields(TrainingArguments)}
+    own = [f.name for cls in (ModelArguments, DataArguments, ARRConfig) for f in fields(cls)
+           if f.init and not f.name.startswith("_") and f.name not in trainer_keys]
+    grouped = [key for keys in HELP_GROUPS.values() for key in keys]
+    assert sorted(set(own) | {"method"}) == sorted(k for k in grouped if k in own or k == "method")
+    assert len(grouped) == len(set(grouped))  # each key in one group
+    short = subprocess.run([sys.executable, "-m", "arr", "train", "--help"], capture_output=True, text=True, env=env)
+    assert short.returncode == 0 and "--help-all" in short.stdout
+    assert list(HELP_GROUPS) == [line[:-1] for line in short.stdout.splitlines() if line.endswith(":") and
+                                 not line.startswith(" ")]  # the groups, in order
+    for key in own:
+        assert f"\n  {key} (default: " in short.stdout, key
+    assert "--adam_beta1" not in short.stdout  # a Trainer option only --help-all lists
+    assert "KL(initial || trained)" in short.stdout
+    every = subprocess.run([sys.executable, "-m", "arr", "train", "--help-all"], capture_output=True, text=True,
+                           env=env)
+    assert every.returncode == 0
     for cls in (ModelArguments, DataArguments, ARRConfig):
         for f in fields(cls):
             if f.init and not f.name.startswith("_"):
-                assert f"--{f.name}" in train.stdout, f.name
-    assert "KL(initial || trained)" in train.stdout
+                assert f"--{f.name}" in every.stdout, f.name
 
 
 def test_method_presets_expand_and_explicit_keys_win():
