@@ -15,6 +15,7 @@ every variant but the way it gets the reference (replay rows are the embedded re
   arr_chunked  reference forward every step, chunked loss from hidden states (the shipped default)
   arr_topk     reference log-probs cached before training, top 64 plus tail mass (ref_cache=topk)
   arr_exact    reference log-probs cached before training, all of them (ref_cache=exact)
+  arr_replay_kl  the KL on replay rows only (kl_on=replay): the reference forward runs on those rows alone
 The first --warmup-steps steps of each variant (CUDA/allocator warm-up, lazy initialisation) are run but not timed.
 A cached variant's one-off cache build is timed apart ("cache s") from the training loop, and for the top-k cache
 the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
@@ -41,6 +42,7 @@ VARIANTS = {
     "arr_chunked": {},
     "arr_topk": {"ref_cache": "topk"},
     "arr_exact": {"ref_cache": "exact"},
+    "arr_replay_kl": {"kl_on": "replay"},
 }
 DEFAULT_PATH = "arr_chunked"
 
