@@ -3,10 +3,12 @@ answers to general chat prompts, generated once before training and replayed at 
 
 For an instruct model whose instruction data is not public, its own answers are the closest thing to the
 distribution it was tuned on; Wikipedia text is not, and replaying it pulls a chat model away from its chat
-behaviour. A row is the prompt in the chat template followed by the answer: the replay CE trains the answer tokens
-(`replay_weight`), and the KL to the initial model covers the whole row wherever `kl_on` places it on replay. Both,
-because the CE alone on greedy answers only pulls toward each answer's argmax tokens, while the KL keeps the whole
-next-token distribution, which is what the model's behaviour on unseen prompts depends on.
+behaviour. A row is the prompt in the chat template followed by the answer. The KL to the initial model covers the
+whole row wherever `kl_on` places it on replay; the replay CE (`replay_weight`) trains the answer tokens. Use the KL
+alone (`replay_weight: 0`) with greedy answers: the KL keeps the whole next-token distribution, which is what the
+model's behaviour on unseen prompts depends on, while a CE on greedy answers pulls every position toward its argmax
+token, a sharpening that raised the NLL of held-out text in docs/RESULTS.md's screen. With sampled answers
+(temperature 1) the CE is an unbiased sample of the forward KL's gradient instead.
 
 Answers are greedy by default (the initial model's most likely reply, deterministic) or sampled at
 `self_replay_temperature` (seeded), and cached in $ARR_CACHE/self_replay under a key of the model's weights, the
