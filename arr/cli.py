@@ -75,10 +75,16 @@ def train_command(args: list[str]) -> int:
         return 130
     if not config.should_log:  # only the main process reports
         return 0
-    final = metrics["final"]
+    from .evaluation import format_table
+
+    final, out = metrics["final"], config.output_dir
+    if "eval" in metrics:
+        print(f"\nWhat the run forgot and learned (adapter off = before, on = after; {metrics['eval']['seconds']:.0f}s):")
+        print(format_table(metrics["eval"]) + "\n")
     print(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps: "
           + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
-          + f"; adapter in {config.output_dir}")
+          + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
+          + (f" and the report {run_folder.EVAL}" if "eval" in metrics else ""))
     return 0
 
 
@@ -106,9 +112,14 @@ def eval_command(args: list[str]) -> int:
 
     from .evaluation import evaluate_adapter, format_table, load_run
 
+    saved = run_dir / run_folder.EVAL
+    if saved.is_file() and json.loads(saved.read_text()).get("eval_args") == vars(eval_args):
+        print(f"(the report in {saved}, made with these probe settings)")
+        print(format_table(json.loads(saved.read_text())))
+        return 0
     model, tokenizer = load_run(run_dir, model_path)
-    result = evaluate_adapter(model, tokenizer, eval_args)
-    (run_dir / run_folder.EVAL).write_text(json.dumps(result, indent=2))
+    result = evaluate_adapter(model, tokenizer, eval_args, cache_before=True)
+    saved.write_text(json.dumps(result, indent=2))
     print(format_table(result))
     return 0
 

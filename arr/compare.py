@@ -38,7 +38,8 @@ QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
 def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
     args = [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
     proc = subprocess.run([sys.executable, "-m", "arr", "train", str(config_path), *args, f"output_dir={out}",
-                           "overwrite_output_dir=true"],  # a finished run of another configuration is replaced
+                           "overwrite_output_dir=true",  # a finished run of another configuration is replaced
+                           "eval_after=none"],  # compare evaluates every method against one shared "before"
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training {name} failed:\n{proc.stderr[-3000:]}")
@@ -48,8 +49,8 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
 
 # Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
 # batch give the padded batch's loss and gradients to float rounding: tests/test_trainer.py).
-NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "loss_chunk_size", "padding_free", "dataloader_pin_memory",
-                   "disable_tqdm", "report_to", "logging_dir")
+NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
+                   "dataloader_pin_memory", "disable_tqdm", "report_to", "logging_dir")
 
 
 def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:

@@ -24,6 +24,7 @@ from .errors import ARRError, ConfigError
 from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
+EVAL_AFTER_MODES = ("quick", "full", "none")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
 METHODS = {
@@ -105,6 +106,12 @@ class DataArguments:
     replay_config: str | None = field(
         default=None, metadata={"help": "Configuration name of a `datasets` hub corpus (e.g. 20231101.en)."}
     )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out examples of your task (any SFT format; the last assistant turn is the answer) for "
+                          "the report after training. Empty: the bundled date task's test split when sft_data is "
+                          "empty, else no task score in the report."},
+    )
     laplace_data: str | None = field(
         default=None,
         metadata={"help": "Surrogate source text for the Laplace curvature (same formats as replay_data). Empty: "
@@ -114,6 +121,8 @@ class DataArguments:
     def __post_init__(self):
         if self.sft_format not in SFT_FORMATS:
             raise ConfigError(f"config key sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
+        if self.eval_data is not None and not Path(self.eval_data).is_file():
+            raise ConfigError(f"config key eval_data: no such file {self.eval_data!r}")
 
 
 @dataclass
@@ -243,6 +252,12 @@ class ARRConfig(TrainingArguments):
         metadata={"help": "Folder of curvature estimates, reused across runs with the same model, data and sample "
                           "count. Empty: $ARR_CACHE/curvature (default ~/.cache/arr/curvature)."},
     )
+    eval_after: str = field(
+        default="quick",
+        metadata={"help": "arr train's report of what the run forgot and learned, printed and written to "
+                          "output_dir/eval.json: 'quick' (small probes; the initial model's values are cached), "
+                          "'full' (arr eval's default sizes) or 'none'."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the adapter merged into the base model to OUTPUT_DIR/merged."}
     )
@@ -296,6 +311,8 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
     if not cfg.laplace_lambda >= 0:
         raise ConfigError(f"config key laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
+    if cfg.eval_after not in EVAL_AFTER_MODES:
+        raise ConfigError(f"config key eval_after must be one of {', '.join(EVAL_AFTER_MODES)}, got {cfg.eval_after!r}")
     if cfg.self_replay_max_new_tokens < 1:
         raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
@@ -323,8 +340,8 @@ HELP_GROUPS = {
     "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
     "LoRA": ("model_name_or_path", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
              "use_rslora", "use_dora", "init_lora_weights"),
-    "data": ("sft_data", "sft_format", "max_length"),
-    "run": ("output_dir", "overwrite_output_dir", "learning_rate", "max_steps", "num_train_epochs",
+    "data": ("sft_data", "sft_format", "max_length", "eval_data"),
+    "run": ("output_dir", "overwrite_output_dir", "eval_after", "learning_rate", "max_steps", "num_train_epochs",
             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps", "logging_steps",
             "save_merged_model"),
 }

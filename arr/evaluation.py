@@ -28,6 +28,8 @@ accuracies (knowledge_mc, mmlu) are reported beside it, in their own unit.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -41,7 +43,9 @@ from tqdm.auto import tqdm
 from . import resources, run_folder
 from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
+from .cache import base_weights_digest
 from .chunked_loss import kl_from_logprobs
+from .config import cache_dir
 from .errors import ARRError, ConfigError, DataError
 from .generation import by_length, chat_prompt_ids, encode, greedy_answers
 
@@ -238,6 +242,8 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
     out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
     out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
     task = task_examples(args.task_data, args.task_items)
+    if not task:  # no held-out examples of the task: its two probes are left out
+        return {**out, **(lm_eval_scores(model, tokenizer, args) if args.lm_eval_tasks else {})}
     pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
     out["task_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "task_nll"))
     longest = max(len(ids) for _, ids in pairs)
@@ -291,20 +297,47 @@ def behaviour_kl(model, tokenizer, drift_answers, reference, args: EvalArgs) -> 
 
 
 def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before: dict | None = None,
-                     drift_answers: list[list[int]] | None = None) -> dict:
+                     drift_answers: list[list[int]] | None = None, cache_before: bool = False) -> dict:
     """Probes with the adapter disabled (before: the initial model) and enabled (after). `before` and the initial
-    model's greedy answers to the drift prompts (`drift_answers`) can be passed in to reuse one baseline across runs.
-    Returns {"before", "after", "delta", "forgetting"}."""
+    model's greedy answers to the drift prompts (`drift_answers`) can be passed in to reuse one baseline across runs;
+    `cache_before` keeps them in $ARR_CACHE/eval_before for every later evaluation of the same initial model with the
+    same probes. Returns {"before", "after", "delta", "forgetting", "eval_args"}."""
     args = args or EvalArgs()
     peft_model.eval()
+    path = before_cache_path(peft_model, tokenizer, args) if cache_before and before is None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        before, drift_answers = saved["before"], saved["drift_answers"]
     with peft_model.disable_adapter():
         if before is None:
             before = run_probes(peft_model, tokenizer, args)
         if drift_answers is None:
             drift_answers = initial_drift_answers(peft_model, tokenizer, args)
+    if path is not None and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"before": before, "drift_answers": drift_answers}))
+        tmp.replace(path)
     after = run_probes(peft_model, tokenizer, args, drift_answers, reference=peft_model.disable_adapter)
     delta = {k: after[k] - before[k] for k in after}
-    return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta)}
+    return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta),
+            "eval_args": vars(args)}
+
+
+def before_cache_path(peft_model, tokenizer, args: EvalArgs) -> Path:
+    """Where the initial model's probe values live: keyed by its weights, the tokenizer's template, the probe
+    settings and the task data's content."""
+    digest = base_weights_digest(peft_model)
+    task = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
+    digest.update(json.dumps([vars(args), tokenizer.chat_template, tokenizer.eos_token]).encode() + task)
+    return cache_dir() / "eval_before" / f"{digest.hexdigest()[:32]}.json"
+
+
+# `arr train`'s report after training (eval_after): the headline probes and the task, small enough to cost a fraction
+# of the embedded run; `full` is arr eval's default sizes. The multiple-choice probes are not in the headline.
+EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=0, mmlu_items=0, chat_items=16, drift_prompts=6,
+                            drift_tokens=24, task_items=24),
+              "full": {}}
 
 
 def initial_drift_answers(initial_model, tokenizer, args: EvalArgs) -> list[list[int]]:

@@ -22,6 +22,7 @@ from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
+from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter
 from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
@@ -170,10 +171,26 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
                                                           sort_keys=False))
             (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2))
 
+        (out / run_folder.EVAL).unlink(missing_ok=True)  # an overwritten run's report is not this run's
         run_folder.save_atomically(write, out, last=run_folder.ADAPTER_CONFIG)
-        if config.save_merged_model:
+        if config.eval_after != "none":
+            metrics["eval"] = report(trainer.model, tokenizer, data_args, config)
+        if config.save_merged_model:  # last: merging takes the adapter out of the model
             merged = trainer.model.merge_and_unload()
             run_folder.save_atomically(lambda tmp: (merged.save_pretrained(tmp / run_folder.MERGED),
                                                     tokenizer.save_pretrained(tmp / run_folder.MERGED)),
                                        out, last=run_folder.MERGED)
     return metrics
+
+
+def report(peft_model, tokenizer, data_args: DataArguments, config: ARRConfig) -> dict:
+    """What the run forgot and learned (evaluation.py's probes, adapter off and on), written to EVAL. The task's
+    held-out examples: `eval_data`, or the bundled date task's test split when training on the bundled task."""
+    sizes = EVAL_AFTER[config.eval_after]
+    has_task = data_args.eval_data is not None or data_args.sft_data is None
+    args = EvalArgs(**{**sizes, "task_data": data_args.eval_data, **({} if has_task else {"task_items": 0})})
+    start = time.perf_counter()
+    result = evaluate_adapter(peft_model, tokenizer, args, cache_before=True)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    (Path(config.output_dir) / run_folder.EVAL).write_text(json.dumps(result, indent=2))
+    return result

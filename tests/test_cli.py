@@ -53,6 +53,29 @@ def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
+    held_out = write_jsonl(tmp_path / "test.jsonl", sft_records(30)[24:])
+    code, out, err = run_cli(capsys, "train", files["config"], f"eval_data={held_out}")
+    assert code == 0, err
+    report = json.loads((files["out"] / "eval.json").read_text())
+    assert set(report["after"]) >= {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll", "task_em"}
+    assert report["eval_args"]["task_items"] == 24 and report["eval_args"]["task_data"] == held_out
+    assert report["forgetting"] == pytest.approx(sum(max(0.0, report["delta"][p]) for p in
+                                                     ("heldout_nll", "chat_nll", "behaviour_kl")) / 3)
+    assert "| task_em |" in out and "| **forgetting** (nats/token) |" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("done in ") and f"adapter in {files['out']}" in last and "eval.json" in last
+    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 1  # the initial model's values, kept
+
+    code, out, err = run_cli(capsys, "eval", str(files["out"]), *(f"{k}={v}" for k, v in report["eval_args"].items()
+                                                                   if v not in (None, [])))
+    assert code == 0 and "(the report in" in out  # the same settings: arr eval reuses it
+
+    code, out, err = run_cli(capsys, "train", files["config"], "eval_after=none", "overwrite_output_dir=true")
+    assert code == 0 and "| task_em |" not in out and not (files["out"] / "eval.json").exists()
+
+
 def test_debug_shows_traceback(files, capsys):
     code, _, err = run_cli(capsys, "train", files["config"], "beta=-1", "--debug")
     assert code == 2 and "Traceback" in err and "beta must be >= 0" in err

@@ -29,6 +29,9 @@ def test_arr_train_on_embedded_default(tmp_path):
     # replay_ratio 0.0625 of 8 rows: one replay row every other step, round(3 x 8 x 0.0625) = 2 in all
     assert [h["replay_ce"] > 0 for h in history] == [True, False, True] and metrics["replay_sequences"] == 2
     assert history[-1]["sft_ce"] < history[0]["sft_ce"]  # it is learning the task
+    report = json.loads((out / "eval.json").read_text())  # the report after training, on the bundled test split
+    assert report["eval_args"]["task_items"] == 24 and report["before"]["task_em"] == 0.0
+    assert report["forgetting"] >= 0 and "| **forgetting** (nats/token) |" in proc.stdout and "eval.json" in done
 
     base_path = resources.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
