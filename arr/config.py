@@ -178,7 +178,11 @@ class ARRConfig(TrainingArguments):
         metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )
-    replay_weight: float = field(default=1.0, metadata={"help": "Weight of the replay next-token CE (>= 0)."})
+    replay_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the replay next-token CE (>= 0). Empty: 0 with replay_data=self (its greedy "
+                          "answers are kept by the KL alone; a CE on them sharpens the model), 1 with a corpus."},
+    )
     self_replay_prompts: str | None = field(
         default=None,
         metadata={"help": "replay_data=self: the general prompts the initial model answers, a .txt file (one per "
@@ -286,7 +290,7 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
         raise ConfigError(f"config key replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
-    if not cfg.replay_weight >= 0:
+    if cfg.replay_weight is not None and not cfg.replay_weight >= 0:
         raise ConfigError(f"config key replay_weight must be >= 0, got {cfg.replay_weight}")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:

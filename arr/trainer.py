@@ -117,8 +117,10 @@ class ARRTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=dataset,
                          data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
                          processing_class=processing_class, **kwargs)
-        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target,
-                                      args.replay_weight, args.laplace_lambda)
+        self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
+        replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
+        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
+                                      args.laplace_lambda)
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)

@@ -175,6 +175,7 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    assert trainer.objective.replay_weight == 1.0  # a corpus's replay CE counts by default
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)])
     counts = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     rows_seen = []
@@ -214,6 +215,7 @@ def test_self_generated_replay_rows_are_the_initial_models_answers_cached_and_tr
 
     first = trainer("a")
     assert first.self_replay_info["cache_hit"] is False and first.self_replay_info["rows"] == 3
+    assert first.objective.replay_weight == 0.0  # by default the KL alone holds self-generated answers
     replay = list(first.train_dataset.replay)
     from arr.evaluation import chat_prompt_ids, greedy_answers
     answers = greedy_answers(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tokenizer,
