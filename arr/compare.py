@@ -10,6 +10,7 @@ when an earlier results.json there used the same probe sizes: adding a method to
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,16 @@ import yaml
 from . import run_folder
 from .config import METHODS as PRESETS
 from .config import build_config, expand_method, read_config
-from .evaluation import (EvalArgs, evaluate_adapter, format_table, headline_forgetting, initial_drift_answers, load_run,
-                         run_probes)
+from .evaluation import (
+    EvalArgs,
+    evaluate_adapter,
+    format_table,
+    headline_forgetting,
+    initial_drift_answers,
+    load_run,
+    run_probes,
+)
+from .plots import draw, draw_front, mean_point
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
@@ -136,12 +145,6 @@ def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
     return {"family": family + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
 
 
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """The names whose (x, y) no other point beats on both axes (higher is better on each)."""
-    return [name for name, (x, y) in points.items()
-            if not any(a >= x and b >= y and (a, b) != (x, y) for a, b in points.values())]
-
-
 def is_lora(method: dict) -> bool:
     """Whether a results.json method is plain LoRA, at any steps and seed: the baseline of "removed" and "kept"."""
     return method["family"].startswith("lora")
@@ -170,30 +173,47 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Task score against forgetting. Runs that differ only in seed are one mean point with 95% intervals; a method run
+    at several strengths is a curve (each point labelled with its strength); a family run at other steps has hollow
+    markers in its colour; the Pareto front of the means is dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    groups = {}  # (base family, run suffix) -> {strength: [methods over seeds]}
+    for m in results["methods"].values():
+        family = re.sub(r"(, )?seed \d+", "", m.get("family", "")).replace(" ()", "")
+        base, _, suffix = family.partition(" (")
+        strength = m["strength"][1] if m.get("strength") else None
+        groups.setdefault((base, suffix.rstrip(")")), {}).setdefault(strength, []).append(m)
+    bases = list(dict.fromkeys(base for base, _ in groups))
+    suffixes = list(dict.fromkeys(suffix for _, suffix in groups if suffix))
     fig, ax = plt.subplots(figsize=(9, 5))
-    markers = "osD^vP*Xh"
-    families = {}
-    for name, m in results["methods"].items():
-        families.setdefault(m.get("family", name), []).append(m)
-    for i, (family, members) in enumerate(families.items()):  # a legend, not labels: methods often coincide
-        members = sorted(members, key=lambda m: m["strength"][1] if m.get("strength") else 0)
-        xs, ys = [m["forgetting"] for m in members], [m["task_score"] for m in members]
-        ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=8, alpha=0.8, lw=1.2 if len(members) > 1 else 0,
-                color=plt.cm.tab20(2 * i % 20 + i // 10 % 2),  # 10 dark hues, then their light ones (default: 10)
-                label=family if len(members) == 1 or not members[0].get("strength")
-                else f"{family} ({members[0]['strength'][0]} sweep)")
-        for m, x, y in zip(members, xs, ys):
-            if m.get("strength") and len(members) > 1:
-                ax.annotate(f"{m['strength'][1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: it hid points
+    means = {}
+    for (base, suffix), by_strength in groups.items():
+        color, marker = plt.cm.tab10(bases.index(base) % 10), "osD^vP*Xh"[bases.index(base) % 9]
+        points = []
+        for strength, members in sorted(by_strength.items(), key=lambda kv: kv[0] or 0):
+            point = mean_point([m["forgetting"] for m in members], [m["task_score"] for m in members])
+            draw(ax, point, color, marker, filled=not suffix)
+            points.append((point["x"], point["y"]))
+            means[f"{base}|{suffix}|{strength}"] = points[-1]
+            if strength is not None and len(by_strength) > 1:
+                ax.annotate(f"{strength:g}", points[-1], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if len(points) > 1:
+            ax.plot(*zip(*points), color=color, lw=1.2, ls="-" if not suffix else ":")
+    draw_front(ax, means, x_higher_is_better=False)
+    handles = [Line2D([], [], color=plt.cm.tab10(i % 10), marker="osD^vP*Xh"[i % 9], ls="", label=base)
+               for i, base in enumerate(bases)]
+    handles += [Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label=f"hollow: {suffix}")
+                for suffix in suffixes]
+    handles += [Line2D([], [], color="grey", ls="--", label="Pareto front of the means")]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: it hid points
     ax.set_xlabel("forgetting (nats/token, after − before; lower is better)")
     ax.set_ylabel("new-task exact match (higher is better)")
-    ax.set_title("What each method learned vs. what it forgot")
+    ax.set_title("What each method learned vs. what it forgot (mean over seeds, 95% intervals)")
     ax.axvline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
     fig.tight_layout()

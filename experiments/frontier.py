@@ -21,8 +21,9 @@ import shutil
 import statistics
 from pathlib import Path
 
-from arr.compare import compare, pareto_front
+from arr.compare import compare
 from arr.evaluation import EvalArgs
+from arr.plots import draw, draw_front, t_interval
 from experiments.tasks import TASKS
 
 # The headline probes and the task at sizes that fit 4 tasks x 3 seeds x 4 methods in about two hours on 2 cores;
@@ -71,13 +72,8 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> No
 
 
 def interval(values: list[float]) -> list[float] | None:
-    """The 95% t interval of the mean (None for a single value)."""
-    if len(values) < 2:
-        return None
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return [statistics.mean(values) - half, statistics.mean(values) + half]
+    ci = t_interval(values)
+    return list(ci) if ci else None
 
 
 def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> dict:
@@ -158,27 +154,26 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), sharey=True)
     names = [n for n in summary["methods"] if n != "lora"]
     for ax, panel in zip(axes, panels):
-        points = {}
+        means = {}
         for i, name in enumerate(names):
             m = summary["methods"][name]
             t = m["pooled"] if panel == "pooled" else m["per_task"].get(panel)
             if not t or t["removed"] is None:
                 continue
             x, y = 100 * t["removed"], 100 * t["kept"]
-            xerr = [[x - 100 * t["removed_ci"][0]], [100 * t["removed_ci"][1] - x]] if t["removed_ci"] else None
-            yerr = [[y - 100 * t["kept_ci"][0]], [100 * t["kept_ci"][1] - y]] if t["kept_ci"] else None
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="os^DvP*Xh"[i % 9], color=plt.cm.tab10(i), capsize=3,
-                        label=name if panel == panels[0] else None)
-            points[name] = (x, y)
-        front = sorted(points[n] for n in pareto_front(points))
-        if len(front) > 1:
-            ax.plot(*zip(*front), color="grey", lw=1, ls="--", zorder=0)
+            point = {"x": x, "y": y,
+                     "xerr": [[x - 100 * t["removed_ci"][0]], [100 * t["removed_ci"][1] - x]] if t["removed_ci"] else None,
+                     "yerr": [[y - 100 * t["kept_ci"][0]], [100 * t["kept_ci"][1] - y]] if t["kept_ci"] else None}
+            draw(ax, point, plt.cm.tab10(i), "os^DvP*Xh"[i % 9], label=name if panel == panels[0] else None)
+            means[name] = (x, y)
+        draw_front(ax, means)
         ax.axhline(100, color="grey", lw=0.5)
         ax.set_title(panel)
         ax.set_xlabel("forgetting removed (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("task score kept (% of LoRA)")
-    fig.legend(loc="lower center", ncol=len(names), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
