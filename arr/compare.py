@@ -182,12 +182,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    groups = {}  # (base family, run suffix) -> {strength: [methods over seeds]}
+    groups = {}  # (base family, run suffix) -> {(strength, objective): [the same method over seeds]}
     for m in results["methods"].values():
         family = re.sub(r"(, )?seed \d+", "", m.get("family", "")).replace(" ()", "")
         base, _, suffix = family.partition(" (")
         strength = m["strength"][1] if m.get("strength") else None
-        groups.setdefault((base, suffix.rstrip(")")), {}).setdefault(strength, []).append(m)
+        same_objective = (strength, json.dumps(m["objective"], sort_keys=True))  # only seeds are averaged
+        groups.setdefault((base, suffix.rstrip(")")), {}).setdefault(same_objective, []).append(m)
     bases = list(dict.fromkeys(base for base, _ in groups))
     suffixes = list(dict.fromkeys(suffix for _, suffix in groups if suffix))
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -195,7 +196,7 @@ def plot(results: dict, path: Path) -> None:
     for (base, suffix), by_strength in groups.items():
         color, marker = plt.cm.tab10(bases.index(base) % 10), "osD^vP*Xh"[bases.index(base) % 9]
         points = []
-        for strength, members in sorted(by_strength.items(), key=lambda kv: kv[0] or 0):
+        for (strength, _), members in sorted(by_strength.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
             point = mean_point([m["forgetting"] for m in members], [m["task_score"] for m in members])
             draw(ax, point, color, marker, filled=not suffix)
             points.append((point["x"], point["y"]))
@@ -205,6 +206,10 @@ def plot(results: dict, path: Path) -> None:
         if len(points) > 1:
             ax.plot(*zip(*points), color=color, lw=1.2, ls="-" if not suffix else ":")
     draw_front(ax, means, x_higher_is_better=False)
+    xs, ys = zip(*means.values())  # limits from the means: a two-seed 95% interval may span the whole scale
+    pad_x, pad_y = 0.08 * (max(xs) - min(xs) or 1), 0.08 * (max(ys) - min(ys) or 1)
+    ax.set_xlim(min(0, min(xs)) - pad_x, max(xs) + pad_x)
+    ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
     handles = [Line2D([], [], color=plt.cm.tab10(i % 10), marker="osD^vP*Xh"[i % 9], ls="", label=base)
                for i, base in enumerate(bases)]
     handles += [Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label=f"hollow: {suffix}")
