@@ -201,9 +201,9 @@ def plot(results: dict, path: Path) -> None:
             draw(ax, point, color, marker, filled=not suffix)
             points.append((point["x"], point["y"]))
             means[f"{base}|{suffix}|{strength}"] = points[-1]
-            if strength is not None and len(by_strength) > 1:
+            if strength is not None and len({k for k, _ in by_strength}) > 1:
                 ax.annotate(f"{strength:g}", points[-1], textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if len(points) > 1:
+        if len(points) > 1 and len({strength for strength, _ in by_strength}) == len(points):  # a sweep: a curve
             ax.plot(*zip(*points), color=color, lw=1.2, ls="-" if not suffix else ":")
     draw_front(ax, means, x_higher_is_better=False)
     xs, ys = zip(*means.values())  # limits from the means: a two-seed 95% interval may span the whole scale
