@@ -109,24 +109,24 @@ class ARRTrainer(Trainer):
         model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
         self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
         self.self_replay_info = {}
+        self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
-            model, processing_class, train_dataset, replay_dataset, curvature_dataset, sft_format, args)
+            model, processing_class, train_dataset, replay_dataset, self_replay, curvature_dataset, sft_format, args)
         pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None \
             else processing_class.eos_token_id
         self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
         super().__init__(model=model, args=args, train_dataset=dataset,
                          data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
                          processing_class=processing_class, **kwargs)
-        self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
         replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
                                       args.laplace_lambda)
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
-        self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)
-        self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)
+        self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
         self.loss_is_scaled_for_ga = True
@@ -157,7 +157,8 @@ class ARRTrainer(Trainer):
             check_packing(model)
         return model, processing_class
 
-    def _prepare_data(self, model, tokenizer, sft, replay_source, curvature_source, sft_format, args: ARRConfig):
+    def _prepare_data(self, model, tokenizer, sft, replay_source, self_replay: bool, curvature_source, sft_format,
+                      args: ARRConfig):
         """The SFT rows and replay pool as one MixedDataset, the sampler that interleaves them, and the surrogate
         blocks of the curvature estimate (read now, so that bad data fails before any output)."""
         if not (isinstance(sft, list) and sft and "input_ids" in sft[0]):
@@ -167,7 +168,7 @@ class ARRTrainer(Trainer):
             if replay_source is None:
                 raise ValueError("replay_ratio > 0 needs a replay_dataset")
             needed = replay_sequences_needed(len(sft), args)
-            if isinstance(replay_source, str) and replay_source == SELF:
+            if self_replay:
                 with args.main_process_first(desc="self-generated replay"):  # one process generates, the rest read
                     replay, self.self_replay_info = self_replay_rows(model, tokenizer, needed, args)
             else:
@@ -176,7 +177,7 @@ class ARRTrainer(Trainer):
         blocks = None
         if args.laplace_lambda > 0:
             source = curvature_source
-            if source is None and isinstance(replay_source, (str, torch.Tensor)) and not str(replay_source) == SELF:
+            if source is None and isinstance(replay_source, (str, torch.Tensor)) and not self_replay:
                 source = replay_source  # (an iterable of texts has been used up by the replay packing)
             if source is None:
                 raise ValueError("laplace_lambda > 0 needs a curvature_dataset (surrogate source text)")
@@ -195,7 +196,7 @@ class ARRTrainer(Trainer):
         """The Laplace penalty's (dW function, Fisher) pairs, the Fisher estimated once and cached."""
         if args.laplace_lambda == 0:
             return None, {}
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.sharded:
             raise ARRError("laplace_lambda > 0 needs every LoRA weight whole on each process: use DDP, not "
                            "FSDP or DeepSpeed")
         with args.main_process_first(desc="curvature estimate"):  # one process estimates, the rest read the cache
