@@ -33,7 +33,9 @@ PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=8, drift_tokens
 _OBJECTIVE = dict(beta=1.0, kl_direction="forward", kl_mask_target=False, replay_weight=1.0, ref_cache="none")
 _SELF = dict(replay_data="self", self_replay_temperature=0.0)
 METHODS = {
-    "lora": {"method": "lora", "ref_cache": "none"},
+    # plain LoRA; the objective keys, which do nothing without KL and replay, pinned as its runs were trained
+    "lora": {"method": "lora", "ref_cache": "none", "replay_data": None, "kl_mask_target": False,
+             "replay_weight": 1.0},
     # the default before this benchmark: KL everywhere, Wikipedia replay (CE and KL) at 1/16
     "arr_wiki_all": {**_OBJECTIVE, "kl_on": "all", "replay_data": None, "replay_ratio": 0.0625},
     # the same with Mask-the-Target on the response positions
