@@ -65,6 +65,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 
 def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> None:
+    out = out.resolve()  # the task files' paths are part of each run's config: the same from any working directory
     for seed in seeds:
         for task in tasks:
             bundled = task == "date"  # the recipe's own task and test split
