@@ -267,12 +267,17 @@ class MixedDataset(Dataset):
         return {**row, "is_replay": True, "row": i}
 
 
+def total_steps(n_sft: int, args) -> int:
+    """Optimizer steps of the run: `max_steps`, else its epochs over the SFT rows, each step `global_batch` rows of
+    which `replay_ratio` are replay."""
+    steps_per_epoch = math.ceil(n_sft / (args.global_batch * (1 - args.replay_ratio)))
+    return args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+
+
 def replay_sequences_needed(n_sft: int, args) -> int:
     """Replay sequences the whole run draws (at least 1), capped by `args.replay_max_sequences`; when the pool is
     smaller the sampler reuses it in a new order."""
-    schedule = ReplayMixSampler(n_sft, 1, args.global_batch, args.replay_ratio, args.seed)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(schedule.steps_per_epoch * args.num_train_epochs)
-    needed = max(1, schedule.replay_before(total_steps))
+    needed = max(1, _rounded(total_steps(n_sft, args) * args.global_batch * args.replay_ratio))
     return needed if args.replay_max_sequences is None else min(needed, args.replay_max_sequences)
 
 
@@ -331,26 +336,26 @@ class Collator:
     reference cache) when they carry one.
 
     Padded: rows right-padded to the longest, with attention_mask (labels -100 on padding), is_replay per row.
-    `padding_free`: rows that fit together share a row of the longest row's width (first-fit decreasing, as TRL's
-    "bfd" packing does for a whole dataset; here per micro-batch, so the step's rows and replay mix stay as sampled).
-    position_ids restart at 0 for each sequence, which is how the model keeps them apart (attention stays within a
-    sequence); padding gets position 0 throughout, so each pad token is a sequence of its own that predicts nothing;
-    the first label of each sequence is -100; is_replay and row are per token (why it is not transformers'
-    DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to 512: they share
-    a second row. Never more positions, nor a larger attention area, than padding; when no two rows fit together the
-    batch is the padded one."""
+    `padding_free`: rows that fit together share a row (first-fit decreasing, as TRL's "bfd" packing does for a
+    whole dataset; here per micro-batch, so the step's rows and replay mix stay as sampled), at the width
+    `packing_width` picks. position_ids restart at 0 for each sequence, which is how the model keeps them apart
+    (attention stays within a sequence); padding gets position 0 throughout, so each pad token is a sequence of its
+    own that predicts nothing; the first label of each sequence is -100; is_replay and row are per token (why it is
+    not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to
+    512: they share a second row. Never more positions, nor a larger attention area, than padding; when packing
+    saves nothing the batch is the padded one."""
 
     def __init__(self, pad_token_id: int, padding_free: bool = False):
         self.pad_token_id, self.padding_free = pad_token_id, padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
-        width = max(lengths)
         if self.padding_free:
-            packs = shared_rows(lengths, width)
-            if len(packs) < len(rows):
+            packs = shared_rows(lengths, packing_width(lengths))
+            width = max(sum(lengths[i] for i in pack) for pack in packs)
+            if len(packs) * width < len(rows) * max(lengths):
                 return self.packed(rows, lengths, packs, width)
-        return self.padded(rows, width)
+        return self.padded(rows, max(lengths))
 
     def packed(self, rows: list[dict], lengths: list[int], packs: list[list[int]], width: int
                ) -> dict[str, torch.Tensor]:
@@ -388,6 +393,21 @@ class Collator:
         if all("row" in r for r in rows):
             batch["row"] = torch.tensor([r["row"] for r in rows])
         return batch
+
+
+def packing_width(lengths: list[int]) -> int:
+    """The row width that packs sequences of these lengths into the fewest positions (rows x width), among widths
+    from the longest sequence upward (in steps of 1/16 of it) whose attention area (rows x width^2: a packed row
+    attends through a dense mask) is no larger than padding's. One 130-token replay row among seven 67-token SFT
+    rows packs into 3 rows of 201 instead of 8 of 130; rows of about equal length stay padded."""
+    longest = max(lengths)
+    padded_area = len(lengths) * longest**2
+    best = (len(lengths) * longest, longest)
+    for width in range(longest + max(1, longest // 16), 4 * longest + 1, max(1, longest // 16)):
+        rows = len(shared_rows(lengths, width))
+        if rows * width**2 <= padded_area:
+            best = min(best, (rows * width, width))
+    return best[1]
 
 
 def shared_rows(lengths: list[int], width: int) -> list[list[int]]:

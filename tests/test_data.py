@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from arr import resources
-from arr.data import (IGNORE_INDEX, Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay)
+from arr.data import (IGNORE_INDEX, Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
+                      packing_width)
 from arr.errors import DataError
 from conftest import make_tokenizer, write_jsonl
 
@@ -145,6 +146,20 @@ def test_padding_free_rows_that_fit_together_share_a_row_with_their_own_position
     # when no two rows fit together the batch is the padded one
     alone = Collator(tokenizer.pad_token_id, padding_free=True)(rows[:2])
     assert torch.equal(alone["attention_mask"], Collator(tokenizer.pad_token_id)(rows[:2])["attention_mask"])
+
+
+def test_padding_free_packs_short_rows_beside_a_long_one_at_a_wider_width_without_more_attention():
+    # the shipped mix: one self-generated replay row (prompt + answer, ~130 tokens) among seven ~67-token SFT rows
+    lengths = [130] + [67] * 7
+    rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+    batch = Collator(0, padding_free=True)(rows)
+    assert batch["input_ids"].shape == (3, 201)  # 603 positions where padding has 8 x 130 = 1040
+    assert 3 * 201**2 <= 8 * 130**2  # no larger attention area than padding
+    assert sorted((batch["position_ids"] == 0).logical_and(batch["input_ids"] > 0).sum(1).tolist()) == [2, 3, 3]
+    assert (batch["labels"] != IGNORE_INDEX).sum() == sum(lengths) - len(lengths)  # every target kept, once
+    # rows of about equal length: packing two into one row would quadruple its attention area, so they stay padded
+    assert packing_width([60, 62, 65, 67, 70, 72, 75, 80]) == 80
+    assert "attention_mask" in Collator(0, padding_free=True)(rows[1:])
 
 
 def test_pack_replay_reads_only_what_it_needs(tokenizer):
