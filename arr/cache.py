@@ -88,38 +88,55 @@ class ReferenceCache:
 
     @staticmethod
     @torch.no_grad()
-    def build(peft_model: PeftModel, dataset, collate, topk: int | None, batch_size: int = 8
+    def build(peft_model: PeftModel, dataset, collate, topk: int | None, tokens_per_batch: int = 16384
               ) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every row of `dataset`, `batch_size` rows per forward, adapter off, eval mode, as
-        the tensors of a ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp)."""
+        """Reference log-probs of every row of `dataset` (adapter off, eval mode), as the tensors of a
+        ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp). Rows go through the trunk sorted by
+        length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
+        step's: no gradient is kept), and through the LM head one row at a time, so no [batch, T, V] logits exist."""
+        def length(i: int) -> int:
+            return len(dataset[i]["input_ids"])
+
         device = next(peft_model.parameters()).device
         was_training = peft_model.training
         peft_model.eval()
-        parts = {"logp": [], "idx": [], "tail": [], "label_logp": []}
-        lengths = []
+        order = sorted(range(len(dataset)), key=length)
+        per_row: list[dict[str, torch.Tensor]] = [{} for _ in order]
         try:
-            with peft_model.disable_adapter():
-                for start in tqdm(range(0, len(dataset), batch_size), desc="Caching reference log-probs"):
-                    rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            with peft_model.disable_adapter(), tqdm(total=len(order), desc="Caching reference log-probs") as bar:
+                decoder, head = peft_model.get_decoder(), peft_model.get_output_embeddings()
+                start = 0
+                while start < len(order):
+                    end = start + 1  # rows ascend in length: the batch's width is its last row's
+                    while end < len(order) and (end + 1 - start) * length(order[end]) <= tokens_per_batch:
+                        end += 1
+                    taken, start = order[start:end], end
+                    rows = [dataset[i] for i in taken]
                     batch = collate(rows)
-                    logits = peft_model(input_ids=batch["input_ids"].to(device),
-                                        attention_mask=batch["attention_mask"].to(device)).logits
-                    for row, row_logits in zip(rows, logits):
-                        logp = torch.log_softmax(row_logits[: len(row["input_ids"]) - 1].float(), -1)
-                        lengths.append(len(logp))
-                        if topk is None:
-                            parts["logp"].append(logp.cpu())
-                            continue
-                        values, ids = logp.topk(topk, dim=-1)
-                        following = torch.as_tensor(row["input_ids"][1:], device=logp.device)
-                        parts["logp"].append(values.cpu())
-                        parts["idx"].append(ids.int().cpu())
-                        parts["tail"].append(logp.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
-                        parts["label_logp"].append(logp.gather(1, following[:, None]).squeeze(1).cpu())
+                    hidden = decoder(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+                    for i, row, row_hidden in zip(taken, rows, hidden):
+                        per_row[i] = ReferenceCache.row_entries(head(row_hidden[: len(row["input_ids"]) - 1]),
+                                                                row["input_ids"], topk)
+                    bar.update(len(taken))
         finally:
             peft_model.train(was_training)
-        tensors = {name: torch.cat(values) for name, values in parts.items() if values}
+        tensors = {name: torch.cat([entries[name] for entries in per_row]) for name in per_row[0]}
+        lengths = [len(entries["logp"]) for entries in per_row]
         return {**tensors, "offsets": torch.tensor([0, *lengths]).cumsum(0)[:-1]}
+
+    @staticmethod
+    def row_entries(logits: torch.Tensor, input_ids: list[int], topk: int | None) -> dict[str, torch.Tensor]:
+        """One row's cache entries from its [T - 1, V] reference logits: all log-probs, or the top k with the log
+        of the remaining mass and the log-prob of the row's next token."""
+        logp = torch.log_softmax(logits.float(), -1)
+        if topk is None:
+            return {"logp": logp.cpu()}
+        values, ids = logp.topk(topk, dim=-1)
+        following = torch.as_tensor(input_ids[1:], device=logp.device)
+        return {"logp": values.cpu(), "idx": ids.int().cpu(),
+                "tail": logp.scatter(1, ids, float("-inf")).logsumexp(-1).cpu(),
+                "label_logp": logp.gather(1, following[:, None]).squeeze(1).cpu()}
 
 
 def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path

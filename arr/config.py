@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ARRError, ConfigError
 from .objective import KL_DIRECTIONS, KL_PLACEMENTS
-REF_CACHE_MODES = ("none", "exact", "topk")
+REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
 
@@ -225,13 +225,16 @@ class ARRConfig(TrainingArguments):
                           "DeepSpeed always use the plain path (the LM head may only run inside their forward)."},
     )
     ref_cache: str = field(
-        default="none",
+        default="auto",
         metadata={"help": "Reference log-probs computed once before training for every SFT example and replay sequence, "
-                          "instead of a reference forward at every step: 'exact' (all V log-probs per token in "
-                          "float32; short data only), 'topk' (the ref_cache_topk largest plus the remaining mass: the "
-                          "KL is then between the (k+1)-outcome coarsenings, a lower bound) or 'none'. Kept in "
-                          "output_dir/ref_cache and reused while the model, data and tokenizer stay the same. It pays "
-                          "when rows are seen more than once (several epochs); see docs/PERFORMANCE.md."},
+                          "instead of a reference forward at every step: 'topk' (the ref_cache_topk largest plus the "
+                          "remaining mass: the KL is then between the (k+1)-outcome coarsenings, a lower bound), "
+                          "'exact' (all V log-probs per token in float32; short data only), 'none' (the on-line "
+                          "reference), or 'auto': topk when the run draws more rows than its data holds (several "
+                          "epochs, or a replay pool smaller than its draws), so that the one forward per row of the "
+                          "build costs less than one per draw, else none; none under FSDP/DeepSpeed. Kept in "
+                          "output_dir/ref_cache and reused while the model, data and tokenizer stay the same (a "
+                          "resumed run reads it); see docs/PERFORMANCE.md."},
     )
     ref_cache_topk: int = field(default=64, metadata={"help": "k of ref_cache=topk."})
     kl_target: float | None = field(

@@ -157,7 +157,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
-        "ref_cache": trainer.ref_cache_info,  # key, cache_hit, seconds, mb of the reference log-prob cache
+        "ref_cache": trainer.ref_cache_info,  # mode (auto resolved), rows, rows_drawn; key, cache_hit, seconds, mb
         "self_replay": trainer.self_replay_info,  # key, cache_hit, rows of the self-generated replay
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,

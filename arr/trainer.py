@@ -28,7 +28,8 @@ from . import run_folder
 from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
-from .data import Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, token_blocks
+from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, token_blocks,
+                   total_steps)
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
 from .reference import CachedReference, OnlineReference, adapter_layers, adapters_off, check_reference_is_initial, initial_head
@@ -185,12 +186,18 @@ class ARRTrainer(Trainer):
         return MixedDataset(sft, replay), sampler, blocks
 
     def _prepare_reference(self, model, collate, args: ARRConfig):
-        """The reference cache (ref_cache exact/topk), built once by the main process and read by the others."""
-        if args.ref_cache == "none" or args.beta == 0:
-            return None, {}
-        topk = args.ref_cache_topk if args.ref_cache == "topk" else None
+        """The reference cache (ref_cache exact/topk, or auto resolved here), built once by the main process and
+        read by the others."""
+        mode, drawn = args.ref_cache, total_steps(len(self.train_dataset.sft), args) * args.global_batch
+        if mode == "auto":
+            mode = "topk" if drawn > len(self.train_dataset) and not self.sharded else "none"
+        if mode == "none" or args.beta == 0:
+            return None, {"mode": "none", "rows": len(self.train_dataset), "rows_drawn": drawn}
+        topk = args.ref_cache_topk if mode == "topk" else None
         with args.main_process_first(desc="reference cache"):
-            return reference_cache(model, self.train_dataset, collate, topk, os.path.join(args.output_dir, run_folder.REF_CACHE))
+            cache, info = reference_cache(model, self.train_dataset, collate, topk,
+                                          os.path.join(args.output_dir, run_folder.REF_CACHE))
+        return cache, {"mode": mode, "rows": len(self.train_dataset), "rows_drawn": drawn, **info}
 
     def _prepare_curvature(self, model, blocks, args: ARRConfig):
         """The Laplace penalty's (dW function, Fisher) pairs, the Fisher estimated once and cached."""

@@ -87,7 +87,7 @@ CASES = {
     "no laplace samples": ({}, ["method=laplace", "laplace_samples=0"], "laplace_samples must be >= 1, got 0"),
     "empty laplace corpus": ({"s.txt": ""}, ["method=laplace", "laplace_data={tmp}/s.txt"],
                              "s.txt: empty replay corpus file"),
-    "bad ref_cache": ({}, ["ref_cache=disk"], "ref_cache must be one of none, exact, topk, got 'disk'"),
+    "bad ref_cache": ({}, ["ref_cache=disk"], "ref_cache must be one of auto, none, exact, topk, got 'disk'"),
     "override without =": ({}, ["beta"], "override 'beta' is not key=value"),
     "unknown flag": ({}, ["--fast"], "unknown flag '--fast'"),
     "unknown dtype": ({}, ["dtype=float7"], "dtype: unknown dtype 'float7'"),

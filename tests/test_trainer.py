@@ -154,12 +154,29 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
     for name, value in adapter_state(online.model).items():
         torch.testing.assert_close(adapter_state(exact.model)[name], value, atol=1e-5, rtol=0)
     again, _ = run("cached", "exact")
-    assert again.ref_cache_info == {"key": exact.ref_cache_info["key"], "cache_hit": True, "seconds": 0.0}
+    built = {k: v for k, v in exact.ref_cache_info.items() if k != "mb"}  # (a hit does not size the file)
+    assert again.ref_cache_info == {**built, "cache_hit": True, "seconds": 0.0}
     other_data, _ = run("cached", "exact", records=21)
     assert other_data.ref_cache_info["cache_hit"] is False
     topk, topk_kl = run("topk", "topk", ref_cache_topk=8)
     assert topk.ref_cache.topk == 8 and topk_kl[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < topk_kl[1] <= exact_kl[1] * 1.01  # the coarsened KL is a lower bound
+
+
+@pytest.mark.parametrize("epochs,max_steps,mode", [(3, -1, "topk"), (1, -1, "none"), (1, 2, "none")])
+def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_once(llama_dir, tokenizer, tmp_path,
+                                                                                   epochs, max_steps, mode):
+    # 18 SFT rows at 1/4 replay, global batch 8: an epoch is 3 steps, 24 draws, of the 18 SFT rows and 6 replay rows
+    config = ARRConfig(output_dir=str(tmp_path), replay_ratio=0.25, replay_seq_length=16,
+                       **{**STEPS, "max_steps": max_steps, "num_train_epochs": epochs})
+    trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(18), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    info = trainer.ref_cache_info
+    assert info["mode"] == mode and (trainer.ref_cache is not None) == (mode == "topk")
+    assert (info["rows_drawn"], info["rows"]) == {(3, -1): (72, 18 + 18), (1, -1): (24, 18 + 6),
+                                                  (1, 2): (16, 18 + 4)}[epochs, max_steps]
+    if mode == "topk":
+        assert trainer.ref_cache.topk == config.ref_cache_topk and len(trainer.ref_cache.offsets) == info["rows"]
 
 
 @pytest.mark.parametrize("padding_free,chunk", [(False, 1024), (True, 1024), (False, 0)])
@@ -168,7 +185,7 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
     """kl_on=replay: the initial model's forward runs on the replay row only (one of four rows, or of three packed
     rows), and loss and gradients equal those of a reference over every row."""
     config = ARRConfig(output_dir=str(tmp_path), beta=0.5, kl_on="replay", replay_ratio=0.25, replay_seq_length=64,
-                       loss_chunk_size=chunk, padding_free=padding_free, **STEPS)
+                       loss_chunk_size=chunk, padding_free=padding_free, ref_cache="none", **STEPS)
     trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
     with torch.no_grad():
