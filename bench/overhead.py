@@ -1,26 +1,31 @@
 """What ARR costs over plain LoRA SFT, measured side by side in one run.
 
-    python -m bench.overhead --quick        # tiny model, plain LoRA and the default ARR path only: < 1 min
+    python -m bench.overhead --quick        # tiny model, plain LoRA and the shipped default, both workloads: < 1 min
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
-    python -m bench.overhead --models smollm2 --variants arr_chunked --loss-chunk-size 256   # another chunk size
-    python -m bench.overhead --models smollm2 --variants arr_chunked --replay-seq-length 512 [--no-padding-free]
+    python -m bench.overhead --models smollm2 --variants arr_online --loss-chunk-size 256   # another chunk size
+    python -m bench.overhead --models smollm2 --variants arr_online --replay-seq-length 512 [--no-padding-free]
 
-Each variant trains in its own process (same data, same steps, same global batch), so its peak memory is its own:
-peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. ARR runs at the shipped defaults (arr/config.py) in
-every variant but the way it gets the reference (replay rows are the embedded recipe's 64 tokens unless
---replay-seq-length says otherwise):
-  lora         plain LoRA SFT (beta = 0, no replay)
-  arr_naive    reference forward every step, loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
-  arr_chunked  reference forward every step, chunked loss from hidden states (the shipped default)
-  arr_topk     reference log-probs cached before training, top 64 plus tail mass (ref_cache=topk)
-  arr_exact    reference log-probs cached before training, all of them (ref_cache=exact)
-  arr_replay_kl  the KL on replay rows only (kl_on=replay): the reference forward runs on those rows alone
-The first --warmup-steps steps of each variant (CUDA/allocator warm-up, lazy initialisation) are run but not timed.
-A cached variant's one-off cache build is timed apart ("cache s") from the training loop, and for the top-k cache
-the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
-The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default ARR path against
-plain LoRA, from this run (with --repeats N, the medians of N interleaved repeats, each against its own LoRA run).
+Two workloads, each the run a user would start: `embedded` (the embedded recipe: 24 steps over the date task's 200
+rows, a single pass) and `epochs3` (3 epochs of the same data, the few-shot regime of the ARR paper: 87 steps, every
+row seen three times). Each variant trains in its own process (same data, same global batch), so its peak memory is
+its own: peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU. A run's wall time is its set-up that ARR adds
+(the reference cache build, timed in full) plus its steps; the steps are timed over --steps steps after
+--warmup-steps untimed ones and scaled to the run's step count ("timed N of S steps"), plain LoRA's to the same
+steps as the variant it is compared with (replay rows make an epoch longer). Self-generated replay is
+generated once per model and settings and cached across runs ($ARR_CACHE/self_replay): a run that generated it
+says so, and that one-off time is not counted. Variants (shipped defaults, arr/config.py, but what is named):
+  lora           plain LoRA SFT (beta = 0, no replay)
+  arr            the shipped default (ref_cache: auto, so a top-k cache when rows are drawn more than once)
+  arr_online     the on-line exact reference on every step (ref_cache: none)
+  arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
+  arr_topk       a top-64 reference cache (ref_cache: topk), whatever the workload
+  arr_exact      a cache of all reference log-probs (ref_cache: exact)
+  arr_replay_kl  the KL on replay rows only (kl_on: replay, on-line): the reference forward runs on those rows alone
+For a top-k cache the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
+The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default against plain LoRA
+on each workload (top level: the embedded recipe), from this run (with --repeats N, the medians of N interleaved
+repeats, each against its own LoRA run).
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ from transformers import TrainerCallback
 
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
-    "arr_naive": {"loss_chunk_size": 0},
-    "arr_chunked": {},
+    "arr": {},
+    "arr_online": {"ref_cache": "none"},
+    "arr_naive": {"ref_cache": "none", "loss_chunk_size": 0},
     "arr_topk": {"ref_cache": "topk"},
     "arr_exact": {"ref_cache": "exact"},
-    "arr_replay_kl": {"kl_on": "replay"},
+    "arr_replay_kl": {"ref_cache": "none", "kl_on": "replay"},
 }
-DEFAULT_PATH = "arr_chunked"
+DEFAULT_PATH = "arr"
+WORKLOADS = {"embedded": {}, "epochs3": {"max_steps": -1, "num_train_epochs": 3}}  # over the embedded recipe
 
 
 def peak_mb() -> float:
@@ -57,20 +64,22 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8, warmup_steps: int = 1,
-                  profile_file: str | None = None, loss_chunk_size: int | None = None,
+def train_variant(model_name: str, variant: str, workload: str, steps: int, batch_size: int = 8,
+                  warmup_steps: int = 1, profile_file: str | None = None, loss_chunk_size: int | None = None,
                   replay_seq_length: int = 64, padding_free: bool = True) -> dict:
-    """Runs in a child process: train `steps` steps and report the wall time and tokens of the steps after the first
-    `warmup_steps`, and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id.
-    With `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the
-    time per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped
-    one in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the
-    length of its SFT rows) unless given; `padding_free` False pads every batch in every variant."""
+    """Runs in a child process: set up the `workload`'s run, train its first `steps` steps and report the wall time
+    and tokens of the steps after the first `warmup_steps`, the run's step count, the reference cache build's
+    seconds and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id. With
+    `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the time
+    per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped one
+    in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the length
+    of its SFT rows) unless given; `padding_free` False pads every batch in every variant."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arr import ARRConfig, ARRTrainer, DataArguments, resources
+    from arr.compare import DEFAULT_RECIPE, read_config
 
     if model_name == "tiny":
         from bench.tiny import make_tokenizer, tiny_model
@@ -81,8 +90,9 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
         path = resources.default_model_path() if model_name == "smollm2" else model_name
         tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_length = {"max_steps": read_config(str(DEFAULT_RECIPE), [])["max_steps"], **WORKLOADS[workload]}
     with tempfile.TemporaryDirectory() as out:
-        config = ARRConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
+        config = ARRConfig(output_dir=out, per_device_train_batch_size=batch_size, **run_length,
                            replay_seq_length=replay_seq_length, padding_free=padding_free, save_strategy="no",
                            report_to="none", disable_tqdm=True, logging_steps=steps, bf16=device == "cuda",
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
@@ -95,14 +105,16 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
         tokens = []  # per micro-batch, in step order (gradient accumulation is 1)
         collate = trainer.data_collator
         trainer.data_collator = lambda rows: tokens.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
-        clock = StepClock(warmup_steps)
+        clock = StepClock(warmup_steps, steps)
         trainer.add_callback(clock)
         profiler = StepProfiler(warmup_steps, steps - warmup_steps, profile_file) if profile_file else None
         if profiler:
             trainer.add_callback(profiler)
         trainer.train()
-        result = {"seconds": clock.seconds, "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
-                  "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0)}
+        result = {"seconds": clock.seconds, "timed_steps": clock.timed_steps, "run_steps": trainer.state.max_steps,
+                  "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
+                  "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0),
+                  "self_replay_generated": trainer.self_replay_info.get("cache_hit") is False}
         if profiler:
             result["regions_ms"] = profiler.regions_ms
         if trainer.ref_cache is not None and trainer.ref_cache.topk:
@@ -110,11 +122,18 @@ def train_variant(model_name: str, variant: str, steps: int, batch_size: int = 8
     return result
 
 
-class StepClock(TrainerCallback):
-    """Wall time from the end of step `warmup_steps` to the end of training (synchronised with the GPU)."""
+def run_seconds(result: dict, steps: int) -> float:
+    """Wall time of a run of `steps` steps: the cache build plus the timed steps' mean time per step."""
+    return result["cache_seconds"] + result["seconds"] / result["timed_steps"] * steps
 
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps, self.start, self.seconds = warmup_steps, None, None
+
+class StepClock(TrainerCallback):
+    """Wall time from the end of step `warmup_steps` to the end of step `stop_after`, where it stops training
+    (synchronised with the GPU)."""
+
+    def __init__(self, warmup_steps: int, stop_after: int):
+        self.warmup_steps, self.stop_after = warmup_steps, stop_after
+        self.start, self.seconds, self.timed_steps = None, None, 0
 
     def now(self) -> float:
         import torch
@@ -126,9 +145,13 @@ class StepClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup_steps:
             self.start = self.now()
+        if state.global_step >= self.stop_after:
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = self.now() - self.start
+        if self.start is None:
+            raise SystemExit(f"the run has {state.global_step} steps: fewer than --warmup-steps + 1")
+        self.seconds, self.timed_steps = self.now() - self.start, state.global_step - self.warmup_steps
 
 
 class StepProfiler(TrainerCallback):
@@ -255,6 +278,8 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {', '.join(VARIANTS)} "
                              f"(lora and {DEFAULT_PATH}, the headline, always run)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: both)")
     args = parser.parse_args()
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         sys.exit(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size} (arr_naive is the unchunked loss)")
@@ -264,52 +289,71 @@ def main() -> None:
         variants = list(dict.fromkeys(["lora", DEFAULT_PATH, *args.variants.split(",")]))
         if unknown := set(variants) - set(VARIANTS):
             sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    ratios = {}  # (model, variant) -> [(wall ratio, peak ratio) against plain LoRA of the same repeat]
+    workloads = args.workloads.split(",")
+    if unknown := set(workloads) - set(WORKLOADS):
+        sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    ratios = {}  # (model, workload, variant) -> [(wall ratio, peak ratio) against plain LoRA of the same repeat]
     for model in models:
         steps = args.steps or (10 if model == "tiny" else 5)
         if steps <= args.warmup_steps:
             sys.exit(f"--steps ({steps}) must exceed --warmup-steps ({args.warmup_steps})")
-        for repeat in range(args.repeats):
-            base = None
-            for variant in variants:
-                r = run_variant(model, variant, steps, args, repeat)
-                base = base or r
-                wall, peak = r["seconds"] / base["seconds"], r["peak_mem_mb"] / base["peak_mem_mb"]
-                ratios.setdefault((model, variant), []).append((wall, peak))
-                extra = f"  cache {r['cache_seconds']:.1f} s" if r["cache_seconds"] else ""
-                if "topk_rel_error" in r:
-                    extra += (f"  top-k KL error {100 * r['topk_rel_error']:.2f}% "
-                              f"({r['topk_kl']:.5f} vs exact {r['exact_kl']:.5f})")
-                print(f"{Path(model).name:12s} {variant:12s} {r['tokens'] / r['seconds']:9.0f} tok/s  "
-                      f"wall x{wall:.3f}  peak {r['peak_mem_mb']:8.0f} MB  x{peak:.3f}{extra}", flush=True)
-                for region, ms in r.get("regions_ms", {}).items():
-                    print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
-        if args.repeats > 1:
-            for variant in variants[1:]:
-                walls, peaks = (sorted(column) for column in zip(*ratios[model, variant]))
-                print(f"{Path(model).name:12s} {variant:12s} median of {args.repeats}: wall x{median(walls):.3f} "
-                      f"(x{walls[0]:.3f} to x{walls[-1]:.3f})  peak x{median(peaks):.3f} "
-                      f"(x{peaks[0]:.3f} to x{peaks[-1]:.3f})", flush=True)
+        for workload in workloads:
+            for repeat in range(args.repeats):
+                base = None
+                for variant in variants:
+                    r = run_variant(model, variant, workload, steps, args, repeat)
+                    base = base or r
+                    # at the same steps: the variant's run (replay rows lengthen an epoch) for both
+                    wall = run_seconds(r, r["run_steps"]) / run_seconds(base, r["run_steps"])
+                    peak = r["peak_mem_mb"] / base["peak_mem_mb"]
+                    ratios.setdefault((model, workload, variant), []).append((wall, peak))
+                    print(f"{Path(model).name:12s} {workload:9s} {variant:13s} {r['tokens'] / r['seconds']:7.0f} tok/s"
+                          f"  step x{r['seconds'] / base['seconds']:.3f}  wall x{wall:.3f}  peak "
+                          f"{r['peak_mem_mb']:7.0f} MB x{peak:.3f}  {note(r)}", flush=True)
+                    for region, ms in r.get("regions_ms", {}).items():
+                        print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
+            if args.repeats > 1:
+                for variant in variants[1:]:
+                    walls, peaks = (sorted(column) for column in zip(*ratios[model, workload, variant]))
+                    print(f"{Path(model).name:12s} {workload:9s} {variant:13s} median of {args.repeats}: wall "
+                          f"x{median(walls):.3f} (x{walls[0]:.3f} to x{walls[-1]:.3f})  peak x{median(peaks):.3f} "
+                          f"(x{peaks[0]:.3f} to x{peaks[-1]:.3f})", flush=True)
     if not args.quick:
         memory = loss_memory(args.loss_chunk_size)
         print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
               f"(chunk {memory['chunk']}) "
               f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
-    headline = ratios[models[-1], DEFAULT_PATH]
+
+    def headline(workload: str) -> dict:
+        walls, peaks = zip(*ratios[models[-1], workload, DEFAULT_PATH])
+        return {"wall_ratio": round(median(walls), 4), "peak_mem_ratio": round(median(peaks), 4)}
+
     chunk = {} if args.loss_chunk_size is None else {"loss_chunk_size": args.loss_chunk_size}
-    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk,
-                      "wall_ratio": round(median(w for w, _ in headline), 4),
-                      "peak_mem_ratio": round(median(p for _, p in headline), 4)}))
+    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk, **headline(workloads[0]),
+                      "workloads": {w: headline(w) for w in workloads}}))
 
 
-def run_variant(model: str, variant: str, steps: int, args, repeat: int) -> dict:
+def note(result: dict) -> str:
+    """What the wall ratio is made of: steps timed of the run's, the cache build, the top-k cache's KL error."""
+    text = f"timed {result['timed_steps']} of {result['run_steps']} steps"
+    if result["cache_seconds"]:
+        text += f", cache built in {result['cache_seconds']:.1f} s"
+    if "topk_rel_error" in result:
+        text += (f", top-k KL error {100 * result['topk_rel_error']:.2f}% ({result['topk_kl']:.5f} vs exact "
+                 f"{result['exact_kl']:.5f})")
+    if result["self_replay_generated"]:
+        text += ", self-replay generated (once; not counted)"
+    return text
+
+
+def run_variant(model: str, variant: str, workload: str, steps: int, args, repeat: int) -> dict:
     """`train_variant` in a child process of its own (so that its peak memory is its own)."""
     profile_file = None
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-        profile_file = str(Path(args.profile) / f"{Path(model).name}_{variant}_{repeat}.txt")
+        profile_file = str(Path(args.profile) / f"{Path(model).name}_{workload}_{variant}_{repeat}.txt")
     code = (f"import bench.overhead as b, json; "
-            f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {steps}, {args.batch_size}, "
+            f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {workload!r}, {steps}, {args.batch_size}, "
             f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length}, "
             f"{not args.no_padding_free})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
