@@ -88,8 +88,8 @@ def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         rows = [trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]  # 3 SFT rows, 1 replay
         assert [r["is_replay"] for r in rows] == [False, False, False, True]
-        batch = trainer.data_collator(rows)
-        counts = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+        batch = trainer._prepare_inputs(trainer.data_collator(rows))  # on the model's device, as in a training step
+        counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
         loss = trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=counts)
         loss.backward()
         parts = trainer._part_sums.clone()
@@ -193,8 +193,9 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     assert trainer.objective.replay_weight == 1.0  # a corpus's replay CE counts by default
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)])
-    counts = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    batch = trainer._prepare_inputs(
+        trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]))
+    counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
     rows_seen = []
     hook = trainer.model.get_decoder().register_forward_hook(lambda m, a, kw, out: rows_seen.append(
         kw.get("input_ids", a[0] if a else None).shape[0]), with_kwargs=True)
