@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .chunked_loss import RefLogprobs
+from .reference import initial_model
 
 REFERENCE_CACHE_FORMAT = "v2"  # part of the key: change it when what the cache holds changes (v2: label_logp)
 
@@ -30,8 +31,10 @@ def fingerprint(named_tensors, digest=None):
 
 
 def base_weights_digest(peft_model: PeftModel):
-    """A fingerprint of the model's weights other than the adapter's: what the initial model is."""
-    return fingerprint((n, p) for n, p in peft_model.named_parameters() if "lora_" not in n)
+    """A fingerprint of the model's weights other than the trained adapter's: what the initial model is (with the
+    snapshot of the initial adapter, reference.INITIAL_ADAPTER, when an init rewrote the base weights)."""
+    trained = f".{peft_model.active_adapter}."
+    return fingerprint((n, p) for n, p in peft_model.named_parameters() if not ("lora_" in n and trained in n))
 
 
 def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
@@ -90,7 +93,7 @@ class ReferenceCache:
     @torch.no_grad()
     def build(peft_model: PeftModel, dataset, collate, topk: int | None, tokens_per_batch: int = 16384
               ) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every row of `dataset` (adapter off, eval mode), as the tensors of a
+        """Reference log-probs of every row of `dataset` (the initial model, eval mode), as the tensors of a
         ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp). Rows go through the trunk sorted by
         length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
         step's: no gradient is kept), and through the LM head one row at a time, so no [batch, T, V] logits exist."""
@@ -103,7 +106,7 @@ class ReferenceCache:
         order = sorted(range(len(dataset)), key=length)
         per_row: list[dict[str, torch.Tensor]] = [{} for _ in order]
         try:
-            with peft_model.disable_adapter(), tqdm(total=len(order), desc="Caching reference log-probs") as bar:
+            with initial_model(peft_model), tqdm(total=len(order), desc="Caching reference log-probs") as bar:
                 decoder, head = peft_model.get_decoder(), peft_model.get_output_embeddings()
                 start = 0
                 while start < len(order):

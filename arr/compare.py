@@ -30,6 +30,7 @@ from .evaluation import (
     run_probes,
 )
 from .plots import draw, draw_front, mean_point
+from .reference import initial_model
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
@@ -106,7 +107,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             print(f"== {name}: evaluating", flush=True)
             model, tokenizer = load_run(run_dir)
             if drift_answers is None:  # the initial model's, shared by every method
-                with model.disable_adapter():
+                with initial_model(model):
                     before = before or run_probes(model.eval(), tokenizer, eval_args)
                     drift_answers = initial_drift_answers(model, tokenizer, eval_args)
             probes = evaluate_adapter(model, tokenizer, eval_args, before, drift_answers)

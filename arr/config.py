@@ -67,8 +67,10 @@ class ModelArguments:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     init_lora_weights: str = field(
         default="true",
-        metadata={"help": "PEFT init: true (B=0), gaussian, ... Inits that rewrite the base weights (pissa, olora, "
-                          "corda, loftq) are refused: the disabled adapter would no longer be the initial model."},
+        metadata={"help": "PEFT init: true (B=0), gaussian, pissa, olora, ... After an init that rewrites the base "
+                          "weights (pissa, olora) the KL's reference is a frozen copy of the initial adapter, and the "
+                          "saved adapter is converted to a plain LoRA of the original model (twice the rank); loftq is "
+                          "refused."},
     )
 
     def __post_init__(self):  # what PEFT would refuse only after the model is loaded, refused up front
@@ -80,6 +82,9 @@ class ModelArguments:
             raise ConfigError(f"config key lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise ConfigError("config key lora_target_modules must name at least one module (or all-linear)")
+        if str(self.init_lora_weights).lower().startswith("loftq"):
+            raise ConfigError(f"config key init_lora_weights: {self.init_lora_weights!r} starts from a quantized "
+                              "approximation of the base weights, which ARR does not set up; use true, pissa or olora")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
 from .cache import cached_tensors, fingerprint
+from .reference import initial_model
 
 ESTIMATOR = "diagonal-empirical-fisher-per-token-v1"  # part of the cache key: change it when the estimate changes
 
@@ -67,7 +68,7 @@ def diagonal_fisher(model: PeftModel, blocks: torch.Tensor, desc: str = "curvatu
     try:
         for w in weights.values():
             w.requires_grad_(True)
-        with model.disable_adapter():
+        with initial_model(model):
             for ids in tqdm(blocks, desc=desc, leave=False):
                 ids = ids[None].to(device)
                 logits = model(input_ids=ids).logits[0, :-1].float()

@@ -33,7 +33,7 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from .chunked_loss import kl_from_logprobs
 from .config import cache_dir
 from .errors import ARRError, ConfigError, DataError
 from .generation import by_length, chat_prompt_ids, encode, greedy_answers
+from .reference import initial_model
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
 LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
@@ -308,7 +309,7 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         before, drift_answers = saved["before"], saved["drift_answers"]
-    with peft_model.disable_adapter():
+    with initial_model(peft_model):
         if before is None:
             before = run_probes(peft_model, tokenizer, args)
         if drift_answers is None:
@@ -318,7 +319,7 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
         tmp = path.with_suffix(f".{os.getpid()}.partial")
         tmp.write_text(json.dumps({"before": before, "drift_answers": drift_answers}))
         tmp.replace(path)
-    after = run_probes(peft_model, tokenizer, args, drift_answers, reference=peft_model.disable_adapter)
+    after = run_probes(peft_model, tokenizer, args, drift_answers, reference=partial(initial_model, peft_model))
     delta = {k: after[k] - before[k] for k in after}
     return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta),
             "eval_args": vars(args)}

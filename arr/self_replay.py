@@ -30,6 +30,7 @@ from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
 from .generation import chat_prompt_ids, greedy_answers
+from .reference import initial_model
 
 SELF = "self"  # the replay_data value that asks for self-generated replay
 
@@ -69,7 +70,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args) -> tuple[li
         was_training = peft_model.training
         peft_model.eval()
         try:
-            with peft_model.disable_adapter():  # the initial model, whatever the adapter's init
+            with initial_model(peft_model):
                 answers = greedy_answers(peft_model, tokenizer, prompts, settings["max_new_tokens"], batch_size=16,
                                          temperature=settings["temperature"], seed=args.seed,
                                          desc="Generating self-replay answers")

@@ -23,6 +23,7 @@ from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter
+from .reference import save_adapter
 from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
@@ -32,16 +33,19 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
     init = model_args.init_lora_weights
     init = {"true": True, "false": False}.get(str(init).lower(), init)
     targets = model_args.lora_target_modules
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        init_lora_weights=init,
-    )
+    try:
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            use_rslora=model_args.use_rslora,
+            use_dora=model_args.use_dora,
+            init_lora_weights=init,
+        )
+    except ValueError as e:  # PEFT's word for settings that do not go together (an init that needs its own config)
+        raise ConfigError(f"LoRA config: {' '.join(str(e).split())}") from None
 
 
 def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tokenizer: None):
@@ -165,7 +169,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
         def write(tmp: Path):
-            trainer.model.save_pretrained(tmp)
+            save_adapter(trainer.model, tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(resolved_config(model_args, data_args, config),
                                                           sort_keys=False))

@@ -32,7 +32,8 @@ from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, 
                    total_steps)
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
-from .reference import CachedReference, OnlineReference, adapter_layers, adapters_off, check_reference_is_initial, initial_head
+from .reference import (INITIAL_ADAPTER, CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
+                        save_adapter, snapshot_initial_adapter)
 from .self_replay import SELF, self_replay_rows
 
 LOSS_PART_NAMES = LossParts._fields[1:]  # logged beside the Trainer's `loss`
@@ -108,7 +109,8 @@ class ARRTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
-        self.adapter_layers = adapter_layers(model)  # switched off for the reference forward of every step
+        self.adapter_layers = adapter_layers(model)  # switched for the reference forward of every step
+        self.initial_adapter = INITIAL_ADAPTER if INITIAL_ADAPTER in model.peft_config else None
         self.self_replay_info = {}
         self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
@@ -138,8 +140,9 @@ class ARRTrainer(Trainer):
 
     @staticmethod
     def _prepare_model(model, processing_class, peft_config, args: ARRConfig):
-        """The PEFT model (loaded and wrapped when needed) and its tokenizer; checks that "adapter off" is the initial
-        model and that the model keeps packed sequences apart."""
+        """The PEFT model (loaded and wrapped when needed) and its tokenizer; keeps the initial model reachable (after
+        an init that rewrote the base weights, a frozen snapshot of the initial adapter) and checks that the model
+        keeps packed sequences apart."""
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if processing_class is None:
@@ -153,7 +156,7 @@ class ARRTrainer(Trainer):
                 raise ConfigError(f"config key {key}: {' '.join(str(e).split())}") from None
         if not isinstance(model, PeftModel):
             raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
-        check_reference_is_initial(model)
+        snapshot_initial_adapter(model)
         if args.padding_free and not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are partitioned: no forward yet
             check_packing(model)
         return model, processing_class
@@ -297,7 +300,7 @@ class ARRTrainer(Trainer):
             k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in model_inputs.items()}
         # DDP's forward prepares its gradient reduction; the reference needs none, so it runs on the model inside.
         forward_model = model if self.sharded else peft_model
-        with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers):
+        with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers, self.initial_adapter):
             outputs = self._forward(forward_model, peft_model, sub_inputs, chunked)
         if not chunked:
             return OnlineReference(outputs.logits, rows=rows)
@@ -337,6 +340,18 @@ class ARRTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------- checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's, except that after an init that rewrote the base weights a final save (not a checkpoint,
+        which a resumed run loads back as it is) writes the adapter converted for the original model
+        (reference.save_adapter), with the tokenizer."""
+        if self.initial_adapter is None or _internal_call or self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)

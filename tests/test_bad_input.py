@@ -93,8 +93,9 @@ CASES = {
     "unknown dtype": ({}, ["dtype=float7"], "dtype: unknown dtype 'float7'"),
     "model path missing": ({}, ["model_name_or_path={tmp}/no-model"], "model_name_or_path: cannot load"),
     "output dir not writable": ({}, ["output_dir=/proc/arr-run"], "output_dir: '/proc/arr-run' is not writable"),
-    "base-rewriting lora init": ({}, ["init_lora_weights=pissa"],
-                                 "init_lora_weights='pissa' (adapter 'default') rewrites the base weights"),
+    "loftq lora init": ({}, ["init_lora_weights=loftq"],
+                        "config key init_lora_weights: 'loftq' starts from a quantized approximation of the base "
+                        "weights, which ARR does not set up; use true, pissa or olora"),
     "config not a mapping": ({"c.yaml": "- a\n- b\n"}, ["CONFIG={tmp}/c.yaml"],
                              "c.yaml: a config must be a mapping of key: value"),
     "config not yaml": ({"c.yaml": "a: [1\n"}, ["CONFIG={tmp}/c.yaml"], "c.yaml: not valid YAML"),

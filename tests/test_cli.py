@@ -34,8 +34,10 @@ def files(tmp_path, llama_dir):
     return {"sft": sft, "corpus": str(corpus), "config": str(config), "out": tmp_path / "out"}
 
 
-def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_dir):
-    code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01", "save_merged_model=true")
+@pytest.mark.parametrize("init", ["true", "pissa"])
+def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_dir, init):
+    code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01", "save_merged_model=true",
+                             f"init_lora_weights={init}")
     assert code == 0, err
     assert "sft_ce=" in out and "kl=" in out and "replay_ce=" in out
     saved = yaml.safe_load((files["out"] / "arr_config.yaml").read_text())
@@ -46,6 +48,8 @@ def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_
     assert set(metrics["final"]) >= {"loss", "sft_ce", "kl", "replay_ce"}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), files["out"])
     assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    # after PiSSA, the adapter converted to a LoRA of the original model: twice the rank, the same model as merged
+    assert model.peft_config["default"].r == {"true": 4, "pissa": 8}[init]
     assert not [p for p in os.listdir(files["out"]) if p.startswith(".saving")]
     merged = AutoModelForCausalLM.from_pretrained(files["out"] / "merged")
     ids = torch.tensor([[5, 17, 42, 99, 7]])

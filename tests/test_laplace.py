@@ -110,7 +110,8 @@ def test_adaptive_kl_steers_beta_every_step_and_resumes_it(llama_dir, tokenizer,
     history = [h for h in full.state.log_history if "kl" in h]
     assert len(history) == 6 and history[0]["beta"] == 1.0
     for before, after in zip(history, history[1:]):
-        assert after["beta"] == pytest.approx(adapted_beta(before["beta"], before["kl"], 1e-4, 0.2), rel=1e-5)
+        # (the logged KL is rounded to 1e-6, 1% of the target here: beta is known to 0.2 x 0.5%)
+        assert after["beta"] == pytest.approx(adapted_beta(before["beta"], before["kl"], 1e-4, 0.2), rel=2e-3)
     assert history[-1]["beta"] != 1.0
 
     first = adaptive_trainer(llama_dir, tokenizer, tmp_path / "cut", save_strategy="steps", save_steps=3)

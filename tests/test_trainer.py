@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from arr import ARRConfig, ARRError, ARRTrainer, ConfigError
 from arr.data import Collator, load_sft_examples
+from arr.reference import INITIAL_ADAPTER, adapters_off, initial_model
 from arr.trainer import check_packing
 from conftest import replay_texts, sft_records
 
@@ -127,9 +128,48 @@ def test_padding_free_refuses_a_model_that_lets_packed_sequences_see_each_other(
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_base_rewriting_init_is_refused(llama_dir, tokenizer, tmp_path, init):
+def test_base_rewriting_init_keeps_the_initial_model_as_reference_and_saves_an_adapter_for_the_original_model(
+        llama_dir, tokenizer, tmp_path, init):
+    inputs = Collator(tokenizer.pad_token_id)(load_sft_examples(sft_records(3), tokenizer, 64))
+    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    untouched = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        expected = untouched(**inputs).logits
     model = fresh_peft(llama_dir, init_lora_weights=init)
-    with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'.*rewrites the base weights"):
+    base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.allclose(base_weight, untouched.model.layers[0].self_attn.q_proj.weight)  # the init rewrote it
+    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, replay_ratio=0.25, replay_seq_length=16,
+                       ref_cache="none", **STEPS)
+    trainer = ARRTrainer(model, config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    assert trainer.initial_adapter == INITIAL_ADAPTER
+    assert all(not p.requires_grad for n, p in model.named_parameters() if INITIAL_ADAPTER in n)
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    with torch.no_grad():  # at step 0 the reference (both switches) is the untouched model, not the residual base
+        with adapters_off(trainer.adapter_layers, trainer.initial_adapter):
+            torch.testing.assert_close(model.eval()(**inputs).logits, expected, atol=1e-4, rtol=0)
+        with initial_model(model):
+            torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-4, rtol=0)
+        with model.disable_adapter():  # what "adapter off" alone would have been
+            assert (model(**inputs).logits - expected).abs().max() > 1e-2
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-5
+    assert all(not p.requires_grad for n, p in model.named_parameters() if INITIAL_ADAPTER in n)
+    with torch.no_grad():
+        trained = model.eval()(**inputs).logits
+    assert (trained - expected).abs().max() > 1e-3  # training moved the model
+    trainer.save_model(str(tmp_path / "adapter"))  # converted: a plain LoRA of twice the rank, on the original model
+    saved = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter").eval()
+    assert saved.peft_config["default"].r == 2 * LORA["r"] and not (tmp_path / "adapter" / INITIAL_ADAPTER).exists()
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**inputs).logits, trained, atol=1e-4, rtol=0)
+
+
+def test_loftq_init_is_refused_with_the_reason(llama_dir, tokenizer, tmp_path):
+    model = fresh_peft(llama_dir)
+    model.peft_config["default"].init_lora_weights = "loftq"  # (a real LoftQ init needs a quantized base)
+    with pytest.raises(ConfigError, match="init_lora_weights='loftq'.*quantized approximation"):
         ARRTrainer(model, ARRConfig(output_dir=str(tmp_path), **STEPS), train_dataset=sft_records(4),
                    processing_class=tokenizer, replay_dataset=replay_texts(4))
     assert not any(tmp_path.iterdir())
