@@ -11,7 +11,9 @@ tokenizer=$1
 out=${2:-/tmp/arr-gpu}
 mkdir -p "$out"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
-python3 -m pytest -q -p no:cacheprovider tests/test_trainer.py tests/test_objective.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_trainer.py tests/test_objective.py >"$out/tests.log" 2>&1 \
+  || grep -E "^(E  |FAILED|tests/.*Error)" "$out/tests.log" | head -40  # the benches run even if a test fails
+tail -1 "$out/tests.log"
 for shape in smollm2-135m qwen2.5-0.5b; do
   python3 -m bench.random_model "$out/$shape" "$shape" "$tokenizer" >/dev/null
 done
