@@ -91,12 +91,12 @@ class ReferenceCache:
 
     @staticmethod
     @torch.no_grad()
-    def build(peft_model: PeftModel, dataset, collate, topk: int | None, tokens_per_batch: int = 16384
+    def build(peft_model: PeftModel, dataset, collate, topk: int | None, tokens_per_batch: int = 4096
               ) -> dict[str, torch.Tensor]:
         """Reference log-probs of every row of `dataset` (the initial model, eval mode), as the tensors of a
         ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp). Rows go through the trunk sorted by
         length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
-        step's: no gradient is kept), and through the LM head one row at a time, so no [batch, T, V] logits exist."""
+        step's: no gradient is kept), and their predictions through the LM head a fixed number at a time."""
         def length(i: int) -> int:
             return len(dataset[i]["input_ids"])
 
@@ -114,13 +114,15 @@ class ReferenceCache:
                     while end < len(order) and (end + 1 - start) * length(order[end]) <= tokens_per_batch:
                         end += 1
                     taken, start = order[start:end], end
-                    rows = [dataset[i] for i in taken]
-                    batch = collate(rows)
-                    hidden = decoder(input_ids=batch["input_ids"].to(device),
+                    batch = collate([dataset[i] for i in taken])
+                    input_ids = batch["input_ids"].to(device)
+                    hidden = decoder(input_ids=input_ids,
                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-                    for i, row, row_hidden in zip(taken, rows, hidden):
-                        per_row[i] = ReferenceCache.row_entries(head(row_hidden[: len(row["input_ids"]) - 1]),
-                                                                row["input_ids"], topk)
+                    predicts = batch["attention_mask"][:, 1:].bool().to(device)  # position t predicts token t + 1
+                    entries = ReferenceCache.entries(head, hidden[:, :-1][predicts], input_ids[:, 1:][predicts], topk)
+                    counts = predicts.sum(1).tolist()
+                    for i, row_entries in zip(taken, zip(*(v.split(counts) for v in entries.values()))):
+                        per_row[i] = dict(zip(entries, row_entries))
                     bar.update(len(taken))
         finally:
             peft_model.train(was_training)
@@ -129,17 +131,24 @@ class ReferenceCache:
         return {**tensors, "offsets": torch.tensor([0, *lengths]).cumsum(0)[:-1]}
 
     @staticmethod
-    def row_entries(logits: torch.Tensor, input_ids: list[int], topk: int | None) -> dict[str, torch.Tensor]:
-        """One row's cache entries from its [T - 1, V] reference logits: all log-probs, or the top k with the log
-        of the remaining mass and the log-prob of the row's next token."""
-        logp = torch.log_softmax(logits.float(), -1)
-        if topk is None:
-            return {"logp": logp.cpu()}
-        values, ids = logp.topk(topk, dim=-1)
-        following = torch.as_tensor(input_ids[1:], device=logp.device)
-        return {"logp": values.cpu(), "idx": ids.int().cpu(),
-                "tail": logp.scatter(1, ids, float("-inf")).logsumexp(-1).cpu(),
-                "label_logp": logp.gather(1, following[:, None]).squeeze(1).cpu()}
+    def entries(head: torch.nn.Module, hidden: torch.Tensor, following: torch.Tensor, topk: int | None,
+                chunk_size: int = 256) -> dict[str, torch.Tensor]:
+        """Cache entries of N predictions from their final hidden states [N, H] and next tokens [N]: all
+        log-probs, or the top k with the log of the remaining mass and the next token's log-prob. `chunk_size`
+        predictions at a time, so [chunk, V] tensors of one size recur, which the allocator reuses (a [T, V] tensor
+        per row, T varying, left gigabytes of freed memory resident)."""
+        parts = []
+        for a in range(0, len(hidden), chunk_size):
+            logp = torch.log_softmax(head(hidden[a:a + chunk_size]).float(), -1)
+            if topk is None:
+                parts.append({"logp": logp.cpu()})
+                continue
+            label_logp = logp.gather(1, following[a:a + chunk_size, None]).squeeze(1)
+            values, ids = logp.topk(topk, dim=-1)
+            tail = logp.scatter_(1, ids, float("-inf")).logsumexp(-1)  # in place: logp is not needed after
+            parts.append({"logp": values.cpu(), "idx": ids.int().cpu(), "tail": tail.cpu(),
+                          "label_logp": label_logp.cpu()})
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path
