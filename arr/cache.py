@@ -116,8 +116,8 @@ class ReferenceCache:
                     taken, start = order[start:end], end
                     batch = collate([dataset[i] for i in taken])
                     input_ids = batch["input_ids"].to(device)
-                    hidden = decoder(input_ids=input_ids,
-                                     attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+                    hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                                     use_cache=False).last_hidden_state
                     predicts = batch["attention_mask"][:, 1:].bool().to(device)  # position t predicts token t + 1
                     entries = ReferenceCache.entries(head, hidden[:, :-1][predicts], input_ids[:, 1:][predicts], topk)
                     counts = predicts.sum(1).tolist()

@@ -274,10 +274,17 @@ def total_steps(n_sft: int, args) -> int:
     return args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
 
 
+def rows_drawn(n_sft: int, args) -> tuple[int, int]:
+    """The SFT rows and the replay rows the whole run draws (a row drawn twice counts twice)."""
+    draws = total_steps(n_sft, args) * args.global_batch
+    replay = _rounded(draws * args.replay_ratio)
+    return draws - replay, replay
+
+
 def replay_sequences_needed(n_sft: int, args) -> int:
     """Replay sequences the whole run draws (at least 1), capped by `args.replay_max_sequences`; when the pool is
     smaller the sampler reuses it in a new order."""
-    needed = max(1, _rounded(total_steps(n_sft, args) * args.global_batch * args.replay_ratio))
+    needed = max(1, rows_drawn(n_sft, args)[1])
     return needed if args.replay_max_sequences is None else min(needed, args.replay_max_sequences)
 
 

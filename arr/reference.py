@@ -27,21 +27,24 @@ from contextlib import contextmanager
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from .chunked_loss import RefLogprobs, log_softmax_float
 from .errors import ConfigError
 
-BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")
 INITIAL_ADAPTER = "arr_initial"  # the frozen copy of the initial adapter, after a base-rewriting init
 
 
 def snapshot_initial_adapter(peft_model: PeftModel) -> None:
     """Keep the model training starts from reachable: after an init that rewrote the base weights, add a frozen copy
     of the adapter as it is now (INITIAL_ADAPTER), which `initial_model` and `adapters_off` make active in place of
-    switching the adapter off. Nothing to do for the standard inits. Refused, with the reason: LoftQ, and a LoRA on
-    the LM head under a base-rewriting init (the chunked loss applies the initial head directly)."""
+    switching the adapter off. Nothing to do for the standard inits. Refused, with the reason: LoftQ, and under a
+    base-rewriting init what PEFT's conversion to a plain LoRA drops or what the snapshot cannot hold (DoRA, LoRA on
+    embeddings, trained module copies, trained biases) and a LoRA on the LM head (the chunked loss applies the
+    initial head directly)."""
     name = peft_model.active_adapter
     init = str(getattr(peft_model.peft_config[name], "init_lora_weights", True)).lower()
     if init.startswith("loftq"):
@@ -49,11 +52,17 @@ def snapshot_initial_adapter(peft_model: PeftModel) -> None:
                           "base weights, which ARR does not set up; use init_lora_weights=true, pissa or olora")
     if not init.startswith(BASE_REWRITING_INITS) or INITIAL_ADAPTER in peft_model.peft_config:
         return
-    if isinstance(peft_model.get_output_embeddings(), BaseTunerLayer):
-        raise ConfigError(f"init_lora_weights={init!r} with a LoRA on the LM head: the initial head would be the "
-                          "adapted one, which the chunked loss does not read; leave the LM head out of the targets")
     config = copy.deepcopy(peft_model.peft_config[name])
-    config.init_lora_weights, config.inference_mode = True, True  # B = 0: adding it leaves the base weights alone
+    unsupported = [what for what, present in (
+        ("use_dora", config.use_dora), (f"bias={config.bias!r}", config.bias != "none"),
+        ("modules_to_save", config.modules_to_save), ("trainable_token_indices", config.trainable_token_indices),
+        ("a LoRA on an embedding", any(isinstance(m, LoraEmbedding) for m in peft_model.modules())),
+        ("a LoRA on the LM head", isinstance(peft_model.get_output_embeddings(), BaseTunerLayer))) if present]
+    if unsupported:
+        raise ConfigError(f"init_lora_weights={init!r} with {', '.join(unsupported)}: the initial model or the "
+                          "adapter converted for the original model would be wrong; use init_lora_weights=true there")
+    # B = 0 (adding it leaves the base weights alone), frozen, and no dropout: the reference forward runs in train mode
+    config.init_lora_weights, config.inference_mode, config.lora_dropout = True, True, 0.0
     peft_model.add_adapter(INITIAL_ADAPTER, config)
     set_peft_model_state_dict(peft_model, get_peft_model_state_dict(peft_model, adapter_name=name),
                               adapter_name=INITIAL_ADAPTER)
@@ -83,11 +92,13 @@ def save_adapter(peft_model: PeftModel, folder: str | os.PathLike) -> None:
     if INITIAL_ADAPTER not in peft_model.peft_config:
         peft_model.save_pretrained(folder, selected_adapters=[name])
         return
+    was_training = peft_model.training
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[INITIAL_ADAPTER])  # into tmp/INITIAL_ADAPTER
         initial = os.path.join(tmp, "initial")  # PEFT loads it under its folder's name, then deletes that adapter
         os.rename(os.path.join(tmp, INITIAL_ADAPTER), initial)
         peft_model.save_pretrained(folder, selected_adapters=[name], path_initial_model_for_weight_conversion=initial)
+    peft_model.train(was_training)  # (PEFT's load_adapter for the conversion left the model in eval mode)
 
 
 def adapter_layers(peft_model: PeftModel) -> list[torch.nn.Module]:

@@ -28,8 +28,8 @@ from . import run_folder
 from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
-from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, token_blocks,
-                   total_steps)
+from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, rows_drawn,
+                   token_blocks)
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
 from .reference import (INITIAL_ADAPTER, CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
@@ -128,6 +128,10 @@ class ARRTrainer(Trainer):
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if self.initial_adapter is not None and (self.sharded or args.laplace_lambda > 0):
+            raise ConfigError("init_lora_weights: an init that rewrites the base weights needs DDP or one process (its "
+                              "adapter is converted whole when saved) and laplace_lambda 0 (the Laplace penalty "
+                              "measures the adapter from zero, not from its initial value)")
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
@@ -191,9 +195,12 @@ class ARRTrainer(Trainer):
     def _prepare_reference(self, model, collate, args: ARRConfig):
         """The reference cache (ref_cache exact/topk, or auto resolved here), built once by the main process and
         read by the others."""
-        mode, drawn = args.ref_cache, total_steps(len(self.train_dataset.sft), args) * args.global_batch
-        if mode == "auto":
-            mode = "topk" if drawn > len(self.train_dataset) and not self.sharded else "none"
+        sft_draws, replay_draws = rows_drawn(len(self.train_dataset.sft), args)
+        drawn = {"sft": sft_draws, "replay": replay_draws}.get(args.kl_on, sft_draws + replay_draws)  # with KL
+        mode = args.ref_cache
+        if mode == "auto":  # the build is a forward of every row: worth it once the online reference would run
+            # on at least 1.5 times as many (the margin keeps a single pass's rounded-up last step on-line)
+            mode = "topk" if drawn >= 1.5 * len(self.train_dataset) and not self.sharded else "none"
         if mode == "none" or args.beta == 0:
             return None, {"mode": "none", "rows": len(self.train_dataset), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
@@ -343,15 +350,17 @@ class ARRTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's, except that after an init that rewrote the base weights a final save (not a checkpoint,
-        which a resumed run loads back as it is) writes the adapter converted for the original model
-        (reference.save_adapter), with the tokenizer."""
-        if self.initial_adapter is None or _internal_call or self.sharded:
+        which a resumed run loads back as it is) holds the adapter converted for the original model
+        (reference.save_adapter) in place of the trained one and the snapshot, before any push to the Hub."""
+        if self.initial_adapter is None or _internal_call:
             return super().save_model(output_dir, _internal_call)
+        super().save_model(output_dir, _internal_call=True)  # training args and tokenizer, as the Trainer writes them
+        output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
+            shutil.rmtree(os.path.join(output_dir, INITIAL_ADAPTER), ignore_errors=True)
             save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
