@@ -267,11 +267,16 @@ class MixedDataset(Dataset):
         return {**row, "is_replay": True, "row": i}
 
 
+def steps_per_epoch(n_sft: int, global_batch: int, replay_ratio: float) -> int:
+    """Optimizer steps that draw every SFT row once, each step `global_batch` rows of which `replay_ratio` are
+    replay."""
+    return math.ceil(n_sft / (global_batch * (1 - replay_ratio)))
+
+
 def total_steps(n_sft: int, args) -> int:
-    """Optimizer steps of the run: `max_steps`, else its epochs over the SFT rows, each step `global_batch` rows of
-    which `replay_ratio` are replay."""
-    steps_per_epoch = math.ceil(n_sft / (args.global_batch * (1 - args.replay_ratio)))
-    return args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    """Optimizer steps of the run: `max_steps`, else its epochs over the SFT rows."""
+    epoch = steps_per_epoch(n_sft, args.global_batch, args.replay_ratio)
+    return args.max_steps if args.max_steps > 0 else math.ceil(epoch * args.num_train_epochs)
 
 
 def rows_drawn(n_sft: int, args) -> tuple[int, int]:
@@ -305,7 +310,7 @@ class ReplayMixSampler(Sampler[int]):
         if not 0 < ratio < 1 or n_replay < 1:
             raise ValueError("ReplayMixSampler needs 0 < ratio < 1 and a non-empty replay pool")
         self.n_sft, self.n_replay, self.global_batch, self.ratio, self.seed = n_sft, n_replay, global_batch, ratio, seed
-        self.steps_per_epoch = math.ceil(n_sft / (global_batch * (1 - ratio)))
+        self.steps_per_epoch = steps_per_epoch(n_sft, global_batch, ratio)
         self.epoch = 0
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
