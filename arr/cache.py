@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .chunked_loss import RefLogprobs
 from .reference import initial_model
 
-REFERENCE_CACHE_FORMAT = "v2"  # part of the key: change it when what the cache holds changes (v2: label_logp)
+REFERENCE_CACHE_FORMAT = "v3"  # part of the key: change it when what the cache holds changes (v3: some rows)
 
 
 def fingerprint(named_tensors, digest=None):
@@ -56,13 +56,14 @@ def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 class ReferenceCache:
-    """The initial model's next-token log-probs at every position of a fixed dataset (SFT examples and the replay
-    pool), computed once before training so that no step runs the reference forward again.
+    """The initial model's next-token log-probs at every position of the rows of a fixed dataset (SFT examples and
+    the replay pool) that hold KL positions, computed once before training so that no step runs the reference
+    forward again.
 
     exact: all V log-probs per position ([positions, V] float32, for short data). topk: the k largest log-probs,
     their token ids, the log of the remaining mass and the log-prob of the next token of the row (see
     chunked_loss.RefLogprobs). Rows are found through `offsets`: position t of dataset row i is entry
-    offsets[i] + t."""
+    offsets[i] + t (a row not cached has offset 0; the objective never reads it)."""
 
     def __init__(self, logp: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor | None = None,
                  tail: torch.Tensor | None = None, label_logp: torch.Tensor | None = None):
@@ -91,9 +92,9 @@ class ReferenceCache:
 
     @staticmethod
     @torch.no_grad()
-    def build(peft_model: PeftModel, dataset, collate, topk: int | None, tokens_per_batch: int = 4096
-              ) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every row of `dataset` (the initial model, eval mode), as the tensors of a
+    def build(peft_model: PeftModel, dataset, collate, topk: int | None, rows: list[int],
+              tokens_per_batch: int = 4096) -> dict[str, torch.Tensor]:
+        """Reference log-probs of the `rows` of `dataset` (the initial model, eval mode), as the tensors of a
         ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp). Rows go through the trunk sorted by
         length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
         step's: no gradient is kept), and their predictions through the LM head a fixed number at a time."""
@@ -103,8 +104,8 @@ class ReferenceCache:
         device = next(peft_model.parameters()).device
         was_training = peft_model.training
         peft_model.eval()
-        order = sorted(range(len(dataset)), key=length)
-        per_row: list[dict[str, torch.Tensor]] = [{} for _ in order]
+        order = sorted(rows, key=length)
+        per_row: dict[int, dict[str, torch.Tensor]] = {}
         try:
             with initial_model(peft_model), tqdm(total=len(order), desc="Caching reference log-probs") as bar:
                 decoder, head = peft_model.get_decoder(), peft_model.get_output_embeddings()
@@ -126,9 +127,10 @@ class ReferenceCache:
                     bar.update(len(taken))
         finally:
             peft_model.train(was_training)
-        tensors = {name: torch.cat([entries[name] for entries in per_row]) for name in per_row[0]}
-        lengths = [len(entries["logp"]) for entries in per_row]
-        return {**tensors, "offsets": torch.tensor([0, *lengths]).cumsum(0)[:-1]}
+        tensors = {name: torch.cat([per_row[i][name] for i in rows]) for name in per_row[rows[0]]}
+        offsets = torch.zeros(len(dataset), dtype=torch.long)
+        offsets[rows] = torch.tensor([0, *(len(per_row[i]["logp"]) for i in rows)]).cumsum(0)[:-1]
+        return {**tensors, "offsets": offsets}
 
     @staticmethod
     def entries(head: torch.nn.Module, hidden: torch.Tensor, following: torch.Tensor, topk: int | None,
@@ -151,14 +153,17 @@ class ReferenceCache:
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
-def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path
-                    ) -> tuple[ReferenceCache, dict]:
-    """The cache for this model, data and k from `folder` when there, else built and saved there. The key hashes
-    the base model's weights, every row's token ids (so the data and the tokenizer), k and the cache format."""
+def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path,
+                    rows: list[int] | None = None) -> tuple[ReferenceCache, dict]:
+    """The cache of `dataset`'s `rows` (default: all) for this model and k from `folder` when there, else built and
+    saved there. The key hashes the base model's weights, the dataset's size, which rows and their token ids (so
+    the data and the tokenizer), k and the cache format."""
+    rows = list(range(len(dataset))) if rows is None else rows
     digest = base_weights_digest(peft_model)
-    digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
-    for i in range(len(dataset)):
+    digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT},{len(dataset)}".encode())
+    digest.update(torch.tensor(rows).numpy().tobytes())
+    for i in rows:
         digest.update(torch.as_tensor(dataset[i]["input_ids"]).numpy().tobytes())
     path = Path(folder) / f"{digest.hexdigest()[:32]}.safetensors"
-    tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk))
+    tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk, rows))
     return ReferenceCache(**tensors), info

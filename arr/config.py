@@ -231,12 +231,12 @@ class ARRConfig(TrainingArguments):
     )
     ref_cache: str = field(
         default="auto",
-        metadata={"help": "Reference log-probs computed once before training for every SFT example and replay sequence, "
+        metadata={"help": "Reference log-probs computed once before training for every row that holds KL positions, "
                           "instead of a reference forward at every step: 'topk' (the ref_cache_topk largest plus the "
                           "remaining mass: the KL is then between the (k+1)-outcome coarsenings, a lower bound), "
                           "'exact' (all V log-probs per token in float32; short data only), 'none' (the on-line "
                           "reference), or 'auto': topk when the run draws its rows that hold KL positions at least 1.5 "
-                          "times as often as its data has rows (several epochs, or a replay pool smaller than its "
+                          "times as often as its data has such rows (several epochs, or a replay pool smaller than its "
                           "draws), so that the build's one forward per row costs less than one per draw, else none; "
                           "none under FSDP/DeepSpeed. Kept in "
                           "output_dir/ref_cache and reused while the model, data and tokenizer stay the same (a "

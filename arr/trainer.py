@@ -195,19 +195,22 @@ class ARRTrainer(Trainer):
     def _prepare_reference(self, model, collate, args: ARRConfig):
         """The reference cache (ref_cache exact/topk, or auto resolved here), built once by the main process and
         read by the others."""
-        sft_draws, replay_draws = rows_drawn(len(self.train_dataset.sft), args)
-        drawn = {"sft": sft_draws, "replay": replay_draws}.get(args.kl_on, sft_draws + replay_draws)  # with KL
+        n_sft, n_rows = len(self.train_dataset.sft), len(self.train_dataset)
+        sft_draws, replay_draws = rows_drawn(n_sft, args)
+        # the rows that hold KL positions (kl_on), and how often the run draws them
+        rows, drawn = {"sft": (range(n_sft), sft_draws), "replay": (range(n_sft, n_rows), replay_draws)}.get(
+            args.kl_on, (range(n_rows), sft_draws + replay_draws))
         mode = args.ref_cache
-        if mode == "auto":  # the build is a forward of every row: worth it once the online reference would run
-            # on at least 1.5 times as many (the margin keeps a single pass's rounded-up last step on-line)
-            mode = "topk" if drawn >= 1.5 * len(self.train_dataset) and not self.sharded else "none"
-        if mode == "none" or args.beta == 0:
-            return None, {"mode": "none", "rows": len(self.train_dataset), "rows_drawn": drawn}
+        if mode == "auto":  # the build is a forward of every such row: worth it once the online reference would
+            # run on at least 1.5 times as many (the margin keeps a single pass's rounded-up last step on-line)
+            mode = "topk" if drawn >= 1.5 * len(rows) and not self.sharded else "none"
+        if mode == "none" or args.beta == 0 or not rows:
+            return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
         with args.main_process_first(desc="reference cache"):
             cache, info = reference_cache(model, self.train_dataset, collate, topk,
-                                          os.path.join(args.output_dir, run_folder.REF_CACHE))
-        return cache, {"mode": mode, "rows": len(self.train_dataset), "rows_drawn": drawn, **info}
+                                          os.path.join(args.output_dir, run_folder.REF_CACHE), list(rows))
+        return cache, {"mode": mode, "rows": len(rows), "rows_drawn": drawn, **info}
 
     def _prepare_curvature(self, model, blocks, args: ARRConfig):
         """The Laplace penalty's (dW function, Fisher) pairs, the Fisher estimated once and cached."""

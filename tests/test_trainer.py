@@ -214,22 +214,32 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
     topk, topk_kl = run("topk", "topk", ref_cache_topk=8)
     assert topk.ref_cache.topk == 8 and topk_kl[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < topk_kl[1] <= exact_kl[1] * 1.01  # the coarsened KL is a lower bound
+    # kl_on=replay: the cache holds the replay rows only, and trains as the online reference does
+    _, replay_online_kl = run("replay_online", "none", kl_on="replay")
+    replay_cached, replay_cached_kl = run("replay_cached", "exact", kl_on="replay")
+    assert replay_cached.ref_cache_info["rows"] == len(replay_cached.train_dataset.replay)
+    assert replay_online_kl[-1] > 0 and replay_cached_kl == pytest.approx(replay_online_kl, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("epochs,max_steps,mode", [(3, -1, "topk"), (1, -1, "none"), (1, 2, "none")])
-def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_once(llama_dir, tokenizer, tmp_path,
-                                                                                   epochs, max_steps, mode):
+@pytest.mark.parametrize("epochs,max_steps,extra,mode,drawn,rows", [
+    (3, -1, {}, "topk", 72, 18 + 18), (1, -1, {}, "none", 24, 18 + 6), (1, 2, {}, "none", 16, 18 + 4),
+    # the KL on replay rows only, a pool of 2 drawn 6 times: cached, those 2 rows alone
+    (1, -1, {"kl_on": "replay", "replay_max_sequences": 2}, "topk", 6, 2)])
+def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_once(
+        llama_dir, tokenizer, tmp_path, epochs, max_steps, extra, mode, drawn, rows):
     # 18 SFT rows at 1/4 replay, global batch 8: an epoch is 3 steps, 24 draws, of the 18 SFT rows and 6 replay rows
     config = ARRConfig(output_dir=str(tmp_path), replay_ratio=0.25, replay_seq_length=16,
-                       **{**STEPS, "max_steps": max_steps, "num_train_epochs": epochs})
+                       **{**STEPS, "max_steps": max_steps, "num_train_epochs": epochs, **extra})
     trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(18), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
     info = trainer.ref_cache_info
     assert info["mode"] == mode and (trainer.ref_cache is not None) == (mode == "topk")
-    assert (info["rows_drawn"], info["rows"]) == {(3, -1): (72, 18 + 18), (1, -1): (24, 18 + 6),
-                                                  (1, 2): (16, 18 + 4)}[epochs, max_steps]
+    assert (info["rows_drawn"], info["rows"]) == (drawn, rows)
     if mode == "topk":
-        assert trainer.ref_cache.topk == config.ref_cache_topk and len(trainer.ref_cache.offsets) == info["rows"]
+        cache, dataset = trainer.ref_cache, trainer.train_dataset
+        cached = range(len(dataset.sft), len(dataset)) if extra else range(len(dataset))
+        assert cache.topk == config.ref_cache_topk and len(cache.offsets) == len(dataset)
+        assert len(cache.logp) == sum(len(dataset[i]["input_ids"]) - 1 for i in cached)  # every prediction, once
 
 
 @pytest.mark.parametrize("padding_free,chunk", [(False, 1024), (True, 1024), (False, 0)])
