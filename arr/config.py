@@ -27,14 +27,16 @@ SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
+# Without replay the KL can only sit on the task's own rows: those presets say so (kl_on: all), so that a beta given
+# beside them means a KL there.
 METHODS = {
-    "lora": {"beta": 0.0, "replay_ratio": 0.0},  # plain LoRA SFT
-    "kl_only": {"replay_ratio": 0.0},
+    "lora": {"beta": 0.0, "replay_ratio": 0.0, "kl_on": "all"},  # plain LoRA SFT
+    "kl_only": {"replay_ratio": 0.0, "kl_on": "all"},
     "replay_only": {"beta": 0.0, "replay_data": None},  # the next-token CE of Wikipedia replay (greedy self-replay
     # answers would only sharpen the model under a CE alone)
     "arr": {},  # KL + replay at the shipped defaults
     "arr_adaptive": {"kl_target": 0.1},  # ARR with beta steered to a KL budget (see kl_target)
-    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "laplace_lambda": 300.0},  # LaLoRA alone
+    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "kl_on": "all", "laplace_lambda": 300.0},  # LaLoRA alone
 }
 
 
@@ -163,7 +165,7 @@ class ARRConfig(TrainingArguments):
 
     beta: float = field(default=1.0, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
     kl_on: str = field(
-        default="all",
+        default="replay",
         metadata={"help": "Where the KL is taken: 'all' (every position), 'prompt_and_replay' (every position "
                           "whose label the SFT CE does not train: SFT prompts and replay rows), 'replay' (replay rows "
                           "only) or 'sft' (every position of SFT rows, prompt and response)."},
@@ -300,6 +302,9 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
         raise ConfigError(f"config key replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
+    if cfg.beta > 0 and cfg.kl_on == "replay" and cfg.replay_ratio == 0:
+        raise ConfigError("config key kl_on=replay takes the KL on replay rows, and replay_ratio=0 draws none: set "
+                          "kl_on=all for a KL on the task's own rows, replay_ratio > 0, or beta=0")
     if cfg.replay_weight is not None and not cfg.replay_weight >= 0:
         raise ConfigError(f"config key replay_weight must be >= 0, got {cfg.replay_weight}")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

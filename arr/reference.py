@@ -155,16 +155,16 @@ def initial_head(head: torch.nn.Module) -> torch.nn.Module:
 
 
 class OnlineReference:
-    """The initial model's outputs of this step: final hidden states [B', T, H] with its `head`, or logits [B', T, V]
-    (head None). `rows` [B] marks the batch rows they were computed for (None: all of them); every KL position lies
-    in one of those rows."""
+    """The initial model's outputs of this step: final hidden states [B', T', H] with its `head`, or logits
+    [B', T', V] (head None), computed on the whole batch or, with `take`, on the part of it that holds the KL
+    positions (batch.kl_sequences): `take` maps a [B, T - 1] mask of the batch onto [B', T' - 1]."""
 
-    def __init__(self, outputs: torch.Tensor, head: torch.nn.Module | None = None, rows: torch.Tensor | None = None):
-        self.outputs, self.head, self.rows = outputs, head, rows
+    def __init__(self, outputs: torch.Tensor, head: torch.nn.Module | None = None, take=None):
+        self.outputs, self.head, self.take = outputs, head, take
 
     def select(self, kl: torch.Tensor):
         """`kl` [B, T - 1] marks the KL positions; returns (a, b) -> RefLogprobs of the selected positions a..b-1."""
-        selected = self.outputs[:, :-1][kl if self.rows is None else kl[self.rows]]
+        selected = self.outputs[:, :-1][kl if self.take is None else self.take(kl)]
         if self.head is None:
             return lambda a, b: RefLogprobs(log_softmax_float(selected[a:b].float().clone()))
         return lambda a, b: RefLogprobs(log_softmax_float(self.head(selected[a:b])))

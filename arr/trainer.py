@@ -30,6 +30,7 @@ from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, rows_drawn,
                    token_blocks)
+from .batch import kl_sequences
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
 from .reference import (INITIAL_ADAPTER, CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
@@ -303,18 +304,14 @@ class ARRTrainer(Trainer):
                 raise ARRError("ref_cache needs the dataset index of every row (`row`): keep ARR's own collator")
             entries = self.ref_cache.positions(inputs["row"], inputs["labels"].shape[1], inputs.get("position_ids"))
             return CachedReference(self.ref_cache, entries, inputs["labels"].device)
-        rows = None if self.sharded else kl_positions.any(1)
-        if rows is not None and bool(rows.all()):
-            rows = None
-        sub_inputs = model_inputs if rows is None else {
-            k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in model_inputs.items()}
+        sub_inputs, take = (model_inputs, None) if self.sharded else kl_sequences(model_inputs, kl_positions)
         # DDP's forward prepares its gradient reduction; the reference needs none, so it runs on the model inside.
         forward_model = model if self.sharded else peft_model
         with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers, self.initial_adapter):
             outputs = self._forward(forward_model, peft_model, sub_inputs, chunked)
         if not chunked:
-            return OnlineReference(outputs.logits, rows=rows)
-        return OnlineReference(outputs, initial_head(peft_model.get_output_embeddings()), rows)
+            return OnlineReference(outputs.logits, take=take)
+        return OnlineReference(outputs, initial_head(peft_model.get_output_embeddings()), take)
 
     def _note_parts(self, parts: LossParts) -> None:
         """Stop on a non-finite part; keep each part for the logs, and the KL for the adaptive controller."""

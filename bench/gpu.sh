@@ -19,4 +19,4 @@ for shape in smollm2-135m qwen2.5-0.5b; do
 done
 python3 -m bench.reference_cost --shape qwen2.5-0.5b --batch-size 16 --iterations 10
 python3 -m bench.overhead --models "$out/smollm2-135m,$out/qwen2.5-0.5b" --batch-size 16 --steps 10 \
-  --warmup-steps 3 --variants arr_online
+  --warmup-steps 3 --variants arr_kl_all,arr_online

@@ -16,12 +16,13 @@ steps as the variant it is compared with (replay rows make an epoch longer). Sel
 generated once per model and settings and cached across runs ($ARR_CACHE/self_replay): a run that generated it
 says so, and that one-off time is not counted. Variants (shipped defaults, arr/config.py, but what is named):
   lora           plain LoRA SFT (beta = 0, no replay)
-  arr            the shipped default (ref_cache: auto, so a top-k cache when rows are drawn more than once)
-  arr_online     the on-line exact reference on every step (ref_cache: none)
+  arr            the shipped default (the KL on replay rows, so the reference runs on those rows alone; ref_cache:
+                 auto, so a top-k cache of them when they are drawn more than once)
+  arr_kl_all     the KL on every position of every row (kl_on: all, the default before), ref_cache: auto
+  arr_online     arr_kl_all with the on-line exact reference on every step (ref_cache: none)
   arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
-  arr_topk       a top-64 reference cache (ref_cache: topk), whatever the workload
-  arr_exact      a cache of all reference log-probs (ref_cache: exact)
-  arr_replay_kl  the KL on replay rows only (kl_on: replay, on-line): the reference forward runs on those rows alone
+  arr_topk       arr_kl_all through a top-64 reference cache (ref_cache: topk), whatever the workload
+  arr_exact      arr_kl_all through a cache of all reference log-probs (ref_cache: exact)
 For a top-k cache the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default against plain LoRA
 on each workload (top level: the embedded recipe), from this run (with --repeats N, the medians of N interleaved
@@ -44,11 +45,11 @@ from transformers import TrainerCallback
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
     "arr": {},
-    "arr_online": {"ref_cache": "none"},
-    "arr_naive": {"ref_cache": "none", "loss_chunk_size": 0},
-    "arr_topk": {"ref_cache": "topk"},
-    "arr_exact": {"ref_cache": "exact"},
-    "arr_replay_kl": {"ref_cache": "none", "kl_on": "replay"},
+    "arr_kl_all": {"kl_on": "all"},
+    "arr_online": {"kl_on": "all", "ref_cache": "none"},
+    "arr_naive": {"kl_on": "all", "ref_cache": "none", "loss_chunk_size": 0},
+    "arr_topk": {"kl_on": "all", "ref_cache": "topk"},
+    "arr_exact": {"kl_on": "all", "ref_cache": "exact"},
 }
 DEFAULT_PATH = "arr"
 WORKLOADS = {"embedded": {}, "epochs3": {"max_steps": -1, "num_train_epochs": 3}}  # over the embedded recipe

@@ -75,6 +75,8 @@ CASES = {
     "replay_ratio 1": ({}, ["replay_ratio=1"], "replay_ratio must be in [0, 1), got 1"),
     "negative replay_ratio": ({}, ["replay_ratio=-0.1"], "replay_ratio must be in [0, 1), got -0.1"),
     "bad kl_on": ({}, ["kl_on=prompt"], "kl_on must be one of all, sft, replay, prompt_and_replay, got 'prompt'"),
+    "KL on replay without replay": ({}, ["replay_ratio=0"], "kl_on=replay takes the KL on replay rows, and "
+                                    "replay_ratio=0 draws none"),
     "bad kl_direction": ({}, ["kl_direction=sideways"], "kl_direction must be one of forward, reverse"),
     "bad sft_format": ({}, ["sft_format=csv"], "sft_format must be one of auto, messages, alpaca"),
     "max_length too small": ({}, ["max_length=1"], "max_length must be >= 2, got 1"),

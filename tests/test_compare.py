@@ -43,6 +43,7 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
     assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
                                "forgetting ↓ | task EM ↑ | removed | kept |")
     assert len(table) == 8 and table[2].startswith("| lora | 0.0 | all | forward | 0.0 |")
+    assert saved["methods"]["kl_only"]["objective"]["kl_on"] == "all"  # without replay the KL sits on the task's rows
     png = (tmp_path / "cmp" / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

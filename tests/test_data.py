@@ -212,3 +212,27 @@ def test_date_task_is_deterministic_and_disjoint():
     assert train == resources.date_task("train")
     answers = lambda rows: {r["messages"][1]["content"] for r in rows}  # noqa: E731
     assert not answers(train) & answers(test)
+
+
+def test_kl_sequences_keeps_only_the_packed_sequences_with_kl_positions_in_order():
+    from arr.batch import kl_sequences
+
+    # row 0: sequence A (3 tokens), B (4 tokens, KL), one pad; row 1: C (5 tokens, KL at its first two positions), D
+    # (3 tokens); row 2: E (8 tokens, no KL)
+    input_ids = torch.tensor([[1, 2, 3, 10, 11, 12, 13, 0], [20, 21, 22, 23, 24, 30, 31, 32],
+                              [40, 41, 42, 43, 44, 45, 46, 47]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    kl = torch.zeros(3, 7, dtype=torch.bool)
+    kl[0, 3:6] = True  # B's three predictions
+    kl[1, 0:2] = True
+    sub, take = kl_sequences({"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}, kl)
+    assert sub["input_ids"].tolist() == [[10, 11, 12, 13, 1], [20, 21, 22, 23, 24]]  # (the filler's id is unread)
+    assert sub["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 3, 4]] and sub["use_cache"] is False
+    # the same predictions, in the same order, and what each predicts
+    assert input_ids[:, :-1][kl].tolist() == sub["input_ids"][:, :-1][take(kl)].tolist() == [10, 11, 12, 20, 21]
+    assert input_ids[:, 1:][kl].tolist() == sub["input_ids"][:, 1:][take(kl)].tolist() == [11, 12, 13, 21, 22]
+    padded = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    sub, take = kl_sequences(padded, kl)
+    assert sub["input_ids"].tolist() == input_ids[:2].tolist() and take(kl).shape == (2, 7)
+    everything = torch.ones(3, 7, dtype=torch.bool)
+    assert kl_sequences(padded, everything) == (padded, None)

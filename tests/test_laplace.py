@@ -99,7 +99,7 @@ def test_adaptive_beta_rule():
 
 
 def adaptive_trainer(llama_dir, tokenizer, out, **extra):
-    config = ARRConfig(output_dir=str(out), beta=1.0, kl_target=1e-4, replay_ratio=0.0,
+    config = ARRConfig(output_dir=str(out), beta=1.0, kl_on="all", kl_target=1e-4, replay_ratio=0.0,
                        **{**STEPS, "max_steps": 6, **extra})
     return ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer)
 

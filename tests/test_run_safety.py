@@ -26,7 +26,7 @@ def config(tmp_path, llama_dir):
     path.write_text(yaml.safe_dump({
         "model_name_or_path": str(llama_dir), "sft_data": write_jsonl(tmp_path / "sft.jsonl", sft_records(16)),
         "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4, "beta": 0.2,
-        "replay_ratio": 0.0, "save_strategy": "no", "lora_r": 4, "disable_tqdm": True}))
+        "kl_on": "all", "replay_ratio": 0.0, "save_strategy": "no", "lora_r": 4, "disable_tqdm": True}))
     return path
 
 

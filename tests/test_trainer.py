@@ -138,8 +138,8 @@ def test_base_rewriting_init_keeps_the_initial_model_as_reference_and_saves_an_a
     model = fresh_peft(llama_dir, init_lora_weights=init, lora_dropout=0.1)
     base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert not torch.allclose(base_weight, untouched.model.layers[0].self_attn.q_proj.weight)  # the init rewrote it
-    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, replay_ratio=0.25, replay_seq_length=16,
-                       ref_cache="none", **STEPS)
+    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, kl_on="all", replay_ratio=0.25,
+                       replay_seq_length=16, ref_cache="none", **STEPS)
     trainer = ARRTrainer(model, config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
     assert trainer.initial_adapter == INITIAL_ADAPTER
@@ -222,9 +222,11 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
 
 
 @pytest.mark.parametrize("epochs,max_steps,extra,mode,drawn,rows", [
-    (3, -1, {}, "topk", 72, 18 + 18), (1, -1, {}, "none", 24, 18 + 6), (1, 2, {}, "none", 16, 18 + 4),
-    # the KL on replay rows only, a pool of 2 drawn 6 times: cached, those 2 rows alone
-    (1, -1, {"kl_on": "replay", "replay_max_sequences": 2}, "topk", 6, 2)])
+    (3, -1, {"kl_on": "all"}, "topk", 72, 18 + 18), (1, -1, {"kl_on": "all"}, "none", 24, 18 + 6),
+    (1, 2, {"kl_on": "all"}, "none", 16, 18 + 4),
+    # the KL on replay rows only (the default): a pool as large as its draws stays on-line even over 3 epochs; a
+    # pool of 2 drawn 6 times is cached, those 2 rows alone
+    (3, -1, {}, "none", 18, 18), (1, -1, {"replay_max_sequences": 2}, "topk", 6, 2)])
 def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_once(
         llama_dir, tokenizer, tmp_path, epochs, max_steps, extra, mode, drawn, rows):
     # 18 SFT rows at 1/4 replay, global batch 8: an epoch is 3 steps, 24 draws, of the 18 SFT rows and 6 replay rows
@@ -237,7 +239,7 @@ def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_o
     assert (info["rows_drawn"], info["rows"]) == (drawn, rows)
     if mode == "topk":
         cache, dataset = trainer.ref_cache, trainer.train_dataset
-        cached = range(len(dataset.sft), len(dataset)) if extra else range(len(dataset))
+        cached = range(len(dataset)) if config.kl_on == "all" else range(len(dataset.sft), len(dataset))
         assert cache.topk == config.ref_cache_topk and len(cache.offsets) == len(dataset)
         assert len(cache.logp) == sum(len(dataset[i]["input_ids"]) - 1 for i in cached)  # every prediction, once
 
@@ -245,8 +247,9 @@ def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_o
 @pytest.mark.parametrize("padding_free,chunk", [(False, 1024), (True, 1024), (False, 0)])
 def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_batchs_loss(
         llama_dir, tokenizer, tmp_path, padding_free, chunk):
-    """kl_on=replay: the initial model's forward runs on the replay row only (one of four rows, or of three packed
-    rows), and loss and gradients equal those of a reference over every row."""
+    """kl_on=replay: the initial model's forward runs on the replay sequence only (one of eight rows; packed, its 64
+    tokens without the SFT sequences that share its row), and loss and gradients equal those of a reference over
+    every row."""
     config = ARRConfig(output_dir=str(tmp_path), beta=0.5, kl_on="replay", replay_ratio=0.25, replay_seq_length=64,
                        loss_chunk_size=chunk, padding_free=padding_free, ref_cache="none", **STEPS)
     trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
@@ -257,11 +260,11 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     assert trainer.objective.replay_weight == 1.0  # a corpus's replay CE counts by default
     batch = trainer._prepare_inputs(
-        trainer.data_collator([trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]))
+        trainer.data_collator([trainer.train_dataset[i] for i in (*range(7), len(trainer.train_dataset) - 1)]))
     counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
     rows_seen = []
     hook = trainer.model.get_decoder().register_forward_hook(lambda m, a, kw, out: rows_seen.append(
-        kw.get("input_ids", a[0] if a else None).shape[0]), with_kwargs=True)
+        tuple(kw.get("input_ids", a[0] if a else None).shape)), with_kwargs=True)
 
     def step(every_row):
         trainer.sharded = every_row  # what FSDP/DeepSpeed get: the reference forward on every row
@@ -274,8 +277,10 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
     subset_loss, subset_rows, subset_grads = step(False)
     full_loss, full_rows, full_grads = step(True)
     hook.remove()
-    width = batch["input_ids"].shape[0]
-    assert full_rows == [width, width] and subset_rows == [1, width]  # reference forward first, then the trained one
+    shape = tuple(batch["input_ids"].shape)
+    assert full_rows == [shape, shape]  # reference forward first, then the trained one
+    assert subset_rows == [(1, 64 if padding_free else shape[1]), shape] and (shape[0] == 8) != padding_free
+    assert shape[1] > 64 or not padding_free  # packed, the replay sequence shares its row with SFT sequences
     torch.testing.assert_close(subset_loss, full_loss, rtol=1e-5, atol=1e-7)
     assert full_grads.keys() == subset_grads.keys() and len(full_grads) > 0
     for name, grad in full_grads.items():
