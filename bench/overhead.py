@@ -1,6 +1,7 @@
 """What ARR costs over plain LoRA SFT, measured side by side in one run.
 
     python -m bench.overhead --quick        # tiny model, plain LoRA and the shipped default, both workloads: < 1 min
+    python -m bench.overhead --quick --models smollm2 --repeats 3   # the same on SmolLM2, medians of 3 repeats
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
     python -m bench.overhead --models smollm2 --variants arr_online --loss-chunk-size 256   # another chunk size
@@ -255,7 +256,8 @@ def _loss_memory_child(name: str, seq: int, hidden_size: int, vocab: int, chunk:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, lora and the default ARR path only; no SmolLM2, no loss-memory probe")
+                        help="lora and the default ARR path only, no loss-memory probe; the tiny model unless "
+                             "--models names others")
     parser.add_argument("--models", default=None,
                         help="comma-separated: tiny, smollm2 (the embedded default) or model folders/hub ids "
                              "(default: tiny,smollm2; tiny with --quick)")

@@ -26,7 +26,8 @@ PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens
 from experiments.tasks import TASKS
 # ARR as it was when this experiment was run (its published table was made with it): KL everywhere, Wikipedia replay
 # (CE and KL) at 0.125.
-_THEN = {"kl_mask_target": False, "replay_data": None, "replay_weight": 1.0, "replay_ratio": 0.125}
+_THEN = {"kl_on": "all", "kl_mask_target": False, "replay_data": None, "replay_weight": 1.0,
+         "replay_ratio": 0.125}
 METHODS = {
     "lora": {"method": "lora"},
     "arr_beta1": {"method": "arr", **_THEN},
