@@ -296,8 +296,9 @@ class ARRTrainer(Trainer):
     def _reference(self, model, peft_model, inputs, model_inputs, kl_positions, chunked):
         """The Reference of this batch: the cache's entries, or the initial model's forward over the rows that
         hold KL positions (all rows under FSDP/DeepSpeed, whose forward is collective and must run on every process
-        alike). None when the batch has no KL position."""
-        if not kl_positions.any():
+        alike, so it runs there even on a micro-batch without KL positions). None when the batch has no KL position."""
+        collective = self.sharded and self.ref_cache is None and self.objective.needs_reference
+        if not kl_positions.any() and not collective:
             return None
         if self.ref_cache is not None:
             if "row" not in inputs:
@@ -309,6 +310,8 @@ class ARRTrainer(Trainer):
         forward_model = model if self.sharded else peft_model
         with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers, self.initial_adapter):
             outputs = self._forward(forward_model, peft_model, sub_inputs, chunked)
+        if not kl_positions.any():
+            return None
         if not chunked:
             return OnlineReference(outputs.logits, take=take)
         return OnlineReference(outputs, initial_head(peft_model.get_output_embeddings()), take)

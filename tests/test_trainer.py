@@ -276,6 +276,14 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
 
     subset_loss, subset_rows, subset_grads = step(False)
     full_loss, full_rows, full_grads = step(True)
+    # a micro-batch without KL positions: no reference forward, except under FSDP/DeepSpeed, where every process
+    # must run the same (collective) forwards
+    sft_only = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    for sharded, forwards in ((False, 1), (True, 2)):
+        trainer.sharded = sharded
+        rows_seen.clear()
+        trainer.compute_loss(trainer.model.train(), sft_only)
+        assert len(rows_seen) == forwards
     hook.remove()
     shape = tuple(batch["input_ids"].shape)
     assert full_rows == [shape, shape]  # reference forward first, then the trained one
