@@ -43,14 +43,15 @@ from statistics import median
 
 from transformers import TrainerCallback
 
+_KL_ALL = {"kl_on": "all"}
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
     "arr": {},
-    "arr_kl_all": {"kl_on": "all"},
-    "arr_online": {"kl_on": "all", "ref_cache": "none"},
-    "arr_naive": {"kl_on": "all", "ref_cache": "none", "loss_chunk_size": 0},
-    "arr_topk": {"kl_on": "all", "ref_cache": "topk"},
-    "arr_exact": {"kl_on": "all", "ref_cache": "exact"},
+    "arr_kl_all": _KL_ALL,
+    "arr_online": {**_KL_ALL, "ref_cache": "none"},
+    "arr_naive": {**_KL_ALL, "ref_cache": "none", "loss_chunk_size": 0},
+    "arr_topk": {**_KL_ALL, "ref_cache": "topk"},
+    "arr_exact": {**_KL_ALL, "ref_cache": "exact"},
 }
 DEFAULT_PATH = "arr"
 WORKLOADS = {"embedded": {}, "epochs3": {"max_steps": -1, "num_train_epochs": 3}}  # over the embedded recipe

@@ -32,6 +32,8 @@ PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=8, drift_tokens
                    mmlu_items=0, task_items=50)
 _OBJECTIVE = dict(beta=1.0, kl_direction="forward", kl_mask_target=False, replay_weight=1.0, ref_cache="none")
 _SELF = dict(replay_data="self", self_replay_temperature=0.0)
+# self-generated replay held by the KL alone, at 1/8, the KL on the replay rows only
+_SELF_REPLAY_KL = {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125}
 METHODS = {
     # plain LoRA; the objective keys, which do nothing without KL and replay, pinned as its runs were trained
     "lora": {"method": "lora", "ref_cache": "none", "replay_data": None, "kl_on": "all", "kl_mask_target": False,
@@ -54,10 +56,9 @@ METHODS = {
     "arr_self_masked": {**_OBJECTIVE, **_SELF, "kl_on": "all", "kl_mask_target": True, "replay_ratio": 0.125},
     # the shipped objective's replay with the KL on replay rows only (no KL on the task's rows, so the reference runs
     # on the replay rows alone: the cheapest placement, docs/PERFORMANCE.md), at 1/8
-    "arr_self_replay_kl": {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125},
+    "arr_self_replay_kl": _SELF_REPLAY_KL,
     # the same at beta 3: a stronger KL at no extra cost
-    "arr_self_replay_kl_b3": {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125,
-                              "beta": 3.0},
+    "arr_self_replay_kl_b3": {**_SELF_REPLAY_KL, "beta": 3.0},
 }
 DEFAULT_METHODS = ("lora", "arr_wiki_all", "arr_wiki_masked", "arr_self_kl_masked")
 
