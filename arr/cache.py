@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .chunked_loss import RefLogprobs
 from .reference import initial_model
 
-REFERENCE_CACHE_FORMAT = "v3"  # part of the key: change it when what the cache holds changes (v3: some rows)
+REFERENCE_CACHE_FORMAT = "v4"  # part of the key: change it when what the cache holds changes (v4: row lengths)
 
 
 def fingerprint(named_tensors, digest=None):
@@ -94,8 +94,8 @@ class ReferenceCache:
     @torch.no_grad()
     def build(peft_model: PeftModel, dataset, collate, topk: int | None, rows: list[int],
               tokens_per_batch: int = 4096) -> dict[str, torch.Tensor]:
-        """Reference log-probs of the `rows` of `dataset` (the initial model, eval mode), as the tensors of a
-        ReferenceCache (logp, offsets and, for top-k, idx, tail and label_logp). Rows go through the trunk sorted by
+        """Reference log-probs of the `rows` of `dataset` (the initial model, eval mode): logp and, for top-k, idx,
+        tail and label_logp, the rows' entries one after the other, and `lengths`, each row's number. Rows go through the trunk sorted by
         length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
         step's: no gradient is kept), and their predictions through the LM head a fixed number at a time."""
         def length(i: int) -> int:
@@ -128,9 +128,7 @@ class ReferenceCache:
         finally:
             peft_model.train(was_training)
         tensors = {name: torch.cat([per_row[i][name] for i in rows]) for name in per_row[rows[0]]}
-        offsets = torch.zeros(len(dataset), dtype=torch.long)
-        offsets[rows] = torch.tensor([0, *(len(per_row[i]["logp"]) for i in rows)]).cumsum(0)[:-1]
-        return {**tensors, "offsets": offsets}
+        return {**tensors, "lengths": torch.tensor([len(per_row[i]["logp"]) for i in rows])}
 
     @staticmethod
     def entries(head: torch.nn.Module, hidden: torch.Tensor, following: torch.Tensor, topk: int | None,
@@ -156,14 +154,18 @@ class ReferenceCache:
 def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path,
                     rows: list[int] | None = None) -> tuple[ReferenceCache, dict]:
     """The cache of `dataset`'s `rows` (default: all) for this model and k from `folder` when there, else built and
-    saved there. The key hashes the base model's weights, the dataset's size, which rows and their token ids (so
-    the data and the tokenizer), k and the cache format."""
+    saved there. The key hashes the base model's weights, the rows' token ids in order (so the data and the
+    tokenizer), k and the cache format, not where the rows sit in `dataset`: runs on other data that hold the same
+    KL-bearing rows (the same self-generated replay under `kl_on: replay`) share one cache."""
     rows = list(range(len(dataset))) if rows is None else rows
     digest = base_weights_digest(peft_model)
-    digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT},{len(dataset)}".encode())
-    digest.update(torch.tensor(rows).numpy().tobytes())
+    digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
     for i in rows:
-        digest.update(torch.as_tensor(dataset[i]["input_ids"]).numpy().tobytes())
+        ids = torch.as_tensor(dataset[i]["input_ids"])
+        digest.update(f"|{len(ids)}|".encode() + ids.numpy().tobytes())
     path = Path(folder) / f"{digest.hexdigest()[:32]}.safetensors"
     tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk, rows))
-    return ReferenceCache(**tensors), info
+    offsets = torch.zeros(len(dataset), dtype=torch.long)
+    lengths = tensors.pop("lengths")
+    offsets[rows] = lengths.cumsum(0) - lengths  # where each row's entries start
+    return ReferenceCache(offsets=offsets, **tensors), info

@@ -233,18 +233,23 @@ class ARRConfig(TrainingArguments):
     )
     ref_cache: str = field(
         default="auto",
-        metadata={"help": "Reference log-probs computed once before training for every row that holds KL positions, "
-                          "instead of a reference forward at every step: 'topk' (the ref_cache_topk largest plus the "
-                          "remaining mass: the KL is then between the (k+1)-outcome coarsenings, a lower bound), "
-                          "'exact' (all V log-probs per token in float32; short data only), 'none' (the on-line "
-                          "reference), or 'auto': topk when the run draws its rows that hold KL positions at least 1.5 "
-                          "times as often as its data has such rows (several epochs, or a replay pool smaller than its "
+        metadata={"help": "Reference log-probs computed once for every row that holds KL positions, instead of a "
+                          "reference forward at every step: 'topk' (the ref_cache_topk largest plus the remaining "
+                          "mass: the KL is then between the (k+1)-outcome coarsenings, a lower bound), 'exact' (all V "
+                          "log-probs per token in float32; short data only), 'none' (the on-line reference), or "
+                          "'auto': topk when those rows are self-generated replay (the same rows for every run of "
+                          "this model and length: later runs read the cache) or when the run draws them at least 1.5 "
+                          "times as often as its data has them (several epochs, or a replay pool smaller than its "
                           "draws), so that the build's one forward per row costs less than one per draw, else none; "
-                          "none under FSDP/DeepSpeed. Kept in "
-                          "output_dir/ref_cache and reused while the model, data and tokenizer stay the same (a "
-                          "resumed run reads it); see docs/PERFORMANCE.md."},
+                          "none under FSDP/DeepSpeed. Kept in ref_cache_dir and reused while the model, the rows' "
+                          "tokens and k stay the same (a resumed run reads it); see docs/PERFORMANCE.md."},
     )
     ref_cache_topk: int = field(default=64, metadata={"help": "k of ref_cache=topk."})
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of reference caches, shared by runs. Empty: $ARR_CACHE/reference (default "
+                          "~/.cache/arr/reference)."},
+    )
     kl_target: float | None = field(
         default=None,
         metadata={"help": "Adaptive KL: a per-token KL budget. After every optimizer step beta is multiplied by "
@@ -352,7 +357,7 @@ checkpoint in output_dir; --debug shows tracebacks."""
 # `arr train --help`: ARR's own keys, grouped (every own key is in one group: tested), before the Trainer's.
 HELP_GROUPS = {
     "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
-                  "loss_chunk_size", "ref_cache", "ref_cache_topk"),
+                  "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
     "replay": ("replay_data", "replay_ratio", "replay_weight", "replay_seq_length", "replay_max_sequences",
                "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
                "replay_split", "replay_config", "padding_free"),

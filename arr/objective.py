@@ -46,6 +46,8 @@ from .batch import IGNORE_INDEX, continuation_mask, replay_tokens
 from .chunked_loss import chunked_token_loss
 
 KL_PLACEMENTS = ("all", "sft", "replay", "prompt_and_replay")
+# the kinds of row that hold KL positions under each kl_on (the rows of `where` in ARRObjective.positions)
+KL_ROWS = {"all": ("sft", "replay"), "sft": ("sft",), "replay": ("replay",), "prompt_and_replay": ("sft", "replay")}
 KL_DIRECTIONS = ("forward", "reverse")
 
 
@@ -91,6 +93,10 @@ class ARRObjective(nn.Module):
     @property
     def needs_reference(self) -> bool:
         return self.beta > 0
+
+    def kl_rows(self) -> tuple[str, ...]:
+        """The kinds of row ("sft", "replay") that hold KL positions: what a reference cache must cover."""
+        return KL_ROWS[self.kl_on] if self.needs_reference else ()
 
     def positions(self, batch: dict) -> Positions:
         """Position t predicts token t + 1 only where continuation_mask[:, t + 1] is 1 (not padding, not the start

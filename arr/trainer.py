@@ -133,7 +133,7 @@ class ARRTrainer(Trainer):
             raise ConfigError("init_lora_weights: an init that rewrites the base weights needs DDP or one process (its "
                               "adapter is converted whole when saved) and laplace_lambda 0 (the Laplace penalty "
                               "measures the adapter from zero, not from its initial value)")
-        self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args)
+        self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args, self_replay)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
@@ -193,24 +193,26 @@ class ARRTrainer(Trainer):
             blocks = token_blocks(source, tokenizer, args.replay_seq_length, args.laplace_samples, args.seed)
         return MixedDataset(sft, replay), sampler, blocks
 
-    def _prepare_reference(self, model, collate, args: ARRConfig):
-        """The reference cache (ref_cache exact/topk, or auto resolved here), built once by the main process and
-        read by the others."""
+    def _prepare_reference(self, model, collate, args: ARRConfig, self_replay: bool):
+        """The reference cache (ref_cache exact/topk, or auto resolved here) of the rows that hold KL positions,
+        built once by the main process and read by the others and by later runs."""
         n_sft, n_rows = len(self.train_dataset.sft), len(self.train_dataset)
-        sft_draws, replay_draws = rows_drawn(n_sft, args)
-        # the rows that hold KL positions (kl_on), and how often the run draws them
-        rows, drawn = {"sft": (range(n_sft), sft_draws), "replay": (range(n_sft, n_rows), replay_draws)}.get(
-            args.kl_on, (range(n_rows), sft_draws + replay_draws))
+        draws = dict(zip(("sft", "replay"), rows_drawn(n_sft, args)))
+        kinds = {"sft": range(n_sft), "replay": range(n_sft, n_rows)}
+        rows = [i for kind in self.objective.kl_rows() for i in kinds[kind]]
+        drawn = sum(draws[kind] for kind in self.objective.kl_rows())
         mode = args.ref_cache
-        if mode == "auto":  # the build is a forward of every such row: worth it once the online reference would
-            # run on at least 1.5 times as many (the margin keeps a single pass's rounded-up last step on-line)
-            mode = "topk" if drawn >= 1.5 * len(rows) and not self.sharded else "none"
-        if mode == "none" or args.beta == 0 or not rows:
+        if mode == "auto":  # the build is a forward of every such row: worth it when later runs read it (the same
+            # self-generated replay rows) or when the online reference would run on at least 1.5 times as many rows
+            # (the margin keeps a single pass's rounded-up last step on-line)
+            reused = self_replay and self.objective.kl_rows() == ("replay",)
+            mode = "topk" if (reused or drawn >= 1.5 * len(rows)) and not self.sharded else "none"
+        if mode == "none" or not rows:
             return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
         with args.main_process_first(desc="reference cache"):
             cache, info = reference_cache(model, self.train_dataset, collate, topk,
-                                          os.path.join(args.output_dir, run_folder.REF_CACHE), list(rows))
+                                          args.ref_cache_dir or cache_dir() / "reference", rows)
         return cache, {"mode": mode, "rows": len(rows), "rows_drawn": drawn, **info}
 
     def _prepare_curvature(self, model, blocks, args: ARRConfig):

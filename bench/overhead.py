@@ -17,23 +17,27 @@ steps as the variant it is compared with (replay rows make an epoch longer). Sel
 generated once per model and settings and cached across runs ($ARR_CACHE/self_replay): a run that generated it
 says so, and that one-off time is not counted. Variants (shipped defaults, arr/config.py, but what is named):
   lora           plain LoRA SFT (beta = 0, no replay)
-  arr            the shipped default (the KL on replay rows, so the reference runs on those rows alone; ref_cache:
-                 auto, so a top-k cache of them when they are drawn more than once)
+  arr            the shipped default: the KL on the self-generated replay rows alone, whose top-64 reference
+                 log-probs ref_cache: auto caches once for every later run of the model (built here, counted)
+  arr_replay_online  the shipped default with the on-line reference on the replay rows (ref_cache: none)
   arr_kl_all     the KL on every position of every row (kl_on: all, the default before), ref_cache: auto
   arr_online     arr_kl_all with the on-line exact reference on every step (ref_cache: none)
   arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
   arr_topk       arr_kl_all through a top-64 reference cache (ref_cache: topk), whatever the workload
   arr_exact      arr_kl_all through a cache of all reference log-probs (ref_cache: exact)
 For a top-k cache the KL it gives is compared with the exact KL of the trained model on 16 rows ("top-k KL error").
+Every run builds its reference cache afresh, into a folder of its own, and its wall time counts the build: what a
+first run costs. A later run that reads the cache costs its steps alone ("when an earlier run built it").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default against plain LoRA
-on each workload (top level: the embedded recipe), from this run (with --repeats N, the medians of N interleaved
-repeats, each against its own LoRA run).
+on each workload (top level: the embedded recipe), and wall_ratio_cache_reused, a later run's wall ratio, from this
+run (with --repeats N, the medians of N interleaved repeats, each against its own LoRA run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,7 @@ _KL_ALL = {"kl_on": "all"}
 VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
     "arr": {},
+    "arr_replay_online": {"ref_cache": "none"},
     "arr_kl_all": _KL_ALL,
     "arr_online": {**_KL_ALL, "ref_cache": "none"},
     "arr_naive": {**_KL_ALL, "ref_cache": "none", "loss_chunk_size": 0},
@@ -95,7 +100,9 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_length = {"max_steps": read_config(str(DEFAULT_RECIPE), [])["max_steps"], **WORKLOADS[workload]}
     with tempfile.TemporaryDirectory() as out:
-        config = ARRConfig(output_dir=out, per_device_train_batch_size=batch_size, **run_length,
+        # a reference cache of its own: every run builds it (a first run's cost) and times the build
+        config = ARRConfig(output_dir=out, ref_cache_dir=os.path.join(out, "reference"),
+                           per_device_train_batch_size=batch_size, **run_length,
                            replay_seq_length=replay_seq_length, padding_free=padding_free, save_strategy="no",
                            report_to="none", disable_tqdm=True, logging_steps=steps, bf16=device == "cuda",
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
@@ -125,9 +132,10 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     return result
 
 
-def run_seconds(result: dict, steps: int) -> float:
-    """Wall time of a run of `steps` steps: the cache build plus the timed steps' mean time per step."""
-    return result["cache_seconds"] + result["seconds"] / result["timed_steps"] * steps
+def run_seconds(result: dict, steps: int, cache_built: bool = True) -> float:
+    """Wall time of a run of `steps` steps: the cache build (unless an earlier run built it) plus the timed steps'
+    mean time per step."""
+    return result["cache_seconds"] * cache_built + result["seconds"] / result["timed_steps"] * steps
 
 
 class StepClock(TrainerCallback):
@@ -308,20 +316,22 @@ def main() -> None:
                     r = run_variant(model, variant, workload, steps, args, repeat)
                     base = base or r
                     # at the same steps: the variant's run (replay rows lengthen an epoch) for both
-                    wall = run_seconds(r, r["run_steps"]) / run_seconds(base, r["run_steps"])
+                    wall, reused = (run_seconds(r, r["run_steps"], built) / run_seconds(base, r["run_steps"])
+                                    for built in (True, False))
                     peak = r["peak_mem_mb"] / base["peak_mem_mb"]
-                    ratios.setdefault((model, workload, variant), []).append((wall, peak))
-                    print(f"{Path(model).name:12s} {workload:9s} {variant:13s} {r['tokens'] / r['seconds']:7.0f} tok/s"
+                    ratios.setdefault((model, workload, variant), []).append((wall, peak, reused))
+                    print(f"{Path(model).name:12s} {workload:9s} {variant:17s} {r['tokens'] / r['seconds']:7.0f} tok/s"
                           f"  step x{r['seconds'] / base['seconds']:.3f}  wall x{wall:.3f}  peak "
-                          f"{r['peak_mem_mb']:7.0f} MB x{peak:.3f}  {note(r)}", flush=True)
+                          f"{r['peak_mem_mb']:7.0f} MB x{peak:.3f}  {note(r, reused)}", flush=True)
                     for region, ms in r.get("regions_ms", {}).items():
                         print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
             if args.repeats > 1:
                 for variant in variants[1:]:
-                    walls, peaks = (sorted(column) for column in zip(*ratios[model, workload, variant]))
-                    print(f"{Path(model).name:12s} {workload:9s} {variant:13s} median of {args.repeats}: wall "
+                    walls, peaks, reused = (sorted(column) for column in zip(*ratios[model, workload, variant]))
+                    print(f"{Path(model).name:12s} {workload:9s} {variant:17s} median of {args.repeats}: wall "
                           f"x{median(walls):.3f} (x{walls[0]:.3f} to x{walls[-1]:.3f})  peak x{median(peaks):.3f} "
-                          f"(x{peaks[0]:.3f} to x{peaks[-1]:.3f})", flush=True)
+                          f"(x{peaks[0]:.3f} to x{peaks[-1]:.3f})  with an earlier run's cache x{median(reused):.3f}",
+                          flush=True)
     if not args.quick:
         memory = loss_memory(args.loss_chunk_size)
         print(f"loss memory at 2048 x 151936: naive {memory['naive']['extra_mb']:.0f} MB, chunked "
@@ -329,19 +339,21 @@ def main() -> None:
               f"{memory['chunked']['extra_mb']:.0f} MB, ratio {memory['ratio']:.3f}", flush=True)
 
     def headline(workload: str) -> dict:
-        walls, peaks = zip(*ratios[models[-1], workload, DEFAULT_PATH])
-        return {"wall_ratio": round(median(walls), 4), "peak_mem_ratio": round(median(peaks), 4)}
+        walls, peaks, reused = zip(*ratios[models[-1], workload, DEFAULT_PATH])
+        return {"wall_ratio": round(median(walls), 4), "peak_mem_ratio": round(median(peaks), 4),
+                "wall_ratio_cache_reused": round(median(reused), 4)}
 
     chunk = {} if args.loss_chunk_size is None else {"loss_chunk_size": args.loss_chunk_size}
     print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk, **headline(workloads[0]),
                       "workloads": {w: headline(w) for w in workloads}}))
 
 
-def note(result: dict) -> str:
-    """What the wall ratio is made of: steps timed of the run's, the cache build, the top-k cache's KL error."""
+def note(result: dict, reused: float) -> str:
+    """What the wall ratio is made of: steps timed of the run's, the cache build (and the wall ratio of a later run
+    that reads it), the top-k cache's KL error."""
     text = f"timed {result['timed_steps']} of {result['run_steps']} steps"
     if result["cache_seconds"]:
-        text += f", cache built in {result['cache_seconds']:.1f} s"
+        text += f", cache built in {result['cache_seconds']:.1f} s (x{reused:.3f} when an earlier run built it)"
     if "topk_rel_error" in result:
         text += (f", top-k KL error {100 * result['topk_rel_error']:.2f}% ({result['topk_kl']:.5f} vs exact "
                  f"{result['exact_kl']:.5f})")

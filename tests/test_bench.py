@@ -16,12 +16,13 @@ def test_overhead_quick_prints_every_variant_and_workload_and_ends_with_the_json
     assert [line.split()[1:3] for line in lines[:-1]] == [[w, v] for w in ("embedded", "epochs3")
                                                           for v in ("lora", "arr", "arr_topk")]
     embedded_arr, epochs3_arr = lines[1], lines[4]
-    assert "of 24 steps" in embedded_arr and "cache" not in embedded_arr  # a single pass: the on-line reference
-    # 3 epochs: the default's replay rows are drawn once each, so ref_cache auto stays on-line
-    assert "of 87 steps" in epochs3_arr and "cache" not in epochs3_arr
+    # the default caches the self-generated replay rows' reference in every run (a folder of its own) and counts it
+    assert "of 24 steps" in embedded_arr and "cache built" in embedded_arr and "earlier run" in embedded_arr
+    assert "of 87 steps" in epochs3_arr and "cache built" in epochs3_arr
     assert "top-k KL error" in lines[2] and "cache built" in lines[2]
     result = json.loads(lines[-1])
     assert result["model"] == "tiny" and result["path"] == "arr"
     assert set(result["workloads"]) == {"embedded", "epochs3"}
     assert result["wall_ratio"] == result["workloads"]["embedded"]["wall_ratio"] > 0.5
     assert all(0.9 < w["peak_mem_ratio"] < 2 for w in result["workloads"].values())
+    assert all(0.5 < w["wall_ratio_cache_reused"] < w["wall_ratio"] for w in result["workloads"].values())

@@ -193,7 +193,8 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
                                                                                      chunk):
     def run(out, cache, records=20, **extra):
         config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, replay_ratio=0.25, replay_seq_length=16,
-                           ref_cache=cache, loss_chunk_size=chunk, **{**STEPS, **extra})
+                           ref_cache=cache, ref_cache_dir=str(tmp_path / "reference"), loss_chunk_size=chunk,
+                           **{**STEPS, "kl_on": "all", **extra})
         trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(records),
                              processing_class=tokenizer, replay_dataset=replay_texts(40))
         trainer.train()
@@ -231,6 +232,7 @@ def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_o
         llama_dir, tokenizer, tmp_path, epochs, max_steps, extra, mode, drawn, rows):
     # 18 SFT rows at 1/4 replay, global batch 8: an epoch is 3 steps, 24 draws, of the 18 SFT rows and 6 replay rows
     config = ARRConfig(output_dir=str(tmp_path), replay_ratio=0.25, replay_seq_length=16,
+                       ref_cache_dir=str(tmp_path / "reference"),
                        **{**STEPS, "max_steps": max_steps, "num_train_epochs": epochs, **extra})
     trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(18), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
@@ -323,3 +325,20 @@ def test_self_generated_replay_rows_are_the_initial_models_answers_cached_and_tr
     first.train()
     history = [h for h in first.state.log_history if "replay_ce" in h]
     assert len(history) == 4 and all(h["replay_ce"] > 0 for h in history) and history[-1]["kl"] > 0
+
+    # the KL on these rows alone (the default): ref_cache auto caches their top-k reference in $ARR_CACHE once, and a
+    # run on other SFT data, whose replay rows are the same, reads the same entries
+    def replay_kl(out, records):
+        config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, replay_ratio=0.25,
+                           self_replay_prompts=str(prompts), self_replay_max_new_tokens=6, **STEPS)
+        return ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(records),
+                          processing_class=tokenizer, replay_dataset="self")
+
+    built, read = replay_kl("c", 20), replay_kl("d", 21)
+    assert built.ref_cache_info["mode"] == "topk" and built.ref_cache_info["rows"] == 3
+    assert built.ref_cache_info["cache_hit"] is False and read.ref_cache_info["cache_hit"] is True
+    assert (tmp_path / "cache" / "reference" / f"{built.ref_cache_info['key']}.safetensors").is_file()
+    predictions = [len(row["input_ids"]) - 1 for row in replay]  # each replay row's entries, one after the other
+    starts = [0, predictions[0], predictions[0] + predictions[1]]
+    assert built.ref_cache.offsets[20:].tolist() == read.ref_cache.offsets[21:].tolist() == starts
+    assert len(read.ref_cache.logp) == sum(predictions) and torch.equal(read.ref_cache.logp, built.ref_cache.logp)
