@@ -3,8 +3,9 @@ evaluate each with the probes of arr/evaluation.py against one shared "before", 
 and results.png.
 
 Each training run is its own `arr train` process, so its wall time and peak memory are its own. A method whose
-folder already holds a finished run of the same configuration is not trained again, and its evaluation is reused
-when an earlier results.json there used the same probe sizes: adding a method to a comparison costs one run.
+folder already holds a finished run of the same configuration is not trained again, and its evaluation, kept in its
+folder as `arr eval` keeps it (eval.json), is reused when it used the same probe sizes: adding a method to a
+comparison costs one run, and comparing a subset of methods loses no other method's evaluation.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
 # Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
 # batch give the padded batch's loss and gradients to float rounding: tests/test_trainer.py).
 NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
-                   "dataloader_pin_memory", "disable_tqdm", "report_to", "logging_dir")
+                   "ref_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to", "logging_dir")
 
 
 def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
@@ -74,15 +75,12 @@ def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
 
 def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overrides: dict | None = None,
             methods: dict | None = None, eval_args: EvalArgs | None = None) -> dict:
-    """Train (or reuse, when `out_dir/METHOD` already holds the same finished run) and evaluate each method.
-    Evaluations are reused from an earlier results.json in `out_dir` with the same probe sizes."""
+    """Train (or reuse, when `out_dir/METHOD` already holds the same finished run) and evaluate each method (or
+    reuse the evaluation in its folder made with the same probe sizes)."""
     out_dir, overrides, methods = Path(out_dir), overrides or {}, methods or METHODS
     eval_args = eval_args or EvalArgs()
     out_dir.mkdir(parents=True, exist_ok=True)
     results_json = out_dir / run_folder.RESULTS_JSON
-    previous = json.loads(results_json.read_text()) if results_json.is_file() else {}
-    earlier_args = {**vars(EvalArgs()), **previous.get("eval_args", {})}  # keys added since: their defaults
-    reusable = previous.get("methods", {}) if earlier_args == vars(eval_args) else {}
     recipe, defaults = read_config(str(config_path), []), resolved_config(*build_config({}))
     own = {k: v for k, v in resolved_config(*build_config({**recipe, **overrides})).items() if k in RUN_KEYS}
     results, before = {"config": str(config_path), "overrides": overrides, "eval_args": vars(eval_args),
@@ -91,17 +89,18 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         wanted = resolved_config(*build_config({**recipe, **keys}))
+        eval_file = run_dir / run_folder.EVAL
         if finished_run(run_dir, wanted, defaults):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
             metrics = json.loads((run_dir / run_folder.METRICS).read_text())
         else:
             print(f"== {name}: training", flush=True)
+            eval_file.unlink(missing_ok=True)  # the evaluation of the run this one replaces
             metrics = train_run(name, Path(config_path), keys, run_dir)
-            reusable.pop(name, None)
-        if name in reusable:
+        saved = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+        if saved and {**vars(EvalArgs()), **saved["eval_args"]} == vars(eval_args):  # keys added since: defaults
             print(f"== {name}: reusing its evaluation", flush=True)
-            probes = reusable[name]["probes"]
-            probes["forgetting"] = headline_forgetting(probes["delta"])  # the headline as defined now
+            probes = {**saved, "forgetting": headline_forgetting(saved["delta"])}  # the headline as defined now
             before = before or probes["before"]
         else:
             print(f"== {name}: evaluating", flush=True)
@@ -111,6 +110,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                     before = before or run_probes(model.eval(), tokenizer, eval_args)
                     drift_answers = initial_drift_answers(model, tokenizer, eval_args)
             probes = evaluate_adapter(model, tokenizer, eval_args, before, drift_answers)
+            eval_file.write_text(json.dumps(probes, indent=2))
         objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],

@@ -4,7 +4,7 @@ in one place, and which files are final and which are being written.
 A finished run holds the PEFT adapter, the tokenizer, CONFIG (the fully resolved config) and METRICS; all are
 written into a temporary folder inside and moved into place with ADAPTER_CONFIG last, so a folder that has
 ADAPTER_CONFIG holds a complete run. Checkpoints (`checkpoint-N`, the Trainer's layout) are written into STAGING and
-renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RESULTS_* and one run folder per method.
+renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RESULTS_* and one run folder per method, each with its EVAL.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ CONFIG = "arr_config.yaml"
 METRICS = "metrics.json"
 EVAL = "eval.json"
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
-REF_CACHE = "ref_cache"  # the reference log-prob cache (ref_cache: exact / topk)
 STAGING = ".staging"  # a checkpoint being written
 LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"

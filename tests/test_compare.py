@@ -72,8 +72,16 @@ def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsy
     assert "== arr: training" in out
     assert again["methods"]["lora"] == json.loads(json.dumps(first["methods"]["lora"]))
     assert again["methods"]["arr"]["probes"]["before"] == again["methods"]["lora"]["probes"]["before"]
+    # each evaluation stays in its method's folder: comparing a subset loses none of the others
+    compare(tmp_path / "cmp", config, {}, {"arr": {}}, SMALL)
+    capsys.readouterr()
+    both = compare(tmp_path / "cmp", config, {}, {**methods, "arr": {}}, SMALL)
+    out = capsys.readouterr().out
+    assert out.count("reusing its evaluation") == 2 and "evaluating" not in out
+    assert json.loads(json.dumps(both["methods"])) == json.loads(json.dumps(again["methods"]))
     changed = compare(tmp_path / "cmp", config, {"learning_rate": 0.02}, methods, SMALL)  # a new config retrains
-    assert "== lora: training" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "== lora: training" in out and "== lora: evaluating" in out  # and its old evaluation is not read
     assert changed["methods"]["lora"]["probes"]["after"] != first["methods"]["lora"]["probes"]["after"]
 
 
