@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +39,19 @@ def base_weights_digest(peft_model: PeftModel):
     return fingerprint((n, p) for n, p in peft_model.named_parameters() if not ("lora_" in n and trained in n))
 
 
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` into a file beside `path` of this writer's own, then renamed into place: a reader never sees a
+    half-written file, and writers of one key at once (other runs, other nodes sharing $ARR_CACHE) never write into
+    the same file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors from the safetensors file `path` when it exists, else `build()`'s, saved there aside and renamed into
     place (a reader never sees a half-written file). Returns them with {"key", "cache_hit", "seconds"} (the seconds
@@ -47,10 +62,7 @@ def cached_tensors(path: Path, build) -> tuple[dict[str, torch.Tensor], dict]:
     start = time.perf_counter()
     tensors = build()
     seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-    tmp.replace(path)
+    write_atomically(path, partial(save_file, {k: v.contiguous().cpu() for k, v in tensors.items()}))
     return tensors, {"key": key, "cache_hit": False, "seconds": round(seconds, 2),
                      "mb": round(path.stat().st_size / 2**20, 1)}
 
@@ -95,9 +107,10 @@ class ReferenceCache:
     def build(peft_model: PeftModel, dataset, collate, topk: int | None, rows: list[int],
               tokens_per_batch: int = 4096) -> dict[str, torch.Tensor]:
         """Reference log-probs of the `rows` of `dataset` (the initial model, eval mode): logp and, for top-k, idx,
-        tail and label_logp, the rows' entries one after the other, and `lengths`, each row's number. Rows go through the trunk sorted by
-        length, as many per forward as fit in `tokens_per_batch` padded tokens (larger batches than a training
-        step's: no gradient is kept), and their predictions through the LM head a fixed number at a time."""
+        tail and label_logp, the rows' entries one after the other, and `lengths`, each row's entry count. Rows go
+        through the trunk sorted by length, as many per forward as fit in `tokens_per_batch` padded tokens (larger
+        batches than a training step's: no gradient is kept), and their predictions through the LM head a fixed
+        number at a time."""
         def length(i: int) -> int:
             return len(dataset[i]["input_ids"])
 

@@ -5,7 +5,8 @@ and results.png.
 Each training run is its own `arr train` process, so its wall time and peak memory are its own. A method whose
 folder already holds a finished run of the same configuration is not trained again, and its evaluation, kept in its
 folder as `arr eval` keeps it (eval.json), is reused when it used the same probe sizes: adding a method to a
-comparison costs one run, and comparing a subset of methods loses no other method's evaluation.
+comparison costs one run, and comparing a subset of methods loses no other method's evaluation (results.json, .md
+and .png list the methods of the latest call).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 
 from . import run_folder
 from .config import METHODS as PRESETS
+from .cache import write_atomically
 from .config import build_config, expand_method, read_config
 from .evaluation import (
     EvalArgs,
@@ -94,11 +96,11 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
             metrics = json.loads((run_dir / run_folder.METRICS).read_text())
         else:
-            print(f"== {name}: training", flush=True)
-            eval_file.unlink(missing_ok=True)  # the evaluation of the run this one replaces
+            print(f"== {name}: training", flush=True)  # (arr train removes the replaced run's eval.json)
             metrics = train_run(name, Path(config_path), keys, run_dir)
-        saved = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-        if saved and {**vars(EvalArgs()), **saved["eval_args"]} == vars(eval_args):  # keys added since: defaults
+        saved = read_evaluation(eval_file)
+        # (probe-size keys added since the evaluation: their defaults)
+        if saved and {**vars(EvalArgs()), **saved.get("eval_args", {})} == vars(eval_args):
             print(f"== {name}: reusing its evaluation", flush=True)
             probes = {**saved, "forgetting": headline_forgetting(saved["delta"])}  # the headline as defined now
             before = before or probes["before"]
@@ -110,7 +112,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                     before = before or run_probes(model.eval(), tokenizer, eval_args)
                     drift_answers = initial_drift_answers(model, tokenizer, eval_args)
             probes = evaluate_adapter(model, tokenizer, eval_args, before, drift_answers)
-            eval_file.write_text(json.dumps(probes, indent=2))
+            write_atomically(eval_file, lambda tmp: tmp.write_text(json.dumps(probes, indent=2)))
         objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
@@ -124,6 +126,14 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     (out_dir / run_folder.RESULTS_MD).write_text(markdown_table(results))
     plot(results, out_dir / run_folder.RESULTS_PNG)
     return results
+
+
+def read_evaluation(path: Path) -> dict | None:
+    """The evaluation kept in a run folder, None when there is none (or a file that is not one)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 # Training keys that make a run a family of its own when they differ from the comparison's: "arr (48 steps, seed 1)".

@@ -238,17 +238,19 @@ class ARRConfig(TrainingArguments):
                           "mass: the KL is then between the (k+1)-outcome coarsenings, a lower bound), 'exact' (all V "
                           "log-probs per token in float32; short data only), 'none' (the on-line reference), or "
                           "'auto': topk when those rows are self-generated replay (the same rows for every run of "
-                          "this model and length: later runs read the cache) or when the run draws them at least 1.5 "
-                          "times as often as its data has them (several epochs, or a replay pool smaller than its "
-                          "draws), so that the build's one forward per row costs less than one per draw, else none; "
+                          "this model with the same self-replay settings and as many replay rows: later runs read the "
+                          "cache) or when the run draws them at least 1.5 times as often as its data has them "
+                          "(several epochs, or a replay pool smaller than its draws), so that the build's one forward "
+                          "per row costs less than one per draw, else none; "
                           "none under FSDP/DeepSpeed. Kept in ref_cache_dir and reused while the model, the rows' "
                           "tokens and k stay the same (a resumed run reads it); see docs/PERFORMANCE.md."},
     )
     ref_cache_topk: int = field(default=64, metadata={"help": "k of ref_cache=topk."})
     ref_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder of reference caches, shared by runs. Empty: $ARR_CACHE/reference (default "
-                          "~/.cache/arr/reference)."},
+        metadata={"help": "Folder of reference caches, shared by runs; it keeps every cache built (about 0.5 KB "
+                          "per cached token at k 64) until deleted, which is always safe. Empty: $ARR_CACHE/reference "
+                          "(default ~/.cache/arr/reference)."},
     )
     kl_target: float | None = field(
         default=None,

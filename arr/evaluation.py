@@ -29,7 +29,6 @@ accuracies (knowledge_mc, mmlu) are reported beside it, in their own unit.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 from . import resources, run_folder
 from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
-from .cache import base_weights_digest
+from .cache import base_weights_digest, write_atomically
 from .chunked_loss import kl_from_logprobs
 from .config import cache_dir
 from .errors import ARRError, ConfigError, DataError
@@ -315,10 +314,8 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
         if drift_answers is None:
             drift_answers = initial_drift_answers(peft_model, tokenizer, args)
     if path is not None and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.partial")
-        tmp.write_text(json.dumps({"before": before, "drift_answers": drift_answers}))
-        tmp.replace(path)
+        saved = json.dumps({"before": before, "drift_answers": drift_answers})
+        write_atomically(path, lambda tmp: tmp.write_text(saved))
     after = run_probes(peft_model, tokenizer, args, drift_answers, reference=partial(initial_model, peft_model))
     delta = {k: after[k] - before[k] for k in after}
     return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta),

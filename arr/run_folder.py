@@ -4,7 +4,8 @@ in one place, and which files are final and which are being written.
 A finished run holds the PEFT adapter, the tokenizer, CONFIG (the fully resolved config) and METRICS; all are
 written into a temporary folder inside and moved into place with ADAPTER_CONFIG last, so a folder that has
 ADAPTER_CONFIG holds a complete run. Checkpoints (`checkpoint-N`, the Trainer's layout) are written into STAGING and
-renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RESULTS_* and one run folder per method, each with its EVAL.
+renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RESULTS_* and one run folder per
+method, each with its EVAL.
 """
 
 from __future__ import annotations

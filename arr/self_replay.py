@@ -18,14 +18,13 @@ chat template, the prompts and the generation settings.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from peft import PeftModel
 
 from . import resources
 from .batch import IGNORE_INDEX
-from .cache import base_weights_digest
+from .cache import base_weights_digest, write_atomically
 from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
@@ -76,10 +75,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args) -> tuple[li
                                          desc="Generating self-replay answers")
         finally:
             peft_model.train(was_training)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.partial")
-        tmp.write_text(json.dumps(answers))
-        tmp.replace(path)  # a reader never sees a half-written file
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(answers)))
     rows = []
     for prompt, answer in zip(prompts, answers):
         context = chat_prompt_ids(tokenizer, prompt)

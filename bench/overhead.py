@@ -304,7 +304,9 @@ def main() -> None:
     workloads = args.workloads.split(",")
     if unknown := set(workloads) - set(WORKLOADS):
         sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
-    ratios = {}  # (model, workload, variant) -> [(wall ratio, peak ratio) against plain LoRA of the same repeat]
+    # (model, workload, variant) -> [(wall ratio, peak ratio, a later run's wall ratio) against plain LoRA of the same
+    # repeat]
+    ratios = {}
     for model in models:
         steps = args.steps or (10 if model == "tiny" else 5)
         if steps <= args.warmup_steps:

@@ -16,7 +16,8 @@ from arr import resources
 @pytest.mark.slow
 def test_arr_train_on_embedded_default(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "arr", "train", "max_steps=3", f"output_dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "arr", "train", "max_steps=3", f"output_dir={out}",
+                           f"ref_cache_dir={tmp_path / 'reference'}"],  # built here, not read from an earlier run
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded default recipe" in proc.stdout
@@ -28,6 +29,7 @@ def test_arr_train_on_embedded_default(tmp_path):
     # the KL to the initial model, through the default's top-k cache of the replay rows: 0 at the start up to the
     # float32 rounding of two log-normalisers over 49,152 tokens computed in differently shaped batches (~5e-6)
     assert metrics["ref_cache"]["mode"] == "topk" and metrics["ref_cache"]["rows"] == 3
+    assert metrics["ref_cache"]["cache_hit"] is False
     assert history[0]["kl"] == pytest.approx(0, abs=2e-5) and history[-1]["kl"] > 1e-4
     # replay_ratio 0.125 of 8 rows: one self-generated replay row per step, 3 in all (their CE is measured, not trained)
     assert all(h["replay_ce"] > 0 for h in history) and metrics["replay_sequences"] == 3

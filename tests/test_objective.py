@@ -120,8 +120,13 @@ def test_kl_on_selects_positions(tokenizer):
     response = batch["labels"][:, 1:].ne(-100) & ~rows
     for kl_on, selected in [("sft", mask & ~rows), ("replay", mask & rows), ("all", mask),
                             ("prompt_and_replay", mask & ~response)]:
-        parts = ARRObjective(beta=1.0, kl_on=kl_on)(logits, batch, OnlineReference(ref))
+        objective = ARRObjective(beta=1.0, kl_on=kl_on)
+        parts = objective(logits, batch, OnlineReference(ref))
         assert parts.kl.item() == pytest.approx(per_token[selected].mean().item(), rel=1e-5)
+        # kl_rows (what a reference cache covers) names exactly the kinds of row that hold these positions
+        holding = objective.positions(batch).kl.any(1)
+        assert set(objective.kl_rows()) == {kind for kind, of_kind in (("sft", ~rows[:, 0]), ("replay", rows[:, 0]))
+                                            if holding[of_kind].any()}
     assert (mask & rows).sum() < (mask & ~response).sum() < mask.sum()  # the placements differ here
 
 

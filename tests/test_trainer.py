@@ -225,8 +225,8 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
 @pytest.mark.parametrize("epochs,max_steps,extra,mode,drawn,rows", [
     (3, -1, {"kl_on": "all"}, "topk", 72, 18 + 18), (1, -1, {"kl_on": "all"}, "none", 24, 18 + 6),
     (1, 2, {"kl_on": "all"}, "none", 16, 18 + 4),
-    # the KL on replay rows only (the default): a pool as large as its draws stays on-line even over 3 epochs; a
-    # pool of 2 drawn 6 times is cached, those 2 rows alone
+    # the KL on replay rows only (the default), of a corpus: a pool as large as its draws stays on-line even over 3
+    # epochs; a pool of 2 drawn 6 times is cached, those 2 rows alone
     (3, -1, {}, "none", 18, 18), (1, -1, {"replay_max_sequences": 2}, "topk", 6, 2)])
 def test_ref_cache_auto_builds_a_topk_cache_only_when_rows_are_drawn_more_than_once(
         llama_dir, tokenizer, tmp_path, epochs, max_steps, extra, mode, drawn, rows):
@@ -311,6 +311,7 @@ def test_self_generated_replay_rows_are_the_initial_models_answers_cached_and_tr
 
     first = trainer("a")
     assert first.self_replay_info["cache_hit"] is False and first.self_replay_info["rows"] == 3
+    assert first.ref_cache_info["mode"] == "none"  # the KL also on SFT rows, each drawn about once: on-line
     assert first.objective.replay_weight == 0.0  # by default the KL alone holds self-generated answers
     replay = list(first.train_dataset.replay)
     from arr.evaluation import chat_prompt_ids, greedy_answers
