@@ -198,7 +198,8 @@ class ARRConfig(TrainingArguments):
                           "disjoint from every probe of arr eval."},
     )
     self_replay_max_new_tokens: int = field(
-        default=96, metadata={"help": "replay_data=self: longest answer generated, in tokens."}
+        default=48, metadata={"help": "replay_data=self: longest answer generated, in tokens (48: replay rows about "
+                                      "as long as a short SFT row; docs/RESULTS.md)."}
     )
     self_replay_temperature: float = field(
         default=0.0,

@@ -59,6 +59,11 @@ METHODS = {
     "arr_self_replay_kl": _SELF_REPLAY_KL,
     # the same at beta 3: a stronger KL at no extra cost
     "arr_self_replay_kl_b3": {**_SELF_REPLAY_KL, "beta": 3.0},
+    # the same as arr_self_replay_kl through a top-64 reference cache of the replay rows (no reference forward in
+    # the steps), and that with answers of at most 48 tokens (replay rows a third shorter)
+    "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, "ref_cache": "topk", "ref_cache_topk": 64},
+    "arr_self_replay_kl_top64_a48": {**_SELF_REPLAY_KL, "ref_cache": "topk", "ref_cache_topk": 64,
+                                     "self_replay_max_new_tokens": 48},
 }
 DEFAULT_METHODS = ("lora", "arr_wiki_all", "arr_wiki_masked", "arr_self_kl_masked")
 
