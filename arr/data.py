@@ -258,6 +258,11 @@ class MixedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sft) + len(self.replay)
 
+    def indices(self, kinds: tuple[str, ...]) -> list[int]:
+        """The indices of the rows of these kinds ("sft", "replay"), in order."""
+        ranges = {"sft": range(len(self.sft)), "replay": range(len(self.sft), len(self))}
+        return [i for kind in kinds for i in ranges[kind]]
+
     def __getitem__(self, i: int) -> dict:
         if i < len(self.sft):
             return {**self.sft[i], "is_replay": False, "row": i}

@@ -196,10 +196,8 @@ class ARRTrainer(Trainer):
     def _prepare_reference(self, model, collate, args: ARRConfig, self_replay: bool):
         """The reference cache (ref_cache exact/topk, or auto resolved here) of the rows that hold KL positions,
         built once by the main process and read by the others and by later runs."""
-        n_sft, n_rows = len(self.train_dataset.sft), len(self.train_dataset)
-        draws = dict(zip(("sft", "replay"), rows_drawn(n_sft, args)))
-        kinds = {"sft": range(n_sft), "replay": range(n_sft, n_rows)}
-        rows = [i for kind in self.objective.kl_rows() for i in kinds[kind]]
+        draws = dict(zip(("sft", "replay"), rows_drawn(len(self.train_dataset.sft), args)))
+        rows = self.train_dataset.indices(self.objective.kl_rows())
         drawn = sum(draws[kind] for kind in self.objective.kl_rows())
         mode = args.ref_cache
         if mode == "auto":  # the build is a forward of every such row: worth it when later runs read it (the same

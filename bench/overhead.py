@@ -194,15 +194,16 @@ class StepProfiler(TrainerCallback):
 
 
 def topk_kl_error(trainer, pad_token_id: int, n_rows: int = 16) -> dict:
-    """Mean per-token KL of the trained model to the initial one on `n_rows` dataset rows, exact (online reference)
-    and through the top-k cache."""
+    """Mean per-token KL of the trained model to the initial one on the first `n_rows` dataset rows that hold KL
+    positions, exact (online reference) and through the top-k cache."""
     import torch
 
     from arr.chunked_loss import RefLogprobs, kl_to_reference
     from arr.data import Collator
 
     model, cache = trainer.model.eval(), trainer.ref_cache
-    rows = [trainer.train_dataset[i] for i in range(min(n_rows, len(trainer.train_dataset)))]
+    dataset = trainer.train_dataset
+    rows = [dataset[i] for i in dataset.indices(trainer.objective.kl_rows())[:n_rows]]
     batch = Collator(pad_token_id)(rows)  # padded: rows side by side
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
