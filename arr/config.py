@@ -214,11 +214,12 @@ class ARRConfig(TrainingArguments):
     replay_seq_length: int = field(default=512, metadata={"help": "Length of the packed replay sequences."})
     padding_free: bool = field(
         default=True,
-        metadata={"help": "Rows of a micro-batch that fit together share one row of the longest row's width, told "
-                          "apart by position_ids (attention stays within each sequence), instead of each being "
-                          "padded to it: one 512-token replay row would otherwise pad every short SFT row beside it "
-                          "to 512. Never more positions or attention than padding. False: always pad. Checked "
-                          "against the model at start."},
+        metadata={"help": "Rows of a micro-batch that fit together share rows, told apart by position_ids "
+                          "(attention stays within each sequence), instead of each being padded to the longest: one "
+                          "512-token replay row would otherwise pad every short SFT row beside it to 512. The width "
+                          "is the one of least estimated compute (positions, and the attention through each packed "
+                          "row's dense mask, weighed by the model's sizes); never more positions than padding. "
+                          "False: always pad. Checked against the model at start."},
     )
     replay_max_sequences: int | None = field(
         default=None,

@@ -352,23 +352,23 @@ class Collator:
     """Batches rows for the trainer: input_ids / labels / is_replay, plus the rows' dataset indices (`row`, for the
     reference cache) when they carry one.
 
-    Padded: rows right-padded to the longest, with attention_mask (labels -100 on padding), is_replay per row.
-    `padding_free`: rows that fit together share a row (first-fit decreasing, as TRL's "bfd" packing does for a
-    whole dataset; here per micro-batch, so the step's rows and replay mix stay as sampled), at the width
-    `packing_width` picks. position_ids restart at 0 for each sequence, which is how the model keeps them apart
+    Padded (`attention_width` None): rows right-padded to the longest, with attention_mask (labels -100 on padding),
+    is_replay per row. Padding-free (`attention_width`, see `attention_width()`): rows that fit together share a row
+    (first-fit decreasing, as TRL's "bfd" packing does for a whole dataset; here per micro-batch, so the step's rows
+    and replay mix stay as sampled), at the width `packing_width` picks. position_ids restart at 0 for each sequence, which is how the model keeps them apart
     (attention stays within a sequence); padding gets position 0 throughout, so each pad token is a sequence of its
     own that predicts nothing; the first label of each sequence is -100; is_replay and row are per token (why it is
     not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to
-    512: they share a second row. Never more positions, nor a larger attention area, than padding; when packing
-    saves nothing the batch is the padded one."""
+    512: they share a second row. Never more positions, nor more estimated compute, than padding; when packing saves
+    nothing the batch is the padded one."""
 
-    def __init__(self, pad_token_id: int, padding_free: bool = False):
-        self.pad_token_id, self.padding_free = pad_token_id, padding_free
+    def __init__(self, pad_token_id: int, attention_width: float | None = None):
+        self.pad_token_id, self.attention_width = pad_token_id, attention_width
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
-        if self.padding_free:
-            packs = shared_rows(lengths, packing_width(lengths))
+        if self.attention_width is not None:
+            packs = shared_rows(lengths, packing_width(lengths, self.attention_width))
             width = max(sum(lengths[i] for i in pack) for pack in packs)
             if len(packs) * width < len(rows) * max(lengths):
                 return self.packed(rows, lengths, packs, width)
@@ -412,18 +412,34 @@ class Collator:
         return batch
 
 
-def packing_width(lengths: list[int]) -> int:
-    """The row width that packs sequences of these lengths into the fewest positions (rows x width), among widths
-    from the longest sequence upward (in steps of 1/16 of it) whose attention area (rows x width^2: a packed row
-    attends through a dense mask) is no larger than padding's. One 130-token replay row among seven 67-token SFT
-    rows packs into 3 rows of 201 instead of 8 of 130; rows of about equal length stay padded."""
+def attention_width(config) -> float:
+    """The packed-row width at which a position's attention through a dense mask (QK and AV: 2 x width x the query
+    width, in multiply-adds) costs as much as its linear layers (q, k, v, o and a gated MLP), from a decoder's sizes
+    (`config`, a transformers PretrainedConfig): how `packing_width` weighs attention area against positions.
+    SmolLM2-135M: 3,072."""
+    config = config.get_text_config()
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    query, key_value = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    return (2 * hidden * query + 2 * hidden * key_value + 3 * hidden * mlp) / (2 * query)
+
+
+def packing_width(lengths: list[int], attention_width: float) -> int:
+    """The row width that packs sequences of these lengths at the least estimated compute, among widths from the
+    longest sequence up to four times it (in steps of 1/16 of it): rows x width positions, each costing
+    1 + width / attention_width (its linear layers, and its attention through the packed row's dense mask). Counting
+    positions alone would put every sequence in one row, whose attention grows with the square of its width; counting
+    attention area alone keeps one long row among short ones padded (an 85-token replay row among seven 67-token SFT
+    rows: 8 x 85 positions where 4 rows of 152 hold them)."""
     longest = max(lengths)
-    padded_area = len(lengths) * longest**2
-    best = (len(lengths) * longest, longest)
+
+    def cost(rows: int, width: int) -> float:
+        return rows * width * (1 + width / attention_width)
+
+    best = (cost(len(lengths), longest), longest)
     for width in range(longest + max(1, longest // 16), 4 * longest + 1, max(1, longest // 16)):
-        rows = len(shared_rows(lengths, width))
-        if rows * width**2 <= padded_area:
-            best = min(best, (rows * width, width))
+        best = min(best, (cost(len(shared_rows(lengths, width)), width), width))
     return best[1]
 
 

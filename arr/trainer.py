@@ -28,8 +28,8 @@ from . import run_folder
 from .cache import reference_cache
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
-from .data import (Collator, MixedDataset, ReplayMixSampler, load_sft_examples, replay_sequences_needed, rows_drawn,
-                   token_blocks)
+from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, load_sft_examples,
+                   replay_sequences_needed, rows_drawn, token_blocks)
 from .batch import kl_sequences
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
@@ -120,7 +120,8 @@ class ARRTrainer(Trainer):
             else processing_class.eos_token_id
         self._staging_dir = None  # set while a checkpoint is being written (see _save_checkpoint)
         super().__init__(model=model, args=args, train_dataset=dataset,
-                         data_collator=kwargs.pop("data_collator", Collator(pad_id, args.padding_free)),
+                         data_collator=kwargs.pop("data_collator", Collator(
+                             pad_id, attention_width(model.config) if args.padding_free else None)),
                          processing_class=processing_class, **kwargs)
         replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,

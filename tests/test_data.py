@@ -3,7 +3,7 @@ import torch
 
 from arr import resources
 from arr.data import (IGNORE_INDEX, Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
-                      packing_width)
+                      attention_width, packing_width, shared_rows)
 from arr.errors import DataError
 from conftest import make_tokenizer, write_jsonl
 
@@ -130,7 +130,8 @@ def test_padding_free_rows_that_fit_together_share_a_row_with_their_own_position
     n = len(sft[0]["input_ids"])
     replay = torch.arange(10, 10 + 2 * (n // 2)).reshape(2, n // 2)  # two replay rows that fit beside each other
     rows = [MixedDataset(sft, replay)[i] for i in range(3)]
-    batch = Collator(tokenizer.pad_token_id, padding_free=True)(rows)
+    collate = Collator(tokenizer.pad_token_id, attention_width=n / 4)  # attention dear enough to keep rows n wide
+    batch = collate(rows)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (2, n)  # 2 rows, not 3
     assert torch.equal(batch["input_ids"][0], torch.tensor(sft[0]["input_ids"]))
     m = n // 2
@@ -144,22 +145,30 @@ def test_padding_free_rows_that_fit_together_share_a_row_with_their_own_position
     assert (batch["labels"][1, 2 * m:] == IGNORE_INDEX).all()
     assert torch.equal(batch["labels"][0], torch.tensor(sft[0]["labels"]))  # an SFT row starts on its prompt
     # when no two rows fit together the batch is the padded one
-    alone = Collator(tokenizer.pad_token_id, padding_free=True)(rows[:2])
+    alone = collate(rows[:2])
     assert torch.equal(alone["attention_mask"], Collator(tokenizer.pad_token_id)(rows[:2])["attention_mask"])
 
 
-def test_padding_free_packs_short_rows_beside_a_long_one_at_a_wider_width_without_more_attention():
-    # the shipped mix: one self-generated replay row (prompt + answer, ~130 tokens) among seven ~67-token SFT rows
-    lengths = [130] + [67] * 7
+def test_padding_free_packs_at_the_width_of_least_estimated_compute():
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M's sizes: a position's attention through a 3,072-wide packed row costs as much as its linear layers
+    smollm2 = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
+    assert attention_width(smollm2) == 3072
+    # the shipped mix: one self-generated replay row (prompt + 48-token answer, ~85 tokens) among seven 67-token rows
+    lengths = [85] + [67] * 7
     rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
-    batch = Collator(0, padding_free=True)(rows)
-    assert batch["input_ids"].shape == (3, 201)  # 603 positions where padding has 8 x 130 = 1040
-    assert 3 * 201**2 <= 8 * 130**2  # no larger attention area than padding
-    assert sorted((batch["position_ids"] == 0).logical_and(batch["input_ids"] > 0).sum(1).tolist()) == [2, 3, 3]
+    chosen = packing_width(lengths, 3072)
+    cost = {w: len(shared_rows(lengths, w)) * w * (1 + w / 3072) for w in range(85, 341, 5)}  # the widths it tries
+    assert cost[chosen] == min(cost.values()) and cost[chosen] < 0.95 * cost[85]  # 85: padded, 8 x 85 positions
+    batch = Collator(0, attention_width=3072)(rows)
+    packs = shared_rows(lengths, chosen)
+    assert batch["input_ids"].shape == (len(packs), max(sum(lengths[i] for i in p) for p in packs))
+    assert batch["input_ids"].numel() < 8 * 85
     assert (batch["labels"] != IGNORE_INDEX).sum() == sum(lengths) - len(lengths)  # every target kept, once
-    # rows of about equal length: packing two into one row would quadruple its attention area, so they stay padded
-    assert packing_width([60, 62, 65, 67, 70, 72, 75, 80]) == 80
-    assert "attention_mask" in Collator(0, padding_free=True)(rows[1:])
+    # attention that costs as much as the linear layers at 100 tokens: the same rows stay padded
+    assert "attention_mask" in Collator(0, attention_width=100)(rows)
+    assert packing_width(lengths, 100) == 85
 
 
 def test_pack_replay_reads_only_what_it_needs(tokenizer):
