@@ -243,9 +243,9 @@ class ARRConfig(TrainingArguments):
                           "this model with the same self-replay settings and as many replay rows: later runs read the "
                           "cache) or when the run draws them at least 1.5 times as often as its data has them "
                           "(several epochs, or a replay pool smaller than its draws), so that the build's one forward "
-                          "per row costs less than one per draw, else none; "
-                          "none under FSDP/DeepSpeed. Kept in ref_cache_dir and reused while the model, the rows' "
-                          "tokens and k stay the same (a resumed run reads it); see docs/PERFORMANCE.md."},
+                          "per row costs less than one per draw, else none; none under FSDP/DeepSpeed. Kept in "
+                          "ref_cache_dir and reused while the model, the rows' tokens and k stay the same (a resumed "
+                          "run reads it); see docs/PERFORMANCE.md."},
     )
     ref_cache_topk: int = field(default=64, metadata={"help": "k of ref_cache=topk."})
     ref_cache_dir: str | None = field(

@@ -355,10 +355,10 @@ class Collator:
     Padded (`attention_width` None): rows right-padded to the longest, with attention_mask (labels -100 on padding),
     is_replay per row. Padding-free (`attention_width`, see `attention_width()`): rows that fit together share a row
     (first-fit decreasing, as TRL's "bfd" packing does for a whole dataset; here per micro-batch, so the step's rows
-    and replay mix stay as sampled), at the width `packing_width` picks. position_ids restart at 0 for each sequence, which is how the model keeps them apart
-    (attention stays within a sequence); padding gets position 0 throughout, so each pad token is a sequence of its
-    own that predicts nothing; the first label of each sequence is -100; is_replay and row are per token (why it is
-    not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to
+    and replay mix stay as sampled), at the width `packing_width` picks. position_ids restart at 0 for each
+    sequence, which is how the model keeps them apart (attention stays within a sequence); padding gets position 0
+    throughout, so each pad token is a sequence of its own that predicts nothing; the first label of each sequence
+    is -100; is_replay and row are per token (why it is not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to
     512: they share a second row. Never more positions, nor more estimated compute, than padding; when packing saves
     nothing the batch is the padded one."""
 
