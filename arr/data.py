@@ -358,9 +358,9 @@ class Collator:
     and replay mix stay as sampled), at the width `packing_width` picks. position_ids restart at 0 for each
     sequence, which is how the model keeps them apart (attention stays within a sequence); padding gets position 0
     throughout, so each pad token is a sequence of its own that predicts nothing; the first label of each sequence
-    is -100; is_replay and row are per token (why it is not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT rows to
-    512: they share a second row. Never more positions, nor more estimated compute, than padding; when packing saves
-    nothing the batch is the padded one."""
+    is -100; is_replay and row are per token (why it is not transformers' DataCollatorWithFlattening). So one
+    512-token replay row no longer pads seven short SFT rows to 512: they share a second row. Never more positions,
+    nor more estimated compute, than padding; when packing saves nothing the batch is the padded one."""
 
     def __init__(self, pad_token_id: int, attention_width: float | None = None):
         self.pad_token_id, self.attention_width = pad_token_id, attention_width
@@ -431,7 +431,7 @@ def packing_width(lengths: list[int], attention_width: float) -> int:
     1 + width / attention_width (its linear layers, and its attention through the packed row's dense mask). Counting
     positions alone would put every sequence in one row, whose attention grows with the square of its width; counting
     attention area alone keeps one long row among short ones padded (an 85-token replay row among seven 67-token SFT
-    rows: 8 x 85 positions where 4 rows of 152 hold them)."""
+    rows: 8 x 85 positions, where this rule picks 2 rows of 290 at about 9% less estimated compute)."""
     longest = max(lengths)
 
     def cost(rows: int, width: int) -> float:

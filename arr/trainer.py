@@ -197,14 +197,14 @@ class ARRTrainer(Trainer):
     def _prepare_reference(self, model, collate, args: ARRConfig, self_replay: bool):
         """The reference cache (ref_cache exact/topk, or auto resolved here) of the rows that hold KL positions,
         built once by the main process and read by the others and by later runs."""
+        kinds = self.objective.kl_rows()
         draws = dict(zip(("sft", "replay"), rows_drawn(len(self.train_dataset.sft), args)))
-        rows = self.train_dataset.indices(self.objective.kl_rows())
-        drawn = sum(draws[kind] for kind in self.objective.kl_rows())
+        rows, drawn = self.train_dataset.indices(kinds), sum(draws[kind] for kind in kinds)
         mode = args.ref_cache
         if mode == "auto":  # the build is a forward of every such row: worth it when later runs read it (the same
             # self-generated replay rows) or when the online reference would run on at least 1.5 times as many rows
             # (the margin keeps a single pass's rounded-up last step on-line)
-            reused = self_replay and self.objective.kl_rows() == ("replay",)
+            reused = self_replay and kinds == ("replay",)
             mode = "topk" if (reused or drawn >= 1.5 * len(rows)) and not self.sharded else "none"
         if mode == "none" or not rows:
             return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}

@@ -32,6 +32,7 @@ PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=8, drift_tokens
                    mmlu_items=0, task_items=50)
 _OBJECTIVE = dict(beta=1.0, kl_direction="forward", kl_mask_target=False, replay_weight=1.0, ref_cache="none")
 _SELF = dict(replay_data="self", self_replay_temperature=0.0)
+_TOP64 = dict(ref_cache="topk", ref_cache_topk=64)  # a reference cache of the top 64 log-probs per position
 # self-generated replay held by the KL alone, at 1/8, the KL on the replay rows only
 _SELF_REPLAY_KL = {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125}
 METHODS = {
@@ -48,7 +49,7 @@ METHODS = {
                            "replay_ratio": 0.125},
     # the same through a reference cache of the initial model's top 64 log-probs per position (plus the rest's mass)
     "arr_self_kl_masked_top64": {**_OBJECTIVE, **_SELF, "kl_on": "all", "kl_mask_target": True, "replay_weight": 0.0,
-                                 "replay_ratio": 0.125, "ref_cache": "topk", "ref_cache_topk": 64},
+                                 "replay_ratio": 0.125, **_TOP64},
     # screened on the date task (seed 42) and dropped, see docs/RESULTS.md:
     # self-generated replay with CE on its greedy answers, KL only where the SFT CE does not train, at 1/8
     "arr_self_prompt": {**_OBJECTIVE, **_SELF, "kl_on": "prompt_and_replay", "replay_ratio": 0.125},
@@ -61,9 +62,8 @@ METHODS = {
     "arr_self_replay_kl_b3": {**_SELF_REPLAY_KL, "beta": 3.0},
     # the same as arr_self_replay_kl through a top-64 reference cache of the replay rows (no reference forward in
     # the steps), and that with answers of at most 48 tokens (replay rows a third shorter)
-    "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, "ref_cache": "topk", "ref_cache_topk": 64},
-    "arr_self_replay_kl_top64_a48": {**_SELF_REPLAY_KL, "ref_cache": "topk", "ref_cache_topk": 64,
-                                     "self_replay_max_new_tokens": 48},
+    "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, **_TOP64},
+    "arr_self_replay_kl_top64_a48": {**_SELF_REPLAY_KL, **_TOP64, "self_replay_max_new_tokens": 48},
 }
 DEFAULT_METHODS = ("lora", "arr_wiki_all", "arr_wiki_masked", "arr_self_kl_masked")
 
