@@ -140,8 +140,14 @@ class ReferenceCache:
                     bar.update(len(taken))
         finally:
             peft_model.train(was_training)
-        tensors = {name: torch.cat([per_row[i][name] for i in rows]) for name in per_row[rows[0]]}
-        return {**tensors, "lengths": torch.tensor([len(per_row[i]["logp"]) for i in rows])}
+        return ReferenceCache.joined([per_row[i] for i in rows])
+
+    @staticmethod
+    def joined(rows_entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rows' entries (`entries` of each row's predictions) one after the other, with `lengths`, what `build`
+        returns and the cache file holds."""
+        tensors = {name: torch.cat([row[name] for row in rows_entries]) for name in rows_entries[0]}
+        return {**tensors, "lengths": torch.tensor([len(row["logp"]) for row in rows_entries])}
 
     @staticmethod
     def entries(head: torch.nn.Module, hidden: torch.Tensor, following: torch.Tensor, topk: int | None,
@@ -165,11 +171,14 @@ class ReferenceCache:
 
 
 def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, folder: str | Path,
-                    rows: list[int] | None = None) -> tuple[ReferenceCache, dict]:
+                    rows: list[int] | None = None, computed: tuple[dict, float] | None = None
+                    ) -> tuple[ReferenceCache, dict]:
     """The cache of `dataset`'s `rows` (default: all) for this model and k from `folder` when there, else built and
     saved there. The key hashes the base model's weights, the rows' token ids in order (so the data and the
     tokenizer), k and the cache format, not where the rows sit in `dataset`: runs on other data that hold the same
-    KL-bearing rows (the same self-generated replay under `kl_on: replay`) share one cache."""
+    KL-bearing rows (the same self-generated replay under `kl_on: replay`) share one cache. `computed`: these rows'
+    entries at this k computed elsewhere (what `build` returns; self-generated replay records them while it
+    generates) and the seconds they took: saved in place of a build."""
     rows = list(range(len(dataset))) if rows is None else rows
     digest = base_weights_digest(peft_model)
     digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
@@ -177,7 +186,15 @@ def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, f
         ids = torch.as_tensor(dataset[i]["input_ids"])
         digest.update(f"|{len(ids)}|".encode() + ids.numpy().tobytes())
     path = Path(folder) / f"{digest.hexdigest()[:32]}.safetensors"
-    tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk, rows))
+    if computed is None:
+        tensors, info = cached_tensors(path, lambda: ReferenceCache.build(peft_model, dataset, collate, topk, rows))
+    else:
+        entries, seconds = computed
+        k = entries["idx"].shape[1] if "idx" in entries else None
+        if k != topk or entries["lengths"].tolist() != [len(dataset[i]["input_ids"]) - 1 for i in rows]:
+            raise ValueError("the computed reference entries do not cover these rows at this k")
+        tensors, info = cached_tensors(path, lambda: dict(entries))
+        info["seconds"] = 0.0 if info["cache_hit"] else seconds
     offsets = torch.zeros(len(dataset), dtype=torch.long)
     lengths = tensors.pop("lengths")
     offsets[rows] = lengths.cumsum(0) - lengths  # where each row's entries start

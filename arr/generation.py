@@ -3,8 +3,12 @@ the probes of evaluation.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -29,9 +33,16 @@ def by_length(rows: list[list[int]], size: int):
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int,
-                   temperature: float = 0.0, seed: int = 0, desc: str | None = None) -> list[list[int]]:
+                   temperature: float = 0.0, seed: int = 0, desc: str | None = None,
+                   on_logits: Callable[[int, list[int], Callable[[], torch.Tensor]], None] | None = None
+                   ) -> list[list[int]]:
     """Answer token ids (up to and including EOS) for chat prompts, batched by length with left padding: greedy, or
-    with `temperature` > 0 sampled from the whole distribution at that temperature (no top-k/top-p), seeded."""
+    with `temperature` > 0 sampled from the whole distribution at that temperature (no top-k/top-p), seeded.
+
+    `on_logits(i, ids, logits)`, when given, is called for prompt i with its row `ids` (prompt then answer) and a
+    function that returns the model's raw logits [len(ids) - 1, V] at every prediction of the row: the answer's
+    from the decoding steps themselves, the prompt's from a prefill run here (generate() keeps the last prompt
+    position's logits only) through the LM head when called, so that the caller can time the work it adds."""
     device = next(model.parameters()).device
     rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
     answers: list[list[int] | None] = [None] * len(rows)
@@ -46,8 +57,32 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
             width = len(batch[0])
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
+            cache = None
+            if on_logits is not None:  # all prompt tokens but the last: generate() runs that one and returns its logits
+                prompt_hidden, cache = prefilled(model, ids[:, :-1], mask[:, :-1])
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-            for i, row in zip(indices, out[:, width:].tolist()):
+                                 eos_token_id=tokenizer.eos_token_id, past_key_values=cache,
+                                 return_dict_in_generate=True, output_logits=on_logits is not None, **sampling)
+            for k, (i, row) in enumerate(zip(indices, out.sequences[:, width:].tolist())):
                 answers[i] = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+                if on_logits is not None:
+                    steps = [step[k] for step in out.logits[:len(answers[i])]]
+                    hidden = prompt_hidden[k, width - len(batch[k]):]
+                    on_logits(i, batch[k] + answers[i], partial(row_logits, model, hidden, steps))
     return answers
+
+
+def row_logits(model, prompt_hidden: torch.Tensor, step_logits: list[torch.Tensor]) -> torch.Tensor:
+    """A row's logits at every prediction: the LM head over its prompt's final hidden states, then the steps'."""
+    return torch.cat([model.get_output_embeddings()(prompt_hidden).float(), torch.stack(step_logits).float()])
+
+
+def prefilled(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The final hidden states of left-padded `ids` and the KV cache that generate() continues from: the positions
+    generate() would give them (count of tokens before, padding ignored); no cache for an empty `ids`."""
+    if ids.shape[1] == 0:
+        return torch.zeros(*ids.shape, model.get_output_embeddings().in_features, device=ids.device), None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=DynamicCache(config=model.config), use_cache=True)
+    return out.last_hidden_state, out.past_key_values

@@ -18,13 +18,15 @@ chat template, the prompts and the generation settings.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from . import resources
 from .batch import IGNORE_INDEX
-from .cache import base_weights_digest, write_atomically
+from .cache import ReferenceCache, base_weights_digest, write_atomically
 from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
@@ -52,9 +54,13 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args) -> tuple[list[dict], dict]:
+def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_topk: int | None = None
+                     ) -> tuple[list[dict], dict, tuple[dict, float] | None]:
     """`n` replay rows (fewer when there are fewer prompts; the sampler then reuses them) of the initial model's
-    answers, from the cache or generated now. Returns the rows ({input_ids, labels}) and {key, cache_hit, rows}."""
+    answers, from the cache or generated now. Returns the rows ({input_ids, labels}), {key, cache_hit, rows and,
+    when generated, seconds} and, when generated with `reference_topk`, the rows' top-k reference cache entries
+    (cache.reference_cache's `computed`): decoding computes the initial model's logits at every answer position
+    anyway, so the entries cost the LM head over the prompts and the top-k, not a forward of every row."""
     prompts = read_prompts(args.self_replay_prompts) if args.self_replay_prompts else resources.self_replay_prompts()
     prompts = prompts[:n]
     settings = {"max_new_tokens": args.self_replay_max_new_tokens, "temperature": args.self_replay_temperature,
@@ -63,21 +69,34 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args) -> tuple[li
     digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, prompts, settings]).encode())
     path = cache_dir() / "self_replay" / f"{digest.hexdigest()[:32]}.json"
     info = {"key": path.stem, "cache_hit": path.is_file(), "rows": len(prompts)}
+    reference = None
     if path.is_file():
         answers = json.loads(path.read_text())
     else:
-        was_training = peft_model.training
+        entries, seconds = [None] * len(prompts), [0.0]
+
+        def record(i: int, ids: list[int], logits) -> None:
+            start = time.perf_counter()
+            following = torch.tensor(ids[1:], device=next(peft_model.parameters()).device)
+            entries[i] = ReferenceCache.entries(torch.nn.Identity(), logits(), following, reference_topk)
+            seconds[0] += time.perf_counter() - start
+
+        was_training, start = peft_model.training, time.perf_counter()
         peft_model.eval()
         try:
             with initial_model(peft_model):
                 answers = greedy_answers(peft_model, tokenizer, prompts, settings["max_new_tokens"], batch_size=16,
                                          temperature=settings["temperature"], seed=args.seed,
-                                         desc="Generating self-replay answers")
+                                         desc="Generating self-replay answers",
+                                         on_logits=record if reference_topk else None)
         finally:
             peft_model.train(was_training)
+        info["seconds"] = round(time.perf_counter() - start, 2)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(answers)))
+        if reference_topk:
+            reference = ReferenceCache.joined(entries), seconds[0]
     rows = []
     for prompt, answer in zip(prompts, answers):
         context = chat_prompt_ids(tokenizer, prompt)
         rows.append({"input_ids": context + answer, "labels": [IGNORE_INDEX] * len(context) + answer})
-    return rows, info
+    return rows, info, reference

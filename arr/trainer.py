@@ -112,8 +112,11 @@ class ARRTrainer(Trainer):
         model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
         self.adapter_layers = adapter_layers(model)  # switched for the reference forward of every step
         self.initial_adapter = INITIAL_ADAPTER if INITIAL_ADAPTER in model.peft_config else None
-        self.self_replay_info = {}
+        self.self_replay_info, self.self_replay_reference = {}, None
         self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
+        replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
+        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
+                                      args.laplace_lambda)
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
             model, processing_class, train_dataset, replay_dataset, self_replay, curvature_dataset, sft_format, args)
         pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None \
@@ -123,9 +126,6 @@ class ARRTrainer(Trainer):
                          data_collator=kwargs.pop("data_collator", Collator(
                              pad_id, attention_width(model.config) if args.padding_free else None)),
                          processing_class=processing_class, **kwargs)
-        replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
-        self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
-                                      args.laplace_lambda)
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
@@ -179,8 +179,12 @@ class ARRTrainer(Trainer):
                 raise ValueError("replay_ratio > 0 needs a replay_dataset")
             needed = replay_sequences_needed(len(sft), args)
             if self_replay:
+                # the top-k reference of these rows comes with their generation when a cache of them alone may be read
+                topk = args.ref_cache_topk if (self.objective.kl_rows() == ("replay",)
+                                               and args.ref_cache in ("auto", "topk")) else None
                 with args.main_process_first(desc="self-generated replay"):  # one process generates, the rest read
-                    replay, self.self_replay_info = self_replay_rows(model, tokenizer, needed, args)
+                    replay, self.self_replay_info, self.self_replay_reference = self_replay_rows(
+                        model, tokenizer, needed, args, topk)
             else:
                 replay = token_blocks(replay_source, tokenizer, args.replay_seq_length, needed, args.seed)
             sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed)
@@ -209,9 +213,12 @@ class ARRTrainer(Trainer):
         if mode == "none" or not rows:
             return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
+        computed = self.self_replay_reference if mode == "topk" and kinds == ("replay",) else None
         with args.main_process_first(desc="reference cache"):
             cache, info = reference_cache(model, self.train_dataset, collate, topk,
-                                          args.ref_cache_dir or cache_dir() / "reference", rows)
+                                          args.ref_cache_dir or cache_dir() / "reference", rows, computed)
+        if computed is not None and not info["cache_hit"]:
+            info["built_while_generating"] = True
         return cache, {"mode": mode, "rows": len(rows), "rows_drawn": drawn, **info}
 
     def _prepare_curvature(self, model, blocks, args: ARRConfig):

@@ -343,3 +343,37 @@ def test_self_generated_replay_rows_are_the_initial_models_answers_cached_and_tr
     starts = [0, predictions[0], predictions[0] + predictions[1]]
     assert built.ref_cache.offsets[20:].tolist() == read.ref_cache.offsets[21:].tolist() == starts
     assert len(read.ref_cache.logp) == sum(predictions) and torch.equal(read.ref_cache.logp, built.ref_cache.logp)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_self_replay_generation_records_the_reference_cache_a_build_would_give(llama_dir, tokenizer, tmp_path,
+                                                                              monkeypatch, temperature):
+    """The first run of a model generates its replay answers and, from the same decoding, the top-k reference of
+    those rows (the KL on them alone, the default): no build; the entries equal a build's from full forwards, and a
+    later run reads them."""
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a colour.\nWhat is two plus two, and why?\nSay hello to everyone in the room now.\n")
+
+    def trainer(out):
+        config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, replay_ratio=0.25, ref_cache_topk=8,
+                           self_replay_prompts=str(prompts), self_replay_max_new_tokens=6,
+                           self_replay_temperature=temperature, **STEPS)
+        return ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                          replay_dataset="self")
+
+    first = trainer("a")
+    info = first.ref_cache_info
+    assert first.self_replay_info["cache_hit"] is False and info["mode"] == "topk" and info["cache_hit"] is False
+    assert info["built_while_generating"] is True and info["seconds"] > 0
+    from arr.cache import ReferenceCache
+    rows = first.train_dataset.indices(("replay",))
+    built = ReferenceCache.build(first.model, first.train_dataset, Collator(tokenizer.pad_token_id), 8, rows)
+    recorded = first.ref_cache
+    assert recorded.offsets[rows].tolist() == (built["lengths"].cumsum(0) - built["lengths"]).tolist()
+    for name in ("logp", "tail", "label_logp"):
+        torch.testing.assert_close(getattr(recorded, name), built[name], rtol=0, atol=1e-4)
+    assert (recorded.idx == built["idx"]).float().mean() > 0.99  # (near-ties may swap places)
+    second = trainer("b")
+    assert second.self_replay_info["cache_hit"] is True and second.ref_cache_info["cache_hit"] is True
+    assert "built_while_generating" not in second.ref_cache_info and torch.equal(second.ref_cache.logp, recorded.logp)
