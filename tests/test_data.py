@@ -3,7 +3,7 @@ import torch
 
 from arr import resources
 from arr.data import (IGNORE_INDEX, Collator, MixedDataset, ReplayMixSampler, load_sft_examples, pack_replay,
-                      attention_width, packing_width, shared_rows)
+                      attention_width, packed_rows)
 from arr.errors import DataError
 from conftest import make_tokenizer, write_jsonl
 
@@ -149,26 +149,34 @@ def test_padding_free_rows_that_fit_together_share_a_row_with_their_own_position
     assert torch.equal(alone["attention_mask"], Collator(tokenizer.pad_token_id)(rows[:2])["attention_mask"])
 
 
-def test_padding_free_packs_at_the_width_of_least_estimated_compute():
+def test_padding_free_packs_at_the_least_estimated_compute():
     from transformers import LlamaConfig
 
     # SmolLM2-135M's sizes: a position's attention through a 3,072-wide packed row costs as much as its linear layers
     smollm2 = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
     assert attention_width(smollm2) == 3072
+
+    def cost(lengths, packs, attention=3072):
+        width = max(sum(lengths[i] for i in pack) for pack in packs)
+        return len(packs) * width * (1 + width / attention)
+
     # the shipped mix: one self-generated replay row (prompt + 48-token answer, ~85 tokens) among seven 67-token rows
     lengths = [85] + [67] * 7
+    packs = packed_rows(lengths, 3072)
+    assert sorted(i for pack in packs for i in pack) == list(range(8))  # every sequence once
+    assert cost(lengths, packs) < 0.95 * cost(lengths, [[i] for i in range(8)])  # padded: 8 x 85 positions
     rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
-    chosen = packing_width(lengths, 3072)
-    cost = {w: len(shared_rows(lengths, w)) * w * (1 + w / 3072) for w in range(85, 341, 5)}  # the widths it tries
-    assert cost[chosen] == min(cost.values()) and cost[chosen] < 0.95 * cost[85]  # 85: padded, 8 x 85 positions
     batch = Collator(0, attention_width=3072)(rows)
-    packs = shared_rows(lengths, chosen)
     assert batch["input_ids"].shape == (len(packs), max(sum(lengths[i] for i in p) for p in packs))
-    assert batch["input_ids"].numel() < 8 * 85
     assert (batch["labels"] != IGNORE_INDEX).sum() == sum(lengths) - len(lengths)  # every target kept, once
+    # rows as narrow as the lengths allow: in 4 rows the longest sequence goes beside the shortest, 85 + 62 = 147,
+    # the narrowest 4 rows can be (85 shares a row with one sequence of at least 62)
+    mixed = [85, 71, 70, 68, 67, 66, 65, 62]
+    four = packed_rows(mixed, 1000)  # attention dear enough that 2 rows of 281 cost more
+    assert len(four) == 4 and max(sum(mixed[i] for i in p) for p in four) == 147
     # attention that costs as much as the linear layers at 100 tokens: the same rows stay padded
     assert "attention_mask" in Collator(0, attention_width=100)(rows)
-    assert packing_width(lengths, 100) == 85
+    assert len(packed_rows(lengths, 100)) == 8
 
 
 def test_pack_replay_reads_only_what_it_needs(tokenizer):
