@@ -76,10 +76,17 @@ def reference_without_target(ref: RefLogprobs, targets: torch.Tensor, rows: torc
     return RefLogprobs(values, ref.idx, tail - norm, label)
 
 
-def coarsened(logp: torch.Tensor, ref: RefLogprobs):
-    """The model's and a top-k reference's log-probs over k + 1 outcomes: the reference's k tokens and "any other"."""
-    tail = logp.scatter(1, ref.idx, float("-inf")).logsumexp(-1)
-    coarse = torch.cat([logp.gather(1, ref.idx), tail[:, None].clamp(min=MASKED)], 1)  # clamp: no 0 * inf
+def coarsened(logp: torch.Tensor, ref: RefLogprobs, in_place: bool = False):
+    """The model's and a top-k reference's log-probs over k + 1 outcomes: the reference's k tokens and "any other".
+    `in_place`: the k tokens are masked in `logp` itself for the tail's sum and then put back, bit for bit (no
+    [n, V] copy; not on a tensor that autograd tracks)."""
+    top = logp.gather(1, ref.idx)
+    if in_place:
+        tail = logp.scatter_(1, ref.idx, float("-inf")).logsumexp(-1)
+        logp.scatter_(1, ref.idx, top)
+    else:
+        tail = logp.scatter(1, ref.idx, float("-inf")).logsumexp(-1)
+    coarse = torch.cat([top, tail[:, None].clamp(min=MASKED)], 1)  # clamp: no 0 * inf
     return coarse, torch.cat([ref.logp.float(), ref.tail.float()[:, None].clamp(min=MASKED)], 1)
 
 
@@ -108,7 +115,7 @@ def kl_and_target(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forwar
         log_ratio = ref_logp.sub_(logp)  # log(ref / p)
         kl = -(p * log_ratio).sum(-1)
         return kl, p.mul_(log_ratio.add_(1 + kl[:, None]))
-    coarse, coarse_ref = coarsened(logp, ref)
+    coarse, coarse_ref = coarsened(logp, ref, in_place=True)
     kl = kl_from_logprobs(coarse, coarse_ref, direction)
     if direction == "forward":  # t_j = p_j * ref(tail) / P(tail) on the tail, in logs (p_j may underflow to 0)
         target = (logp + (coarse_ref[:, -1:] - coarse[:, -1:])).exp_()
@@ -173,15 +180,18 @@ def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targe
     param_grads = [torch.zeros_like(p) for p in head_params]
     sums = inputs.new_zeros(3, dtype=torch.float32)
     chunk_size, kl_done = chunk_size or max(1, len(inputs)), 0
-    for start in range(0, len(inputs), chunk_size):
-        part = slice(start, start + chunk_size)
+    # the KL positions in chunks of their own, in order: there the KL reads the chunk's log-probs in place (unless
+    # Mask-the-Target masks some), where a chunk that mixed them with CE-only positions would copy its KL rows out
+    parts = [i[a:a + chunk_size] for i in (torch.nonzero(~kl).squeeze(1), torch.nonzero(kl).squeeze(1))
+             for a in range(0, len(i), chunk_size)]
+    for part in parts:
         kl_end = kl_done + int(kl[part].sum())
         chunk_reference = None
         if reference is not None and kl_end > kl_done:
             chunk_reference = partial(reference, kl_done, kl_end)
-        h = inputs[part].detach()
+        h = inputs[part].detach()  # a copy (indexed), which the head-less path writes over
         if head is None:
-            logits = h.float().clone()  # written over below; the inputs stay as they are
+            logits = h.float()
         else:
             h.requires_grad_(input_grad is not None)
             with torch.set_grad_enabled(track):
@@ -200,7 +210,7 @@ def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targe
             for total, g in zip(param_grads, grads):
                 if g is not None:
                     total += g
-        del logits, logit_grad  # else this chunk's [n, V] tensors live on while the next chunk makes its own
+        del h, logits, logit_grad  # else this chunk's [n, V] tensors live on while the next chunk makes its own
     if not track:
         return sums, None
     pairs = ([(inputs, input_grad)] if input_grad is not None else []) + list(zip(head_params, param_grads))

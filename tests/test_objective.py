@@ -371,3 +371,40 @@ def test_topk_reference_kl_is_the_coarsened_kl_a_lower_bound_and_exact_at_full_k
         a, b = (p, q) if direction == "forward" else (q, p)
         torch.testing.assert_close(approx, (a * (a.log() - b.log())).sum(-1))
         assert (approx <= exact + 1e-6).all() and (approx < exact).any()
+
+
+def test_kl_positions_take_chunks_of_their_own_in_order(monkeypatch):
+    """Chunks never mix KL with CE-only positions (a mixed chunk copies its KL rows out: one [chunk, V] tensor
+    more), the reference is read in order, and the sums and gradients are those of one chunk of everything."""
+    import arr.chunked_loss as cl
+
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 23, 8, 11
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    inputs = torch.randn(n, hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    kl = torch.tensor([i % 3 != 0 for i in range(n)])  # interleaved with CE-only positions
+    sft = ~kl | (torch.arange(n) % 2 == 0)
+    ref_logp = torch.log_softmax(torch.randn(int(kl.sum()), vocab), -1)
+    asked, chunks = [], []
+
+    def reference(a, b):
+        asked.append((a, b))
+        return RefLogprobs(ref_logp[a:b].clone())
+
+    real = cl._chunk_sums_and_logit_grad
+    monkeypatch.setattr(cl, "_chunk_sums_and_logit_grad", lambda *args: chunks.append(args[4].clone()) or real(*args))
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    none = torch.zeros(n, dtype=torch.bool)
+    results = []
+    for chunk_size in (4, 0):
+        inputs.grad = None
+        sums, term = cl.chunked_token_loss(inputs, head, targets, sft, none, kl, none, weights, reference, "forward",
+                                           chunk_size)
+        term.backward()
+        results.append((sums, inputs.grad.clone()))
+        if chunk_size:
+            assert all(c.all() or not c.any() for c in chunks) and len(chunks) == 2 + 4  # 8 CE-only, 15 KL
+            assert [a for a, _ in asked] == [0, 4, 8, 12] and asked[-1][1] == int(kl.sum())
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
