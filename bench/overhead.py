@@ -2,6 +2,7 @@
 
     python -m bench.overhead --quick        # tiny model, plain LoRA and the shipped default, both workloads: < 1 min
     python -m bench.overhead --quick --models smollm2 --repeats 3   # the same on SmolLM2, medians of 3 repeats
+    python -m bench.overhead --quick --models smollm2 --memory      # and each run's allocated peak (CPU)
     python -m bench.overhead                # tiny model and SmolLM2-135M-Instruct, plus the loss-memory probe
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
     python -m bench.overhead --models smollm2 --variants arr_online --loss-chunk-size 256   # another chunk size
@@ -77,14 +78,16 @@ def peak_mb() -> float:
 
 def train_variant(model_name: str, variant: str, workload: str, steps: int, batch_size: int = 8,
                   warmup_steps: int = 1, profile_file: str | None = None, loss_chunk_size: int | None = None,
-                  replay_seq_length: int = 64, padding_free: bool = True) -> dict:
+                  replay_seq_length: int = 64, padding_free: bool = True, allocations: bool = False) -> dict:
     """Runs in a child process: set up the `workload`'s run, train its first `steps` steps and report the wall time
     and tokens of the steps after the first `warmup_steps`, the run's step count, the reference cache build's
     seconds and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id. With
     `profile_file`, the timed steps run under torch.profiler: its table of operators goes to that file and the time
     per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped one
     in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the length
-    of its SFT rows) unless given; `padding_free` False pads every batch in every variant."""
+    of its SFT rows) unless given; `padding_free` False pads every batch in every variant. With `allocations` the
+    run is recorded by AllocationPeak instead and returns {"alloc_peak_mb"} alone."""
+    recorder = AllocationPeak() if allocations else None  # from before the model loads: all that the run allocates
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +126,8 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
         if profiler:
             trainer.add_callback(profiler)
         trainer.train()
+        if recorder:
+            return {"alloc_peak_mb": recorder.stop()}
         result = {"seconds": clock.seconds, "timed_steps": clock.timed_steps, "run_steps": trainer.state.max_steps,
                   "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
                   "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0),
@@ -138,6 +143,31 @@ def run_seconds(result: dict, steps: int, cache_built: bool = True) -> float:
     """Wall time of a run of `steps` steps: the cache build (unless an earlier run built it) plus the timed steps'
     mean time per step."""
     return result["cache_seconds"] * cache_built + result["seconds"] / result["timed_steps"] * steps
+
+
+class AllocationPeak:
+    """The most bytes torch holds allocated on the CPU between its creation and `stop()`, from the profiler's record
+    of every allocation and free: torch has no CPU counterpart of torch.cuda.max_memory_allocated, and peak RSS also
+    counts freed memory the C allocator keeps, which moves by 5-10% between identical runs on this machine. The
+    profiler slows the run, so the bench records it in a run of its own."""
+
+    def __init__(self):
+        import torch
+
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+
+    def stop(self) -> float:
+        import torch
+
+        self.profiler.__exit__(None, None, None)
+        records = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
+                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        held = peak = 0
+        for _, nbytes in records:  # + allocated, - freed
+            held += nbytes
+            peak = max(peak, held)
+        return peak / 2**20
 
 
 class StepClock(TrainerCallback):
@@ -293,9 +323,18 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {', '.join(VARIANTS)} "
                              f"(lora and {DEFAULT_PATH}, the headline, always run)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also run each variant once more (first repeat only) recording torch's CPU allocations "
+                             "(AllocationPeak): its allocated peak against plain LoRA's, which peak RSS measures "
+                             "with the allocator's noise; CPU only (on a GPU the peak already is torch's allocated "
+                             "bytes)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: both)")
     args = parser.parse_args()
+    import torch
+
+    if args.memory and torch.cuda.is_available():
+        sys.exit("--memory records CPU allocations; on a GPU the peak printed is torch's allocated bytes already")
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         sys.exit(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size} (arr_naive is the unchunked loss)")
     models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
@@ -309,7 +348,7 @@ def main() -> None:
         sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
     # (model, workload, variant) -> [(wall ratio, peak ratio, a later run's wall ratio) against plain LoRA of the same
     # repeat]
-    ratios = {}
+    ratios, allocated = {}, {}  # allocated: (model, workload, variant) -> allocated peak MB, with --memory
     for model in models:
         steps = args.steps or (10 if model == "tiny" else 9)
         if steps <= args.warmup_steps:
@@ -331,6 +370,12 @@ def main() -> None:
                           f"{r['peak_mem_mb']:7.0f} MB x{peak:.3f}  {note(r, reused, with_generation)}", flush=True)
                     for region, ms in r.get("regions_ms", {}).items():
                         print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
+                    if args.memory and repeat == 0:  # deterministic: once
+                        mb = run_variant(model, variant, workload, steps, args, repeat, allocations=True)
+                        mb = allocated[model, workload, variant] = mb["alloc_peak_mb"]
+                        print(f"{Path(model).name:12s} {workload:9s} {variant:17s} allocated peak {mb:9.1f} MB "
+                              f"x{mb / allocated[model, workload, 'lora']:.3f} (torch's CPU allocations over the run)",
+                              flush=True)
             if args.repeats > 1:
                 for variant in variants[1:]:
                     walls, peaks, reused = (sorted(column) for column in zip(*ratios[model, workload, variant]))
@@ -346,8 +391,12 @@ def main() -> None:
 
     def headline(workload: str) -> dict:
         walls, peaks, reused = zip(*ratios[models[-1], workload, DEFAULT_PATH])
-        return {"wall_ratio": round(median(walls), 4), "peak_mem_ratio": round(median(peaks), 4),
+        line = {"wall_ratio": round(median(walls), 4), "peak_mem_ratio": round(median(peaks), 4),
                 "wall_ratio_cache_reused": round(median(reused), 4)}
+        if allocated:
+            line["alloc_peak_ratio"] = round(allocated[models[-1], workload, DEFAULT_PATH]
+                                             / allocated[models[-1], workload, "lora"], 4)
+        return line
 
     chunk = {} if args.loss_chunk_size is None else {"loss_chunk_size": args.loss_chunk_size}
     print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk, **headline(workloads[0]),
@@ -369,7 +418,8 @@ def note(result: dict, reused: float, with_generation: float) -> str:
     return text
 
 
-def run_variant(model: str, variant: str, workload: str, steps: int, args, repeat: int) -> dict:
+def run_variant(model: str, variant: str, workload: str, steps: int, args, repeat: int, allocations: bool = False
+                ) -> dict:
     """`train_variant` in a child process of its own (so that its peak memory is its own)."""
     profile_file = None
     if args.profile:
@@ -378,7 +428,7 @@ def run_variant(model: str, variant: str, workload: str, steps: int, args, repea
     code = (f"import bench.overhead as b, json; "
             f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {workload!r}, {steps}, {args.batch_size}, "
             f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length}, "
-            f"{not args.no_padding_free})))")
+            f"{not args.no_padding_free}, {allocations})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])

@@ -3,6 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +29,26 @@ def test_overhead_quick_prints_every_variant_and_workload_and_ends_with_the_json
     assert result["wall_ratio"] == result["workloads"]["embedded"]["wall_ratio"] > 0.5
     assert all(0.9 < w["peak_mem_ratio"] < 2 for w in result["workloads"].values())
     assert all(0.5 < w["wall_ratio_cache_reused"] < w["wall_ratio"] for w in result["workloads"].values())
+
+
+def test_allocation_peak_is_the_most_torch_held_at_once():
+    from bench.overhead import AllocationPeak
+
+    recorder = AllocationPeak()
+    a, b = torch.ones(2**20), torch.ones(2**21)  # 4 MB and 8 MB held together
+    del a, b
+    c = torch.ones(2**20)
+    assert 12 <= recorder.stop() < 12.5
+    del c
+
+
+def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
+    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--memory", "--workloads", "embedded",
+                           "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    peaks = [line for line in lines if "allocated peak" in line]
+    assert [line.split()[2] for line in peaks] == ["lora", "arr"] and "x1.000" in peaks[0]
+    ratio = json.loads(lines[-1])["alloc_peak_ratio"]
+    mb = [float(line.split("allocated peak")[1].split()[0]) for line in peaks]
+    assert ratio == pytest.approx(mb[1] / mb[0], rel=0.05) and ratio > 1  # (printed MB are rounded)
