@@ -105,7 +105,8 @@ def kl_and_target(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forwar
     model's softmax). Forward KL: t is the reference. Reverse KL: t = p * (1 - log(p / ref) + KL), from
     d KL(p || ref) / d z_j = p_j * (log(p_j / ref_j) - KL). With a top-k reference both hold on the k + 1 coarse
     outcomes, and a tail token j gets the tail's value times p_j / P(tail). Works in place on an exact reference
-    (few [n, V] tensors at a time), which the caller must not use again."""
+    (few [n, V] tensors at a time), which the caller must not use again; with a top-k one it masks the k tokens in
+    `logp` for the tail's sum and puts them back (`coarsened`)."""
     if ref.idx is None:
         ref_logp = ref.logp.float()
         if direction == "forward":
@@ -189,10 +190,10 @@ def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targe
         chunk_reference = None
         if reference is not None and kl_end > kl_done:
             chunk_reference = partial(reference, kl_done, kl_end)
-        h = inputs[part].detach()  # a copy (indexed), which the head-less path writes over
         if head is None:
-            logits = h.float()
+            logits = h = inputs.detach()[part].float()  # a copy (indexed), written over below
         else:
+            h = inputs[part].detach()
             h.requires_grad_(input_grad is not None)
             with torch.set_grad_enabled(track):
                 logits = head(h)
@@ -200,13 +201,13 @@ def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targe
                                                        sft[part], replay[part], kl[part], masked[part], weights,
                                                        chunk_reference, direction, track)
         sums, kl_done = sums + chunk, kl_end
-        if track and head is None:
-            input_grad[part] = logit_grad
+        if track and head is None:  # (index_copy_: an indexed assignment would not cast to bf16 logits)
+            input_grad.index_copy_(0, part, logit_grad.to(input_grad.dtype))
         elif track:
             wrt = ([h] if input_grad is not None else []) + head_params
             grads = list(torch.autograd.grad(logits, wrt, logit_grad.to(logits.dtype), allow_unused=True))
             if input_grad is not None:
-                input_grad[part] = grads.pop(0)
+                input_grad.index_copy_(0, part, grads.pop(0))
             for total, g in zip(param_grads, grads):
                 if g is not None:
                     total += g

@@ -6,6 +6,7 @@ Rows carry `is_replay` so the objective can tell them apart.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -432,18 +433,20 @@ def packed_rows(lengths: list[int], attention_width: float) -> list[list[int]]:
     the fewest tokens so far (LPT scheduling: the widest row, which every row is padded to, stays narrow), at widths
     up to four times the longest sequence. Counting positions alone would put every sequence in one row, whose
     attention grows with the square of its width; counting attention area alone keeps one long row among short ones
-    padded (an 85-token replay row among seven 67-token SFT rows: 8 x 85 positions, where this rule picks 4 rows of
-    152, 6% less estimated compute)."""
+    padded (an 85-token replay row among seven 67-token SFT rows: 8 x 85 positions, where this rule picks 2 rows of
+    286, 10.5% less estimated compute)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best = None
+    longest, best = lengths[order[0]], None
     for n_rows in range(len(lengths), 0, -1):
-        packs, loads = [[] for _ in range(n_rows)], [0] * n_rows
+        if sum(lengths) > 4 * longest * n_rows:  # no narrower rows from here on
+            break
+        packs, emptiest = [[] for _ in range(n_rows)], [(0, row) for row in range(n_rows)]  # (tokens, row): a heap
         for i in order:
-            row = loads.index(min(loads))
+            tokens, row = heapq.heappop(emptiest)
             packs[row].append(i)
-            loads[row] += lengths[i]
-        width = max(loads)
+            heapq.heappush(emptiest, (tokens + lengths[i], row))
+        width = max(tokens for tokens, _ in emptiest)
         cost = n_rows * width * (1 + width / attention_width)
-        if width <= 4 * lengths[order[0]] and (best is None or cost < best[0]):
+        if width <= 4 * longest and (best is None or cost < best[0]):
             best = cost, packs
     return best[1]

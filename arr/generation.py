@@ -39,10 +39,15 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
     """Answer token ids (up to and including EOS) for chat prompts, batched by length with left padding: greedy, or
     with `temperature` > 0 sampled from the whole distribution at that temperature (no top-k/top-p), seeded.
 
-    `on_logits(i, ids, logits)`, when given, is called for prompt i with its row `ids` (prompt then answer) and a
-    function that returns the model's raw logits [len(ids) - 1, V] at every prediction of the row: the answer's
-    from the decoding steps themselves, the prompt's from a prefill run here (generate() keeps the last prompt
-    position's logits only) through the LM head when called, so that the caller can time the work it adds."""
+    Decoding continues from a prefill of all prompt tokens but the last, run here, whenever the model allows it
+    (`records_logits`), whether or not logits are asked for: the answers do not depend on it. `on_logits(i, ids,
+    logits)`, when given, is called for prompt i with its row `ids` (prompt then answer) and a function that returns
+    the model's raw logits [len(ids) - 1, V] at every prediction of the row: the answer's from the decoding steps
+    themselves, the prompt's from the prefill's hidden states (generate() keeps the last prompt position's logits
+    only) through the LM head when called, so that the caller can time the work it adds."""
+    prefill = records_logits(model)
+    if on_logits is not None and not prefill:
+        raise ValueError("on_logits: this model's generation cannot continue from a prefill (see records_logits)")
     device = next(model.parameters()).device
     rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
     answers: list[list[int] | None] = [None] * len(rows)
@@ -58,7 +63,7 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
             cache = None
-            if on_logits is not None:  # all prompt tokens but the last: generate() runs that one and returns its logits
+            if prefill:  # all prompt tokens but the last: generate() runs that one and returns its logits
                 prompt_hidden, cache = prefilled(model, ids[:, :-1], mask[:, :-1])
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id, past_key_values=cache,
@@ -72,6 +77,15 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
     return answers
 
 
+def records_logits(model) -> bool:
+    """Whether `greedy_answers` can decode from its own prefill and so give `on_logits`: generate() must continue a
+    DynamicCache (no cache_implementation of the model's own) and its logits must be the LM head's alone (no final
+    softcapping, which the head applied to the prompt's hidden states would leave out)."""
+    text_config = model.config.get_text_config()
+    return (model.generation_config.cache_implementation is None
+            and not getattr(text_config, "final_logit_softcapping", None))
+
+
 def row_logits(model, prompt_hidden: torch.Tensor, step_logits: list[torch.Tensor]) -> torch.Tensor:
     """A row's logits at every prediction: the LM head over its prompt's final hidden states, then the steps'."""
     return torch.cat([model.get_output_embeddings()(prompt_hidden).float(), torch.stack(step_logits).float()])
@@ -81,7 +95,8 @@ def prefilled(model, ids: torch.Tensor, mask: torch.Tensor):
     """The final hidden states of left-padded `ids` and the KV cache that generate() continues from: the positions
     generate() would give them (count of tokens before, padding ignored); no cache for an empty `ids`."""
     if ids.shape[1] == 0:
-        return torch.zeros(*ids.shape, model.get_output_embeddings().in_features, device=ids.device), None
+        head = model.get_output_embeddings()
+        return ids.new_zeros(*ids.shape, head.in_features, dtype=head.weight.dtype), None
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                               past_key_values=DynamicCache(config=model.config), use_cache=True)

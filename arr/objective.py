@@ -128,8 +128,9 @@ class ARRObjective(nn.Module):
         """`outputs`: the trained model's final hidden states [B, T, H] with its `head`, or its logits [B, T, V]
         (head None). `batch`: labels, is_replay and the layout (batch.py). `reference`: a reference.py Reference,
         needed when beta > 0. `counts`: the step-wide denominators (default: this batch's own). `chunk_size`:
-        positions per chunk of logits (0: all at once). `curvature`: the Laplace pairs (see laplace_penalty), whose
-        penalty counts `step_share` of its value in this call (1 / gradient-accumulation steps)."""
+        positions per chunk of logits (0: one chunk of the KL positions and one of the rest). `curvature`: the
+        Laplace pairs (see laplace_penalty), whose penalty counts `step_share` of its value in this call (1 /
+        gradient-accumulation steps)."""
         positions = self.positions(batch)
         counts = counts if counts is not None else self.count_tokens(batch)
         if positions.kl.any() and reference is None:

@@ -30,7 +30,7 @@ from .cache import ReferenceCache, base_weights_digest, write_atomically
 from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
-from .generation import chat_prompt_ids, greedy_answers
+from .generation import chat_prompt_ids, greedy_answers, records_logits
 from .reference import initial_model
 
 SELF = "self"  # the replay_data value that asks for self-generated replay
@@ -81,6 +81,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_t
             entries[i] = ReferenceCache.entries(torch.nn.Identity(), logits(), following, reference_topk)
             seconds[0] += time.perf_counter() - start
 
+        recording = bool(reference_topk) and records_logits(peft_model)  # else a build makes the cache later
         was_training, start = peft_model.training, time.perf_counter()
         peft_model.eval()
         try:
@@ -88,12 +89,12 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_t
                 answers = greedy_answers(peft_model, tokenizer, prompts, settings["max_new_tokens"], batch_size=16,
                                          temperature=settings["temperature"], seed=args.seed,
                                          desc="Generating self-replay answers",
-                                         on_logits=record if reference_topk else None)
+                                         on_logits=record if recording else None)
         finally:
             peft_model.train(was_training)
         info["seconds"] = round(time.perf_counter() - start, 2)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(answers)))
-        if reference_topk:
+        if recording:
             reference = ReferenceCache.joined(entries), seconds[0]
     rows = []
     for prompt, answer in zip(prompts, answers):

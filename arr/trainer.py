@@ -201,6 +201,7 @@ class ARRTrainer(Trainer):
     def _prepare_reference(self, model, collate, args: ARRConfig, self_replay: bool):
         """The reference cache (ref_cache exact/topk, or auto resolved here) of the rows that hold KL positions,
         built once by the main process and read by the others and by later runs."""
+        recorded, self.self_replay_reference = self.self_replay_reference, None  # (kept in the cache from here)
         kinds = self.objective.kl_rows()
         draws = dict(zip(("sft", "replay"), rows_drawn(len(self.train_dataset.sft), args)))
         rows, drawn = self.train_dataset.indices(kinds), sum(draws[kind] for kind in kinds)
@@ -213,7 +214,7 @@ class ARRTrainer(Trainer):
         if mode == "none" or not rows:
             return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
-        computed = self.self_replay_reference if mode == "topk" and kinds == ("replay",) else None
+        computed = recorded if mode == "topk" and kinds == ("replay",) else None
         with args.main_process_first(desc="reference cache"):
             cache, info = reference_cache(model, self.train_dataset, collate, topk,
                                           args.ref_cache_dir or cache_dir() / "reference", rows, computed)

@@ -408,3 +408,27 @@ def test_kl_positions_take_chunks_of_their_own_in_order(monkeypatch):
             assert [a for a, _ in asked] == [0, 4, 8, 12] and asked[-1][1] == int(kl.sum())
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_the_full_logits_path_takes_bf16_logits():
+    """FSDP/DeepSpeed and loss_chunk_size 0 pass the model's logits, bf16 under mixed precision: the loss is the
+    float32 logits' and their gradient comes back in bf16."""
+    import arr.chunked_loss as cl
+
+    torch.manual_seed(0)
+    n, vocab = 9, 13
+    logits = torch.randn(n, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    kl = torch.arange(n) % 2 == 0
+    ref = RefLogprobs(torch.log_softmax(torch.randn(int(kl.sum()), vocab), -1))
+    none = torch.zeros(n, dtype=torch.bool)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = logits.to(dtype).detach().requires_grad_()
+        sums, term = cl.chunked_token_loss(inputs, None, targets, ~kl, none, kl, none, torch.tensor([1.0, 0.5, 0.0]),
+                                           lambda a, b: RefLogprobs(ref.logp[a:b].clone()), "forward", 0)
+        term.backward()
+        assert inputs.grad.dtype == dtype
+        results.append((sums, inputs.grad.float()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=5e-2, atol=1e-2)

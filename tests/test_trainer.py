@@ -377,3 +377,21 @@ def test_self_replay_generation_records_the_reference_cache_a_build_would_give(l
     second = trainer("b")
     assert second.self_replay_info["cache_hit"] is True and second.ref_cache_info["cache_hit"] is True
     assert "built_while_generating" not in second.ref_cache_info and torch.equal(second.ref_cache.logp, recorded.logp)
+
+
+def test_self_replay_of_a_model_whose_decoding_cannot_continue_a_prefill_gets_its_reference_cache_built(
+        llama_dir, tokenizer, tmp_path, monkeypatch):
+    """Final-logit softcapping (Gemma 2) or a cache implementation of the model's own: the decoding's logits are not
+    the LM head's over hidden states, or generate() cannot continue a prefill; the answers are generated as usual and
+    the reference cache is built by a forward pass."""
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
+    model = fresh_peft(llama_dir)
+    model.config.final_logit_softcapping = 30.0  # (Llama ignores it; records_logits does not)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a colour.\nSay hello.\n")
+    config = ARRConfig(output_dir=str(tmp_path / "out"), beta=0.5, replay_ratio=0.25, self_replay_prompts=str(prompts),
+                       self_replay_max_new_tokens=4, **STEPS)
+    trainer = ARRTrainer(model, config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset="self")
+    assert trainer.self_replay_info["cache_hit"] is False and trainer.ref_cache_info["mode"] == "topk"
+    assert trainer.ref_cache_info["cache_hit"] is False and "built_while_generating" not in trainer.ref_cache_info
