@@ -110,16 +110,18 @@ def eval_command(args: list[str]) -> int:
     model_path = overrides.pop("model_name_or_path", None)
     eval_args = make_eval_args(overrides)
 
-    from .evaluation import evaluate_adapter, format_table, load_run
+    from .cache import write_atomically
+    from .evaluation import evaluate_adapter, format_table, load_run, reusable_evaluation, run_base_model
 
-    saved = run_dir / run_folder.EVAL
-    if saved.is_file() and json.loads(saved.read_text()).get("eval_args") == vars(eval_args):
-        print(f"(the report in {saved}, made with these probe settings)")
-        print(format_table(json.loads(saved.read_text())))
+    base_model = run_base_model(run_dir, model_path)
+    saved = reusable_evaluation(run_dir, eval_args, base_model)
+    if saved:
+        print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
+        print(format_table(saved))
         return 0
     model, tokenizer = load_run(run_dir, model_path)
-    result = evaluate_adapter(model, tokenizer, eval_args, cache_before=True)
-    saved.write_text(json.dumps(result, indent=2))
+    result = {**evaluate_adapter(model, tokenizer, eval_args, cache_before=True), "base_model": base_model}
+    write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print(format_table(result))
     return 0
 

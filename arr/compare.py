@@ -30,6 +30,8 @@ from .evaluation import (
     headline_forgetting,
     initial_drift_answers,
     load_run,
+    reusable_evaluation,
+    run_base_model,
     run_probes,
 )
 from .plots import draw, draw_front, mean_point
@@ -91,16 +93,15 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     for name, method_overrides in methods.items():
         run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
         wanted = resolved_config(*build_config({**recipe, **keys}))
-        eval_file = run_dir / run_folder.EVAL
         if finished_run(run_dir, wanted, defaults):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
             metrics = json.loads((run_dir / run_folder.METRICS).read_text())
         else:
             print(f"== {name}: training", flush=True)  # (arr train removes the replaced run's eval.json)
             metrics = train_run(name, Path(config_path), keys, run_dir)
-        saved = read_evaluation(eval_file)
-        # (probe-size keys added since the evaluation: their defaults)
-        if saved and {**vars(EvalArgs()), **saved.get("eval_args", {})} == vars(eval_args):
+        base_model = run_base_model(run_dir)
+        saved = reusable_evaluation(run_dir, eval_args, base_model)
+        if saved:
             print(f"== {name}: reusing its evaluation", flush=True)
             probes = {**saved, "forgetting": headline_forgetting(saved["delta"])}  # the headline as defined now
             before = before or probes["before"]
@@ -111,8 +112,8 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                 with initial_model(model):
                     before = before or run_probes(model.eval(), tokenizer, eval_args)
                     drift_answers = initial_drift_answers(model, tokenizer, eval_args)
-            probes = evaluate_adapter(model, tokenizer, eval_args, before, drift_answers)
-            write_atomically(eval_file, lambda tmp: tmp.write_text(json.dumps(probes, indent=2)))
+            probes = {**evaluate_adapter(model, tokenizer, eval_args, before, drift_answers), "base_model": base_model}
+            write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(probes, indent=2)))
         objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
             "forgetting": probes["forgetting"], "task_score": probes["after"]["task_em"],
@@ -126,14 +127,6 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
     (out_dir / run_folder.RESULTS_MD).write_text(markdown_table(results))
     plot(results, out_dir / run_folder.RESULTS_PNG)
     return results
-
-
-def read_evaluation(path: Path) -> dict | None:
-    """The evaluation kept in a run folder, None when there is none (or a file that is not one)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # Training keys that make a run a family of its own when they differ from the comparison's: "arr (48 steps, seed 1)".

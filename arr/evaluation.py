@@ -361,15 +361,32 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def run_base_model(run_dir: str | Path, model_name_or_path: str | None = None) -> str:
+    """The base model a run's adapter is evaluated on: `model_name_or_path` when given, else the one its
+    arr_config.yaml names (the embedded default when it names none)."""
+    saved = Path(run_dir) / run_folder.CONFIG
+    config = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+    return model_name_or_path or config.get("model_name_or_path") or str(resources.default_model_path())
+
+
+def reusable_evaluation(run_dir: str | Path, eval_args: EvalArgs, base_model: str) -> dict | None:
+    """The evaluation kept in a run folder (eval.json) when it was made with these probe sizes (a size added since:
+    its default) on this base model (one that does not say: the run's own), else None."""
+    try:
+        saved = json.loads((Path(run_dir) / run_folder.EVAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same_probes = {**vars(EvalArgs()), **saved.get("eval_args", {})} == vars(eval_args)
+    return saved if same_probes and saved.get("base_model", run_base_model(run_dir)) == base_model else None
+
+
 def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
-    """The PEFT model and tokenizer of a finished `arr train` run (its arr_config.yaml names the base model)."""
+    """The PEFT model and tokenizer of a finished `arr train` run, on `run_base_model`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
-    saved = run_dir / run_folder.CONFIG
-    config = yaml.safe_load(saved.read_text()) if saved.exists() else {}
-    base = model_name_or_path or config.get("model_name_or_path") or str(resources.default_model_path())
+    base = run_base_model(run_dir, model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(run_dir if (run_dir / "tokenizer_config.json").exists() else base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
     return model, tokenizer

@@ -75,9 +75,22 @@ def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, ca
     code, out, err = run_cli(capsys, "eval", str(files["out"]), *(f"{k}={v}" for k, v in report["eval_args"].items()
                                                                    if v not in (None, [])))
     assert code == 0 and "(the report in" in out  # the same settings: arr eval reuses it
+    # on another base model it evaluates anew and says so in eval.json, which then is not the run's own report
+    settings = [f"{k}={v}" for k, v in report["eval_args"].items() if v not in (None, [])]
+    other = f"{saved_base(files['out'])}/."  # (another path to the same weights: what matters is that it differs)
+    code, out, err = run_cli(capsys, "eval", str(files["out"]), f"model_name_or_path={other}", *settings)
+    assert code == 0 and "(the report in" not in out
+    assert json.loads((files["out"] / "eval.json").read_text())["base_model"] == other
+    code, out, err = run_cli(capsys, "eval", str(files["out"]), *settings)
+    assert code == 0 and "(the report in" not in out
+    assert json.loads((files["out"] / "eval.json").read_text())["base_model"] == saved_base(files["out"])
 
     code, out, err = run_cli(capsys, "train", files["config"], "eval_after=none", "overwrite_output_dir=true")
     assert code == 0 and "| task_em |" not in out and not (files["out"] / "eval.json").exists()
+
+
+def saved_base(run_dir) -> str:
+    return yaml.safe_load((run_dir / "arr_config.yaml").read_text())["model_name_or_path"]
 
 
 def test_debug_shows_traceback(files, capsys):
