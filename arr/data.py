@@ -356,12 +356,12 @@ class Collator:
     Padded (`attention_width` None): rows right-padded to the longest, with attention_mask (labels -100 on padding),
     is_replay per row. Padding-free (`attention_width`, see `attention_width()`): rows share packed rows as
     `packed_rows` groups them (per micro-batch, unlike TRL's packing of a whole dataset, so the step's rows and
-    replay mix stay as sampled). position_ids restart at 0 for each
-    sequence, which is how the model keeps them apart (attention stays within a sequence); padding gets position 0
-    throughout, so each pad token is a sequence of its own that predicts nothing; the first label of each sequence
-    is -100; is_replay and row are per token (why it is not transformers' DataCollatorWithFlattening). So one
-    512-token replay row no longer pads seven short SFT rows to 512: they share a second row. Never more positions,
-    nor more estimated compute, than padding; when packing saves nothing the batch is the padded one."""
+    replay mix stay as sampled). position_ids restart at 0 for each sequence, which is how the model keeps them
+    apart (attention stays within a sequence); padding gets position 0 throughout, so each pad token is a sequence
+    of its own that predicts nothing; the first label of each sequence is -100; is_replay and row are per token (why
+    it is not transformers' DataCollatorWithFlattening). So one 512-token replay row no longer pads seven short SFT
+    rows to 512: they share a second row. Never more positions, nor more estimated compute, than padding; when
+    packing saves nothing the batch is the padded one."""
 
     def __init__(self, pad_token_id: int, attention_width: float | None = None):
         self.pad_token_id, self.attention_width = pad_token_id, attention_width
