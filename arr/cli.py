@@ -119,7 +119,7 @@ def eval_command(args: list[str]) -> int:
         print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
         print(format_table(saved))
         return 0
-    model, tokenizer = load_run(run_dir, model_path)
+    model, tokenizer = load_run(run_dir, base_model)
     result = {**evaluate_adapter(model, tokenizer, eval_args, cache_before=True), "base_model": base_model}
     write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print(format_table(result))

@@ -107,7 +107,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             before = before or probes["before"]
         else:
             print(f"== {name}: evaluating", flush=True)
-            model, tokenizer = load_run(run_dir)
+            model, tokenizer = load_run(run_dir, base_model)
             if drift_answers is None:  # the initial model's, shared by every method
                 with initial_model(model):
                     before = before or run_probes(model.eval(), tokenizer, eval_args)

@@ -436,9 +436,9 @@ def packed_rows(lengths: list[int], attention_width: float) -> list[list[int]]:
     padded (an 85-token replay row among seven 67-token SFT rows: 8 x 85 positions, where this rule picks 2 rows of
     286, 10.5% less estimated compute)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    longest, best = lengths[order[0]], None
+    longest, total, best = lengths[order[0]], sum(lengths), None
     for n_rows in range(len(lengths), 0, -1):
-        if sum(lengths) > 4 * longest * n_rows:  # no narrower rows from here on
+        if total > 4 * longest * n_rows:  # no narrower rows from here on
             break
         packs, emptiest = [[] for _ in range(n_rows)], [(0, row) for row in range(n_rows)]  # (tokens, row): a heap
         for i in order:

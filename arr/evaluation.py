@@ -377,7 +377,7 @@ def reusable_evaluation(run_dir: str | Path, eval_args: EvalArgs, base_model: st
     except (OSError, json.JSONDecodeError):
         return None
     same_probes = {**vars(EvalArgs()), **saved.get("eval_args", {})} == vars(eval_args)
-    return saved if same_probes and saved.get("base_model", run_base_model(run_dir)) == base_model else None
+    return saved if same_probes and (saved.get("base_model") or run_base_model(run_dir)) == base_model else None
 
 
 def load_run(run_dir: str | Path, model_name_or_path: str | None = None):

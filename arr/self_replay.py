@@ -58,7 +58,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_t
                      ) -> tuple[list[dict], dict, tuple[dict, float] | None]:
     """`n` replay rows (fewer when there are fewer prompts; the sampler then reuses them) of the initial model's
     answers, from the cache or generated now. Returns the rows ({input_ids, labels}), {key, cache_hit, rows and,
-    when generated, seconds} and, when generated with `reference_topk`, the rows' top-k reference cache entries
+    when generated, seconds, the recording of the entries left out} and, when generated with `reference_topk`, the rows' top-k reference cache entries
     (cache.reference_cache's `computed`): decoding computes the initial model's logits at every answer position
     anyway, so the entries cost the LM head over the prompts and the top-k, not a forward of every row."""
     prompts = read_prompts(args.self_replay_prompts) if args.self_replay_prompts else resources.self_replay_prompts()
@@ -92,7 +92,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_t
                                          on_logits=record if recording else None)
         finally:
             peft_model.train(was_training)
-        info["seconds"] = round(time.perf_counter() - start, 2)
+        info["seconds"] = round(time.perf_counter() - start - seconds[0], 2)  # (the recording: the cache's)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(answers)))
         if recording:
             reference = ReferenceCache.joined(entries), seconds[0]

@@ -214,7 +214,7 @@ class ARRTrainer(Trainer):
         if mode == "none" or not rows:
             return None, {"mode": "none", "rows": len(rows), "rows_drawn": drawn}
         topk = args.ref_cache_topk if mode == "topk" else None
-        computed = recorded if mode == "topk" and kinds == ("replay",) else None
+        computed = recorded if mode == "topk" else None  # (recorded only when the KL sits on replay rows alone)
         with args.main_process_first(desc="reference cache"):
             cache, info = reference_cache(model, self.train_dataset, collate, topk,
                                           args.ref_cache_dir or cache_dir() / "reference", rows, computed)

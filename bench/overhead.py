@@ -131,9 +131,7 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
         result = {"seconds": clock.seconds, "timed_steps": clock.timed_steps, "run_steps": trainer.state.max_steps,
                   "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
                   "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0),
-                  # the generation without the reference it recorded, which cache_seconds counts
-                  "self_replay_seconds": trainer.self_replay_info.get("seconds", 0.0) - (
-                      trainer.ref_cache_info["seconds"] if trainer.ref_cache_info.get("built_while_generating") else 0)}
+                  "self_replay_seconds": trainer.self_replay_info.get("seconds", 0.0)}
         if profiler:
             result["regions_ms"] = profiler.regions_ms
         if trainer.ref_cache is not None and trainer.ref_cache.topk:
