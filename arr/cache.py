@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .chunked_loss import RefLogprobs
+from .chunked_loss import RefLogprobs, logits_head
 from .reference import initial_model
 
 REFERENCE_CACHE_FORMAT = "v4"  # part of the key: change it when what the cache holds changes (v4: row lengths)
@@ -121,7 +121,7 @@ class ReferenceCache:
         per_row: dict[int, dict[str, torch.Tensor]] = {}
         try:
             with initial_model(peft_model), tqdm(total=len(order), desc="Caching reference log-probs") as bar:
-                decoder, head = peft_model.get_decoder(), peft_model.get_output_embeddings()
+                decoder, head = peft_model.get_decoder(), logits_head(peft_model)
                 start = 0
                 while start < len(order):
                     end = start + 1  # rows ascend in length: the batch's width is its last row's

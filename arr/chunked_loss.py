@@ -33,6 +33,27 @@ class RefLogprobs(NamedTuple):
     label_logp: torch.Tensor | None = None
 
 
+class SoftcappedHead(torch.nn.Module):
+    """An LM head followed by final-logit softcapping, cap * tanh(logits / cap), in the order the model's own forward
+    applies it (Gemma 2): the logits the model gives, from final hidden states."""
+
+    def __init__(self, head: torch.nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+
+
+def logits_head(model, head: torch.nn.Module | None = None) -> torch.nn.Module:
+    """What maps `model`'s final hidden states to its logits, for whatever applies the head itself (the chunked loss,
+    the reference cache, recorded generation): `head` (default: the model's output embeddings), softcapped when the
+    config asks for it (`final_logit_softcapping`)."""
+    head = model.get_output_embeddings() if head is None else head
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return SoftcappedHead(head, cap) if cap else head
+
+
 def kl_from_logprobs(logp: torch.Tensor, logp_ref: torch.Tensor, direction: str) -> torch.Tensor:
     """Per-row KL: forward KL(ref || model) or reverse KL(model || ref), from log-probs."""
     if direction == "forward":

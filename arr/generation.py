@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .chunked_loss import logits_head
+
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -79,16 +81,14 @@ def greedy_answers(model, tokenizer, prompts: list[str | list[dict]], max_new_to
 
 def records_logits(model) -> bool:
     """Whether `greedy_answers` can decode from its own prefill and so give `on_logits`: generate() must continue a
-    DynamicCache (no cache_implementation of the model's own) and its logits must be the LM head's alone (no final
-    softcapping, which the head applied to the prompt's hidden states would leave out)."""
-    text_config = model.config.get_text_config()
-    return (model.generation_config.cache_implementation is None
-            and not getattr(text_config, "final_logit_softcapping", None))
+    DynamicCache (no cache_implementation of the model's own)."""
+    return model.generation_config.cache_implementation is None
 
 
 def row_logits(model, prompt_hidden: torch.Tensor, step_logits: list[torch.Tensor]) -> torch.Tensor:
-    """A row's logits at every prediction: the LM head over its prompt's final hidden states, then the steps'."""
-    return torch.cat([model.get_output_embeddings()(prompt_hidden).float(), torch.stack(step_logits).float()])
+    """A row's logits at every prediction: the LM head (softcapped where the model caps its logits) over its prompt's
+    final hidden states, then the steps'."""
+    return torch.cat([logits_head(model)(prompt_hidden).float(), torch.stack(step_logits).float()])
 
 
 def prefilled(model, ids: torch.Tensor, mask: torch.Tensor):

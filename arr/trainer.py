@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import run_folder
 from .cache import reference_cache
+from .chunked_loss import logits_head
 from .config import ARRConfig, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, load_sft_examples,
@@ -272,7 +273,7 @@ class ARRTrainer(Trainer):
         reference = self._reference(model, peft_model, inputs, model_inputs, kl_positions, chunked)
         with record_function("arr/forward"):
             outputs = self._forward(model, peft_model, model_inputs, chunked)
-        head = peft_model.get_output_embeddings() if chunked else None
+        head = logits_head(peft_model) if chunked else None
         # DDP averages gradients over processes, but the token counts are global: undo the average, as Trainer does.
         scale = 1
         if counts is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -323,7 +324,8 @@ class ARRTrainer(Trainer):
             return None
         if not chunked:
             return OnlineReference(outputs.logits, take=take)
-        return OnlineReference(outputs, initial_head(peft_model.get_output_embeddings()), take)
+        return OnlineReference(outputs, logits_head(peft_model, initial_head(peft_model.get_output_embeddings())),
+                               take)
 
     def _note_parts(self, parts: LossParts) -> None:
         """Stop on a non-finite part; keep each part for the logs, and the KL for the adaptive controller."""

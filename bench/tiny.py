@@ -1,11 +1,12 @@
-"""A tiny randomly initialised Llama or Qwen2 model with a small byte-level BPE ChatML tokenizer, built in-process in
-a second: the tests' model, and bench.overhead's `tiny`."""
+"""A tiny randomly initialised model of one of the major architecture families (FAMILIES) with a small byte-level BPE
+ChatML tokenizer, built in-process in a second: the tests' model, and bench.overhead's `tiny` (Llama)."""
 
 from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -17,6 +18,18 @@ CORPUS = [
     "Wikipedia is a free online encyclopedia written by volunteers.",
     "system user assistant hello world what is the capital of France? Paris.",
 ] * 20
+# Each family's config class and what its tiny shape sets beyond the common fields: a head_dim where the default is
+# the real model's (128, 256), and a sliding window shorter than the tests' rows, so that it is in play.
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 8}),
+    "mistral": (MistralConfig, {"sliding_window": 16}),
+    "gemma2": (Gemma2Config, {"head_dim": 8, "sliding_window": 16}),  # final_logit_softcapping 30 by default
+    "gemma3": (Gemma3TextConfig, {"head_dim": 8, "sliding_window": 16,
+                                  "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": (Phi3Config, {}),  # fused qkv_proj and gate_up_proj
+}
 
 
 def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
@@ -36,5 +49,6 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0):
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)
-    config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+    config_class, extra = FAMILIES[kind]
+    config = config_class(**common, **extra)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

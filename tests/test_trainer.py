@@ -1,12 +1,14 @@
+from typing import NamedTuple
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from arr import ARRConfig, ARRError, ARRTrainer, ConfigError
 from arr.data import Collator, load_sft_examples
 from arr.reference import INITIAL_ADAPTER, adapters_off, initial_model
-from arr.trainer import check_packing
+from arr.trainer import LOSS_PART_NAMES, check_packing
 from conftest import replay_texts, sft_records
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -21,6 +23,45 @@ def fresh_peft(model_dir, **lora):
 
 def adapter_state(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def move_adapter(model, std=0.05):
+    """Every lora_B off zero (seeded), so that the KL and every gradient are not 0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * std)
+
+
+class Step(NamedTuple):
+    batch: dict
+    counts: torch.Tensor
+    loss: torch.Tensor
+    parts: torch.Tensor  # the logged parts (LOSS_PART_NAMES)
+    grads: dict[str, torch.Tensor]
+
+
+def one_step(trainer, rows) -> Step:
+    """`rows` of the trainer's dataset as one micro-batch of a training step: collated and moved as the Trainer does,
+    then the loss and its backward."""
+    trainer.model.zero_grad()
+    trainer._part_sums.zero_()
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
+    loss = trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=counts)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return Step(batch, counts, loss.detach(), trainer._part_sums.clone(), grads)
+
+
+def assert_same_step(got: Step, expected: Step, rtol=1e-5, grad_rtol=1e-4):
+    """The same token counts, loss, loss parts and gradients (of every trained weight)."""
+    assert torch.equal(got.counts, expected.counts)
+    torch.testing.assert_close(got.parts, expected.parts, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=rtol, atol=1e-7)
+    assert got.grads.keys() == expected.grads.keys() and len(expected.grads) > 0
+    for name, grad in expected.grads.items():
+        torch.testing.assert_close(got.grads[name], grad, rtol=grad_rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [1024, 0])
@@ -77,36 +118,91 @@ def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llam
 
 @pytest.mark.parametrize("chunk,cache", [(1024, "none"), (0, "none"), (1024, "exact")])
 def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir, tokenizer, tmp_path, chunk, cache):
-    def step(padding_free):
-        config = ARRConfig(output_dir=str(tmp_path / str(padding_free)), beta=0.5, replay_ratio=0.25,
-                           replay_seq_length=64, loss_chunk_size=chunk, ref_cache=cache, padding_free=padding_free,
-                           use_cache=True, **STEPS)  # use_cache: even then, a training step runs with no KV cache
-        trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
-                             replay_dataset=replay_texts(40))
-        with torch.no_grad():  # move the adapter off its start, so that the KL is not 0
-            for name, p in trainer.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-        rows = [trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]  # 3 SFT rows, 1 replay
-        assert [r["is_replay"] for r in rows] == [False, False, False, True]
-        batch = trainer._prepare_inputs(trainer.data_collator(rows))  # on the model's device, as in a training step
-        counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
-        loss = trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=counts)
-        loss.backward()
-        parts = trainer._part_sums.clone()
-        return batch, counts, loss, parts, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-    padded, padded_counts, padded_loss, padded_parts, padded_grads = step(False)
-    packed, packed_counts, packed_loss, packed_parts, packed_grads = step(True)
+    padded, packed = (padded_and_packed(llama_dir, tokenizer, tmp_path, padding_free, loss_chunk_size=chunk,
+                                        ref_cache=cache) for padding_free in (False, True))
     # SFT rows of about 30 tokens share the replay row's width of 64 in pairs: 3 rows, not 4
-    assert padded["input_ids"].shape == (4, 64) and packed["input_ids"].shape == (3, 64)
-    assert torch.equal(packed_counts, padded_counts)  # the same tokens are trained on and regularised
-    assert padded_parts[1] > 1e-4 and padded_parts[2] > 0  # KL and replay CE are really in play
-    torch.testing.assert_close(packed_parts, padded_parts, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-7)
-    assert packed_grads.keys() == padded_grads.keys() and len(padded_grads) > 0
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert padded.batch["input_ids"].shape == (4, 64) and packed.batch["input_ids"].shape == (3, 64)
+    assert_same_step(packed, padded)
+
+
+def padded_and_packed(model_dir, tokenizer, tmp_path, padding_free, **config) -> Step:
+    """A step of 3 SFT rows and a replay row, the adapter moved off its start, padded or packed: the same tokens are
+    trained on and regularised, and the KL and replay CE are in play."""
+    config = ARRConfig(output_dir=str(tmp_path / str(padding_free)), beta=0.5, replay_ratio=0.25, replay_seq_length=64,
+                       padding_free=padding_free, use_cache=True,  # even then, a training step runs with no KV cache
+                       **{**STEPS, **config})
+    trainer = ARRTrainer(fresh_peft(model_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    move_adapter(trainer.model)
+    rows = [trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]
+    assert [r["is_replay"] for r in rows] == [False, False, False, True]
+    step = one_step(trainer, rows)
+    assert step.parts[1] > 1e-4 and step.parts[2] > 0
+    return step
+
+
+class StepGradients(TrainerCallback):
+    """Each optimizer step's gradients, as the optimizer gets them."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def trained(model_dir, tokenizer, out, **config):
+    """ARR trained from an adapter moved off its start (the KL and its gradient are not 0 from step 1): the trainer,
+    each step's logged loss, parts and gradient norm, and each step's gradients."""
+    gradients = StepGradients()
+    config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", replay_ratio=0.25, replay_seq_length=64,
+                       ref_cache_dir=str(out.parent / "reference"), **{**STEPS, **config})
+    trainer = ARRTrainer(fresh_peft(model_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40), callbacks=[gradients])
+    move_adapter(trainer.model)
+    trainer.train()
+    logged = torch.tensor([[h[name] for name in ("loss", *LOSS_PART_NAMES, "grad_norm")]
+                           for h in trainer.state.log_history if "kl" in h], dtype=torch.float64)
+    return trainer, logged, gradients.steps
+
+
+def checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("padding_free,chunk,cache,kwargs", [
+    (False, 1024, "none", None), (True, 1024, "exact", None), (False, 0, "exact", None), (True, 0, "none", None),
+    (False, 1024, "topk", {"use_reentrant": True})])
+def test_gradient_checkpointing_gives_the_same_loss_parts_and_gradients(llama_dir, tokenizer, tmp_path, padding_free,
+                                                                       chunk, cache, kwargs):
+    """gradient_checkpointing: true, padded and packed, chunked and full logits, on-line and cached reference, with
+    transformers' default (non-reentrant) checkpointing and the reentrant one: every step's loss parts and gradients
+    are those of the run without it."""
+    (plain, plain_logged, plain_grads), (checkpointed, logged, grads) = (
+        trained(llama_dir, tokenizer, tmp_path / str(on), max_steps=2, padding_free=padding_free, loss_chunk_size=chunk,
+                ref_cache=cache, gradient_checkpointing=on, gradient_checkpointing_kwargs=kwargs if on else None)
+        for on in (False, True))
+    assert checkpointing(checkpointed.model) and not checkpointing(plain.model)
+    assert len(plain_logged) == len(plain_grads) == 2 and plain_logged[0][2] > 1e-4  # the KL is in play at step 1
+    torch.testing.assert_close(logged, plain_logged, rtol=1e-5, atol=1e-7)
+    assert len(grads) == 2 and all(g.keys() == e.keys() and len(e) > 0 for g, e in zip(grads, plain_grads))
+    for step, expected in zip(grads, plain_grads):
+        for name, grad in expected.items():
+            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1024, 0])
+def test_bf16_trains_and_its_loss_parts_match_float32(llama_dir, tokenizer, tmp_path, chunk):
+    """bf16: true (mixed precision: autocast, float32 weights; on CPU with use_cpu: true, the Trainer's rule) trains,
+    and every step's loss and loss parts are within 1% (relative) of float32's, the tolerance README states."""
+    _, expected, _ = trained(llama_dir, tokenizer, tmp_path / "float32", loss_chunk_size=chunk)
+    bf16, logged, _ = trained(llama_dir, tokenizer, tmp_path / "bf16", loss_chunk_size=chunk, bf16=True,
+                              use_cpu=not torch.cuda.is_available())
+    assert bf16.accelerator.mixed_precision == "bf16" and len(logged) == len(expected) == 4
+    assert logged[-1, 1] < logged[0, 1] - 0.05  # the SFT CE falls: it trains
+    parts, expected = logged[:, :-2], expected[:, :-2]  # loss, sft_ce, kl, replay_ce (not laplace, the grad norm)
+    torch.testing.assert_close(parts, expected, rtol=1e-2, atol=0)
+    assert (parts / expected - 1).abs().max() > 1e-5  # bf16 really rounded
 
 
 def test_padding_free_refuses_a_model_that_lets_packed_sequences_see_each_other(llama_dir):
@@ -256,10 +352,7 @@ def test_reference_runs_on_the_rows_with_kl_positions_only_and_gives_the_full_ba
                        loss_chunk_size=chunk, padding_free=padding_free, ref_cache="none", **STEPS)
     trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    move_adapter(trainer.model)
     assert trainer.objective.replay_weight == 1.0  # a corpus's replay CE counts by default
     batch = trainer._prepare_inputs(
         trainer.data_collator([trainer.train_dataset[i] for i in (*range(7), len(trainer.train_dataset) - 1)]))
@@ -381,12 +474,11 @@ def test_self_replay_generation_records_the_reference_cache_a_build_would_give(l
 
 def test_self_replay_of_a_model_whose_decoding_cannot_continue_a_prefill_gets_its_reference_cache_built(
         llama_dir, tokenizer, tmp_path, monkeypatch):
-    """Final-logit softcapping (Gemma 2) or a cache implementation of the model's own: the decoding's logits are not
-    the LM head's over hidden states, or generate() cannot continue a prefill; the answers are generated as usual and
-    the reference cache is built by a forward pass."""
+    """A cache implementation of the model's own: generate() cannot continue a prefill; the answers are generated as
+    usual and the reference cache is built by a forward pass."""
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     model = fresh_peft(llama_dir)
-    model.config.final_logit_softcapping = 30.0  # (Llama ignores it; records_logits does not)
+    model.generation_config.cache_implementation = "static"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a colour.\nSay hello.\n")
     config = ARRConfig(output_dir=str(tmp_path / "out"), beta=0.5, replay_ratio=0.25, self_replay_prompts=str(prompts),
