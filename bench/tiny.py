@@ -19,13 +19,14 @@ CORPUS = [
     "system user assistant hello world what is the capital of France? Paris.",
 ] * 20
 # Each family's config class and what its tiny shape sets beyond the common fields: a head_dim where the default is
-# the real model's (128, 256), and a sliding window shorter than the tests' rows, so that it is in play.
+# the real model's (128, 256), a sliding window shorter than the tests' rows, and Gemma 2's final-logit softcap at the
+# scale of these logits (|logit| < 0.5; a real Gemma 2's reach its cap of 30), so that each is in play.
 FAMILIES = {
     "llama": (LlamaConfig, {}),
     "qwen2": (Qwen2Config, {}),
     "qwen3": (Qwen3Config, {"head_dim": 8}),
     "mistral": (MistralConfig, {"sliding_window": 16}),
-    "gemma2": (Gemma2Config, {"head_dim": 8, "sliding_window": 16}),  # final_logit_softcapping 30 by default
+    "gemma2": (Gemma2Config, {"head_dim": 8, "sliding_window": 16, "final_logit_softcapping": 0.3}),
     "gemma3": (Gemma3TextConfig, {"head_dim": 8, "sliding_window": 16,
                                   "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3": (Phi3Config, {}),  # fused qkv_proj and gate_up_proj

@@ -1,5 +1,5 @@
-"""Fixtures: tiny randomly initialised Llama and Qwen2 models (bench/tiny.py) saved as model folders, and small
-SFT and replay data."""
+"""Fixtures: tiny randomly initialised models (bench/tiny.py: Llama and Qwen2 here, every family in
+test_architectures.py) saved as model folders, and small SFT and replay data."""
 
 from __future__ import annotations
 
@@ -15,21 +15,22 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2"])
-def model_dir(request, tmp_path_factory, tokenizer):
+def saved_tiny_model(kind: str, tmp_path_factory, tokenizer):
     """A saved tiny model folder (loaded by path like any hub model)."""
-    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    tiny_model(request.param, len(tokenizer)).save_pretrained(path)
+    path = tmp_path_factory.mktemp(f"tiny-{kind}")
+    tiny_model(kind, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def model_dir(request, tmp_path_factory, tokenizer):
+    return saved_tiny_model(request.param, tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved_tiny_model("llama", tmp_path_factory, tokenizer)
 
 
 def chat(user: str, answer: str, system: str | None = None) -> dict:

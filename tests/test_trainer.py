@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from arr import ARRConfig, ARRError, ARRTrainer, ConfigError
+from arr.cache import ReferenceCache
 from arr.data import Collator, load_sft_examples
 from arr.reference import INITIAL_ADAPTER, adapters_off, initial_model
 from arr.trainer import LOSS_PART_NAMES, check_packing
@@ -118,18 +119,18 @@ def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llam
 
 @pytest.mark.parametrize("chunk,cache", [(1024, "none"), (0, "none"), (1024, "exact")])
 def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir, tokenizer, tmp_path, chunk, cache):
-    padded, packed = (padded_and_packed(llama_dir, tokenizer, tmp_path, padding_free, loss_chunk_size=chunk,
-                                        ref_cache=cache) for padding_free in (False, True))
+    padded, packed = (mixed_step(llama_dir, tokenizer, tmp_path / str(padding_free), padding_free=padding_free,
+                                 loss_chunk_size=chunk, ref_cache=cache) for padding_free in (False, True))
     # SFT rows of about 30 tokens share the replay row's width of 64 in pairs: 3 rows, not 4
     assert padded.batch["input_ids"].shape == (4, 64) and packed.batch["input_ids"].shape == (3, 64)
     assert_same_step(packed, padded)
 
 
-def padded_and_packed(model_dir, tokenizer, tmp_path, padding_free, **config) -> Step:
-    """A step of 3 SFT rows and a replay row, the adapter moved off its start, padded or packed: the same tokens are
-    trained on and regularised, and the KL and replay CE are in play."""
-    config = ARRConfig(output_dir=str(tmp_path / str(padding_free)), beta=0.5, replay_ratio=0.25, replay_seq_length=64,
-                       padding_free=padding_free, use_cache=True,  # even then, a training step runs with no KV cache
+def mixed_step(model_dir, tokenizer, out, **config) -> Step:
+    """A step of 3 SFT rows and a replay row, the adapter moved off its start: the KL and replay CE are in play."""
+    config = ARRConfig(output_dir=str(out), beta=0.5, replay_ratio=0.25, replay_seq_length=64,
+                       ref_cache_dir=str(out.parent / "reference"),
+                       use_cache=True,  # even then, a training step runs with no KV cache
                        **{**STEPS, **config})
     trainer = ARRTrainer(fresh_peft(model_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
@@ -445,31 +446,37 @@ def test_self_replay_generation_records_the_reference_cache_a_build_would_give(l
     those rows (the KL on them alone, the default): no build; the entries equal a build's from full forwards, and a
     later run reads them."""
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
-    prompts = tmp_path / "prompts.txt"
+    first = recording_self_replay(llama_dir, tokenizer, tmp_path / "a", temperature)
+    second = recording_self_replay(llama_dir, tokenizer, tmp_path / "b", temperature)
+    assert second.self_replay_info["cache_hit"] is True and second.ref_cache_info["cache_hit"] is True
+    assert "built_while_generating" not in second.ref_cache_info
+    assert torch.equal(second.ref_cache.logp, first.ref_cache.logp)
+
+
+def recording_self_replay(model_dir, tokenizer, out, temperature=0.0):
+    """A trainer whose self-generated replay (the KL on it alone, the default: a top-k reference cache of those rows)
+    records its reference while it generates, or reads it from $ARR_CACHE; recorded, the entries equal a build's
+    from full forwards of the rows."""
+    prompts = out.parent / "prompts.txt"
     prompts.write_text("Name a colour.\nWhat is two plus two, and why?\nSay hello to everyone in the room now.\n")
-
-    def trainer(out):
-        config = ARRConfig(output_dir=str(tmp_path / out), beta=0.5, replay_ratio=0.25, ref_cache_topk=8,
-                           self_replay_prompts=str(prompts), self_replay_max_new_tokens=6,
-                           self_replay_temperature=temperature, **STEPS)
-        return ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
-                          replay_dataset="self")
-
-    first = trainer("a")
-    info = first.ref_cache_info
-    assert first.self_replay_info["cache_hit"] is False and info["mode"] == "topk" and info["cache_hit"] is False
+    config = ARRConfig(output_dir=str(out), beta=0.5, replay_ratio=0.25, ref_cache_topk=8,
+                       self_replay_prompts=str(prompts), self_replay_max_new_tokens=6,
+                       self_replay_temperature=temperature, **STEPS)
+    trainer = ARRTrainer(fresh_peft(model_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset="self")
+    info = trainer.ref_cache_info
+    assert info["mode"] == "topk" and info["cache_hit"] == trainer.self_replay_info["cache_hit"]
+    if info["cache_hit"]:
+        return trainer
     assert info["built_while_generating"] is True and info["seconds"] > 0
-    from arr.cache import ReferenceCache
-    rows = first.train_dataset.indices(("replay",))
-    built = ReferenceCache.build(first.model, first.train_dataset, Collator(tokenizer.pad_token_id), 8, rows)
-    recorded = first.ref_cache
+    rows = trainer.train_dataset.indices(("replay",))
+    built = ReferenceCache.build(trainer.model, trainer.train_dataset, Collator(tokenizer.pad_token_id), 8, rows)
+    recorded = trainer.ref_cache
     assert recorded.offsets[rows].tolist() == (built["lengths"].cumsum(0) - built["lengths"]).tolist()
     for name in ("logp", "tail", "label_logp"):
         torch.testing.assert_close(getattr(recorded, name), built[name], rtol=0, atol=1e-4)
     assert (recorded.idx == built["idx"]).float().mean() > 0.99  # (near-ties may swap places)
-    second = trainer("b")
-    assert second.self_replay_info["cache_hit"] is True and second.ref_cache_info["cache_hit"] is True
-    assert "built_while_generating" not in second.ref_cache_info and torch.equal(second.ref_cache.logp, recorded.logp)
+    return trainer
 
 
 def test_self_replay_of_a_model_whose_decoding_cannot_continue_a_prefill_gets_its_reference_cache_built(
