@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .chunked_loss import RefLogprobs, logits_head
+from .chunked_loss import RefLogprobs, final_logit_softcap, logits_head
 from .reference import initial_model
 
 REFERENCE_CACHE_FORMAT = "v4"  # part of the key: change it when what the cache holds changes (v4: row lengths)
@@ -174,14 +174,17 @@ def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, f
                     rows: list[int] | None = None, computed: tuple[dict, float] | None = None
                     ) -> tuple[ReferenceCache, dict]:
     """The cache of `dataset`'s `rows` (default: all) for this model and k from `folder` when there, else built and
-    saved there. The key hashes the base model's weights, the rows' token ids in order (so the data and the
-    tokenizer), k and the cache format, not where the rows sit in `dataset`: runs on other data that hold the same
-    KL-bearing rows (the same self-generated replay under `kl_on: replay`) share one cache. `computed`: these rows'
-    entries at this k computed elsewhere (what `build` returns; self-generated replay records them while it
-    generates) and the seconds they took: saved in place of a build."""
+    saved there. The key hashes the base model's weights and final-logit softcap (if any), the rows' token ids in
+    order (so the data and the tokenizer), k and the cache format, not where the rows sit in `dataset`: runs on other
+    data that hold the same KL-bearing rows (the same self-generated replay under `kl_on: replay`) share one cache.
+    `computed`: these rows' entries at this k computed elsewhere (what `build` returns; self-generated replay records
+    them while it generates) and the seconds they took: saved in place of a build."""
     rows = list(range(len(dataset))) if rows is None else rows
     digest = base_weights_digest(peft_model)
     digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
+    cap = final_logit_softcap(peft_model)
+    if cap:  # (only then: other models' caches keep their keys, and an uncapped one of this model is never read)
+        digest.update(f",softcap={cap}".encode())
     for i in rows:
         ids = torch.as_tensor(dataset[i]["input_ids"])
         digest.update(f"|{len(ids)}|".encode() + ids.numpy().tobytes())

@@ -8,7 +8,8 @@ surrogate term whose value is 0. Given logits instead of hidden states (head Non
 
 Liger-Kernel's fused linear losses (fused linear cross-entropy, the chunked distillation losses) are the pattern;
 ours is written by hand because it must call any head *module* (a LoRA on `lm_head`, a trained head copy, a head that
-FSDP gathers), run on CPU as well as CUDA, and take its reference from a cache as well as from a forward pass.
+FSDP gathers, Gemma 2's softcapped head: `logits_head`), run on CPU as well as CUDA, and take its reference from a
+cache as well as from a forward pass.
 """
 
 from __future__ import annotations
@@ -45,12 +46,17 @@ class SoftcappedHead(torch.nn.Module):
         return torch.tanh(self.head(hidden) / self.cap) * self.cap
 
 
+def final_logit_softcap(model) -> float | None:
+    """The cap `model`'s forward applies to its logits (`final_logit_softcapping`: Gemma 2), or None."""
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
+
+
 def logits_head(model, head: torch.nn.Module | None = None) -> torch.nn.Module:
     """What maps `model`'s final hidden states to its logits, for whatever applies the head itself (the chunked loss,
     the reference cache, recorded generation): `head` (default: the model's output embeddings), softcapped when the
-    config asks for it (`final_logit_softcapping`)."""
+    model caps its logits."""
     head = model.get_output_embeddings() if head is None else head
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    cap = final_logit_softcap(model)
     return SoftcappedHead(head, cap) if cap else head
 
 

@@ -7,7 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from arr import ARRConfig, ARRTrainer
-from arr.data import Collator, load_sft_examples
+from arr.cache import reference_cache
+from arr.chunked_loss import final_logit_softcap
+from arr.data import Collator, MixedDataset, load_sft_examples
 from arr.reference import adapters_off, initial_model
 from bench.tiny import FAMILIES
 from conftest import replay_texts, saved_tiny_model, sft_records
@@ -53,11 +55,19 @@ def test_chunked_loss_and_the_reference_cache_give_the_full_logits_loss_and_grad
     assert_same_step(step("chunked", loss_chunk_size=7, ref_cache="none"), full)
     assert_same_step(step("cached", loss_chunk_size=1024, ref_cache="exact"), full)
     model = AutoModelForCausalLM.from_pretrained(family_dir)
-    if getattr(model.config, "final_logit_softcapping", None):  # the cap changes the logits: leaving it out shows
+    cap = final_logit_softcap(model)
+    if cap:  # the cap changes the logits, so leaving it out shows; a cache of other logits is never read
         inputs = probe_inputs(tokenizer)
         with torch.no_grad():
             uncapped = model.get_output_embeddings()(model.get_decoder()(**inputs).last_hidden_state)
             assert (model(**inputs).logits - uncapped).abs().max() > 0.05
+        peft_model = fresh_peft(family_dir)
+        dataset, keys = MixedDataset(load_sft_examples(sft_records(4), tokenizer, 64)), []
+        for softcap in (cap, 2 * cap):
+            peft_model.config.final_logit_softcapping = softcap
+            keys.append(reference_cache(peft_model, dataset, Collator(tokenizer.pad_token_id), None,
+                                        tmp_path / "reference")[1]["key"])
+        assert keys[0] != keys[1]
 
 
 def test_packing_keeps_sequences_apart(family_dir, tokenizer, tmp_path):
