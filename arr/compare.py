@@ -35,7 +35,7 @@ from .evaluation import (
     run_probes,
 )
 from .plots import draw, draw_front, mean_point
-from .reference import initial_model
+from .initial import initial_model
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 

@@ -42,12 +42,12 @@ from tqdm.auto import tqdm
 from . import resources, run_folder
 from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
-from .cache import base_weights_digest, write_atomically
+from .cache import write_atomically
 from .chunked_loss import kl_from_logprobs
 from .config import cache_dir
 from .errors import ARRError, ConfigError, DataError
 from .generation import by_length, chat_prompt_ids, encode, greedy_answers
-from .reference import initial_model
+from .initial import fingerprint, initial_model
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
 LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
@@ -325,7 +325,7 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
 def before_cache_path(peft_model, tokenizer, args: EvalArgs) -> Path:
     """Where the initial model's probe values live: keyed by its weights, the tokenizer's template, the probe
     settings and the task data's content."""
-    digest = base_weights_digest(peft_model)
+    digest = fingerprint(peft_model)
     task = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
     digest.update(json.dumps([vars(args), tokenizer.chat_template, tokenizer.eos_token]).encode() + task)
     return cache_dir() / "eval_before" / f"{digest.hexdigest()[:32]}.json"
@@ -381,12 +381,40 @@ def reusable_evaluation(run_dir: str | Path, eval_args: EvalArgs, base_model: st
 
 
 def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
-    """The PEFT model and tokenizer of a finished `arr train` run, on `run_base_model`."""
+    """The PEFT model and tokenizer of a finished `arr train` run, with its initial model rebuilt as the run had it:
+    the base (`run_base_model`) loaded with the run's dtype and quantization, and the adapter it started from
+    (init_adapter) beside the trained one. Refused with one line when the rebuilt initial model's fingerprint is
+    not the one the run recorded (a changed base or starting adapter), unless another base is asked for."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import ModelArguments
+    from peft import prepare_model_for_kbit_training
+
+    from .initial import is_quantized, load_model, load_snapshot, load_tokenizer
 
     run_dir = Path(run_dir)
     base = run_base_model(run_dir, model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir if (run_dir / "tokenizer_config.json").exists() else base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
+    saved = yaml.safe_load((run_dir / run_folder.CONFIG).read_text()) if (run_dir / run_folder.CONFIG).exists() else {}
+    model_keys = {f: saved[f] for f in ModelArguments.__dataclass_fields__ if f in saved}
+    model_args = ModelArguments(**{**model_keys, "model_name_or_path": base})
+    tokenizer = load_tokenizer(str(run_dir) if (run_dir / "tokenizer_config.json").exists() else base)
+    model = load_model(model_args, base)
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as training had it
+    model = PeftModel.from_pretrained(model, run_dir)
+    if model_args.init_adapter:
+        load_snapshot(model, model_args.init_adapter)
+    recorded = _recorded_initial_model(run_dir).get("fingerprint")
+    if recorded and model_name_or_path is None and fingerprint(model).hexdigest()[:32] != recorded:
+        raise ConfigError(f"{run_dir}: the initial model rebuilt from {base!r}"
+                          + (f" and {model_args.init_adapter!r}" if model_args.init_adapter else "")
+                          + " is not the one this run trained from (its weights changed); pass model_name_or_path= "
+                            "to evaluate on another base")
     return model, tokenizer
+
+
+def _recorded_initial_model(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / run_folder.METRICS).read_text()).get("initial_model", {})
+    except (OSError, json.JSONDecodeError):
+        return {}

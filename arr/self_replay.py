@@ -26,12 +26,12 @@ from peft import PeftModel
 
 from . import resources
 from .batch import IGNORE_INDEX
-from .cache import ReferenceCache, base_weights_digest, write_atomically
+from .cache import ReferenceCache, write_atomically
 from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
 from .generation import chat_prompt_ids, greedy_answers, records_logits
-from .reference import initial_model
+from .initial import fingerprint, initial_model
 
 SELF = "self"  # the replay_data value that asks for self-generated replay
 
@@ -65,7 +65,7 @@ def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_t
     prompts = prompts[:n]
     settings = {"max_new_tokens": args.self_replay_max_new_tokens, "temperature": args.self_replay_temperature,
                 "seed": args.seed if args.self_replay_temperature > 0 else None}
-    digest = base_weights_digest(peft_model)
+    digest = fingerprint(peft_model)
     digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, prompts, settings]).encode())
     path = cache_dir() / "self_replay" / f"{digest.hexdigest()[:32]}.json"
     info = {"key": path.stem, "cache_hit": path.is_file(), "rows": len(prompts)}

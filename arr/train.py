@@ -16,14 +16,14 @@ import torch
 import yaml
 from peft import LoraConfig
 from accelerate.utils import reduce
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
 from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter
-from .reference import save_adapter
+from .initial import load_model, load_tokenizer, save_adapter, with_adapter
 from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
@@ -51,15 +51,12 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
 def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tokenizer: None):
     """Tokenizer, then `before_model(tokenizer)` (cheap data checks, so bad data fails fast), then the model."""
     path = model_args.model_name_or_path or str(resources.default_model_path())
-    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype, None)
-    if not isinstance(dtype, (str, torch.dtype)):
-        raise ConfigError(f"dtype: unknown dtype {model_args.dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         checked = before_model(tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:  # a missing folder, an unreachable or unknown hub id, a broken config
-        if isinstance(e, ARRError):
+        model = load_model(model_args, path)
+    except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown hub id, a broken config, no
+        if isinstance(e, ARRError):                  # bitsandbytes
             raise
         reason = " ".join(str(e).split())
         raise ConfigError(f"model_name_or_path: cannot load {path!r}: {reason}") from None
@@ -138,8 +135,14 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         replay = SELF if data_args.replay_data == SELF else corpus(data_args.replay_data)
     corpus_replay = None if data_args.replay_data == SELF else data_args.replay_data
     surrogate = corpus(data_args.laplace_data or corpus_replay) if config.laplace_lambda > 0 else None
+    if model_args.init_adapter is None:
+        model = with_adapter(model, lora_config(model_args), gradient_checkpointing=config.gradient_checkpointing,
+                             seed=config.seed)
+    else:
+        model = with_adapter(model, init_adapter=model_args.init_adapter,
+                             gradient_checkpointing=config.gradient_checkpointing)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
-                         peft_config=lora_config(model_args), replay_dataset=replay, curvature_dataset=surrogate)
+                         replay_dataset=replay, curvature_dataset=surrogate)
     interrupt = StopOnInterrupt()
     trainer.add_callback(interrupt)
     start = time.perf_counter()
@@ -163,6 +166,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
         "ref_cache": trainer.ref_cache_info,  # mode (auto resolved), rows, rows_drawn; key, cache_hit, seconds, mb
         "self_replay": trainer.self_replay_info,  # key, cache_hit, rows of the self-generated replay
+        "initial_model": trainer.initial_model_info,  # what π₀ is: kind and fingerprint (arr eval checks it)
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
     }
