@@ -138,6 +138,10 @@ def with_adapter(model, peft_config=None, init_adapter: str | None = None, gradi
     training then continues (π₀ = base + that adapter). A quantized base is first prepared as PEFT documents for
     k-bit training."""
     if is_quantized(model):
+        init = str(getattr(peft_config, "init_lora_weights", True)).lower()
+        if init.startswith(BASE_REWRITING_INITS):
+            raise ConfigError(f"init_lora_weights={init!r} rewrites the base weights, which a quantized base cannot "
+                              "hold exactly; use init_lora_weights=true with load_in_4bit/load_in_8bit")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if init_adapter is not None:
         read_adapter_config(init_adapter)
@@ -187,8 +191,7 @@ class InitialModel:
     (see the module's docstring). Refused, with the reason: a merged adapter (switching off a merged adapter
     unmerges it with rounding error); LoftQ; under a base-rewriting init, what PEFT's conversion to a plain LoRA of
     the original base drops or what the snapshot cannot hold (DoRA, LoRA on embeddings, trained module copies,
-    trained biases) and a LoRA on the LM head (the chunked loss applies the initial head directly); PiSSA-like inits
-    on a quantized base."""
+    trained biases) and a LoRA on the LM head (the chunked loss applies the initial head directly)."""
 
     def __init__(self, peft_model: PeftModel):
         self.peft_model = peft_model
@@ -202,9 +205,6 @@ class InitialModel:
             raise ConfigError(f"init_lora_weights={init!r} (adapter {name!r}) starts from a quantized approximation of "
                               "the base weights, which ARR does not set up; use init_lora_weights=true, pissa or olora")
         self.base_rewritten = init.startswith(BASE_REWRITING_INITS)
-        if self.base_rewritten and is_quantized(peft_model):
-            raise ConfigError(f"init_lora_weights={init!r} rewrites the base weights, which a quantized base cannot "
-                              "hold exactly; use init_lora_weights=true with load_in_4bit/load_in_8bit")
         if INITIAL_ADAPTER not in peft_model.peft_config and not starts_as_base(peft_model):
             if self.base_rewritten:
                 self._check_convertible(config, init)
