@@ -25,6 +25,7 @@ from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
+LINEAGE_REPLAY_MODES = ("prompts", "data", "none")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
 # Without replay the KL can only sit on the task's own rows: those presets say so (kl_on: all), so that a beta given
@@ -241,6 +242,20 @@ class ARRConfig(TrainingArguments):
         metadata={"help": "replay_data=self: 0 = greedy answers (the initial model's most likely reply); > 0 = "
                           "sampled at this temperature (seeded by `seed`)."},
     )
+    lineage_replay: str = field(
+        default="prompts",
+        metadata={"help": "A run continued from an earlier arr train run (init_adapter) holds the earlier tasks too: "
+                          "prompts = the initial model's own answers to the earlier tasks' training prompts take "
+                          "lineage_replay_share of the self-generated replay rows (held by the KL; no earlier labels "
+                          "needed); data = that share of the new task's example count is rehearsed from the earlier "
+                          "tasks' training examples (their files must still be there); none."},
+    )
+    lineage_replay_share: float = field(
+        default=0.5, metadata={"help": "Share of the replay budget (see lineage_replay) given to the earlier tasks."},
+    )
+    skip_missing_lineage: bool = field(
+        default=False, metadata={"help": "Continue when an earlier run's task file has moved, without that task."},
+    )
     max_length: int = field(
         default=1024,
         metadata={"help": "SFT sequences are cut to this many tokens, keeping the start (the prompt) and dropping "
@@ -380,6 +395,11 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
         raise ConfigError(f"config key self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
+    if cfg.lineage_replay not in LINEAGE_REPLAY_MODES:
+        raise ConfigError(f"config key lineage_replay must be one of {', '.join(LINEAGE_REPLAY_MODES)}, got "
+                          f"{cfg.lineage_replay!r}")
+    if not 0 <= cfg.lineage_replay_share <= 1:
+        raise ConfigError(f"config key lineage_replay_share must be in [0, 1], got {cfg.lineage_replay_share}")
     if cfg.laplace_samples < 1:
         raise ConfigError(f"config key laplace_samples must be >= 1, got {cfg.laplace_samples}")
 
@@ -399,7 +419,8 @@ HELP_GROUPS = {
                   "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
     "replay": ("replay_data", "replay_ratio", "replay_weight", "replay_seq_length", "replay_max_sequences",
                "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
-               "replay_split", "replay_config", "padding_free"),
+               "replay_split", "replay_config", "padding_free", "lineage_replay", "lineage_replay_share",
+               "skip_missing_lineage"),
     "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
     "model": ("model_name_or_path", "dtype", "attn_implementation", "load_in_4bit", "load_in_8bit",
               "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "use_bnb_nested_quant"),
@@ -512,6 +533,10 @@ def build_config(values: dict):
             raise ConfigError("config key init_lora_weights: init_adapter's weights are where training starts; leave "
                               "init_lora_weights out")
         check_adapter_keys(values, model_args.init_adapter)
+        from .lineage import read_lineage
+
+        # a moved task file or a cycle, found before anything is written
+        read_lineage(model_args.init_adapter, config.skip_missing_lineage, config.output_dir)
     return model_args, data_args, config
 
 

@@ -130,9 +130,10 @@ def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def task_examples(path: str | None, n: int) -> list[tuple[list[dict], str]]:
-    """(conversation before the last assistant turn, that turn's text) for the first n held-out task examples."""
-    records = read_jsonl(path) if path else list(enumerate(resources.date_task("test"), start=1))
+def task_examples(path: str | None, n: int | None, split: str = "test") -> list[tuple[list[dict], str]]:
+    """(conversation before the last assistant turn, that turn's text) for the first n (None: all) task examples of
+    `path`, or of the bundled date task's `split`."""
+    records = read_jsonl(path) if path else list(enumerate(resources.date_task(split), start=1))
     examples = []
     for line, record in records[:n]:
         try:
@@ -241,17 +242,23 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
              for q, a in chat_exchanges(args.chat_items, args.seed)]
     out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
     out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
-    task = task_examples(args.task_data, args.task_items)
-    if not task:  # no held-out examples of the task: its two probes are left out
-        return {**out, **(lm_eval_scores(model, tokenizer, args) if args.lm_eval_tasks else {})}
-    pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
-    out["task_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "task_nll"))
-    longest = max(len(ids) for _, ids in pairs)
-    answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, b)
-    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
-                         for a, (_, answer) in zip(answers, task)) / max(1, len(task))
+    out.update(task_scores(model, tokenizer, args.task_data, args.task_items, b))
     if args.lm_eval_tasks:
         out.update(lm_eval_scores(model, tokenizer, args))
+    return out
+
+
+def task_scores(model, tokenizer, task_data: str | None, items: int, batch_size: int) -> dict[str, float]:
+    """The task's answer NLL and exact match on its first `items` held-out examples ({} when there are none)."""
+    task = task_examples(task_data, items)
+    if not task:
+        return {}
+    pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
+    out = {"task_nll": _nll(continuation_logprobs(model, tokenizer, pairs, batch_size, "task_nll"))}
+    longest = max(len(ids) for _, ids in pairs)
+    answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, batch_size)
+    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
+                         for a, (_, answer) in zip(answers, task)) / len(task)
     return out
 
 

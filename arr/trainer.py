@@ -99,6 +99,7 @@ class ARRTrainer(Trainer):
         replay_dataset: str | Iterable[str] | torch.Tensor | None = SELF,
         sft_format: str = "auto",
         curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
+        earlier_prompts: list[list[dict]] | None = None,
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
@@ -106,7 +107,8 @@ class ARRTrainer(Trainer):
         answers to general prompts, see self_replay.py), a corpus path or hub id, an iterable of texts, or packed
         [n, seq_length] token blocks; needed when `args.replay_ratio > 0`. `curvature_dataset`: surrogate source
         text for the Laplace penalty, in the same forms but "self" (default: the replay corpus, when that is a path
-        or packed blocks); needed when `args.laplace_lambda > 0`."""
+        or packed blocks); needed when `args.laplace_lambda > 0`. `earlier_prompts`: conversations of earlier tasks
+        whose answers by the initial model join self-generated replay (`lineage_replay: prompts`, arr/lineage.py)."""
         args = args or ARRConfig()
         if train_dataset is None:
             raise ValueError("train_dataset is required")
@@ -118,6 +120,7 @@ class ARRTrainer(Trainer):
         replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
                                       args.laplace_lambda)
+        self.earlier_prompts = earlier_prompts
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
             model, processing_class, train_dataset, replay_dataset, self_replay, curvature_dataset, sft_format, args)
         pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None \
@@ -185,7 +188,7 @@ class ARRTrainer(Trainer):
                                                and args.ref_cache in ("auto", "topk")) else None
                 with args.main_process_first(desc="self-generated replay"):  # one process generates, the rest read
                     replay, self.self_replay_info, self.self_replay_reference = self_replay_rows(
-                        model, tokenizer, needed, args, topk)
+                        model, tokenizer, needed, args, topk, self.earlier_prompts)
             else:
                 replay = token_blocks(replay_source, tokenizer, args.replay_seq_length, needed, args.seed)
             sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed)

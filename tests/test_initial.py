@@ -16,7 +16,7 @@ from arr.evaluation import load_run
 from arr.initial import INITIAL_ADAPTER, InitialModel, fingerprint, initial_model, load_model, with_adapter
 from arr.trainer import ARRTrainer
 from bench.tiny import tiny_model
-from conftest import replay_texts, sft_records, write_jsonl
+from conftest import assert_one_error_line, replay_texts, sft_records
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250]])
@@ -25,20 +25,6 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250]])
 def logits(model):
     with torch.no_grad():
         return model.eval()(IDS).logits
-
-
-@pytest.fixture
-def recipe(tmp_path, llama_dir, monkeypatch):
-    """A config of a few steps on the tiny model, with its own held-out task data and cache."""
-    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model_name_or_path": str(llama_dir), "sft_data": write_jsonl(tmp_path / "sft.jsonl", sft_records(16)),
-        "eval_data": write_jsonl(tmp_path / "test.jsonl", sft_records(30)[24:]),
-        "replay_data": "self", "self_replay_max_new_tokens": 8, "max_steps": 3, "per_device_train_batch_size": 4,
-        "beta": 1.0, "kl_on": "all", "replay_ratio": 0.25, "save_strategy": "no", "lora_r": 4, "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 0.05, "disable_tqdm": True}))
-    return str(config)
 
 
 def test_a_run_continued_from_another_starts_from_its_adapter_and_reports_against_it(recipe, tmp_path, capsys,
@@ -94,12 +80,6 @@ def test_a_trained_peft_model_is_its_own_initial_model_and_saves_loadable(llama_
     with pytest.raises(ConfigError, match="got a PeftModel and a peft_config"):
         ARRTrainer(model, config, train_dataset=sft_records(16), processing_class=tokenizer,
                    peft_config=LoraConfig(**LORA))
-
-
-def assert_one_error_line(code, err, expected):
-    """Exit 2 and one `arr: error:` line that says `expected` (the model's loading bar may come before it)."""
-    errors = [line for line in err.splitlines() if line.startswith("arr: error:")]
-    assert code == 2 and len(errors) == 1 and expected in errors[0] and err.strip().endswith(errors[0]), err
 
 
 def other_base_adapter(tmp_path, tokenizer) -> str:
