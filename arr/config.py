@@ -533,6 +533,14 @@ def build_config(values: dict):
             raise ConfigError("config key init_lora_weights: init_adapter's weights are where training starts; leave "
                               "init_lora_weights out")
         check_adapter_keys(values, model_args.init_adapter)
+        earlier = Path(model_args.init_adapter) / "arr_config.yaml"
+        if earlier.is_file():  # a run of ARR's says which base it trained on (a PEFT folder only by its shapes)
+            trained_on = (yaml.safe_load(earlier.read_text()) or {}).get("model_name_or_path")
+            if trained_on != model_args.model_name_or_path:
+                raise ConfigError(f"config key init_adapter: {model_args.init_adapter!r} was trained on "
+                                  f"{trained_on or 'the embedded default'!r}, not on "
+                                  f"{model_args.model_name_or_path or 'the embedded default'!r}; set "
+                                  "model_name_or_path to its base")
         from .lineage import read_lineage
 
         # a moved task file or a cycle, found before anything is written

@@ -93,7 +93,8 @@ def other_base_adapter(tmp_path, tokenizer) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing", "not an adapter", "another base", "rank", "targets", "init"])
+@pytest.mark.parametrize("case", ["missing", "not an adapter", "another base", "another run's base", "rank", "targets",
+                                  "init"])
 def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsys, tokenizer, case):
     first = tmp_path / "A"
     if case in ("rank", "targets", "init"):
@@ -103,10 +104,14 @@ def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsy
         first.mkdir()
     elif case == "another base":
         first = other_base_adapter(tmp_path, tokenizer)
+    elif case == "another run's base":  # same shapes, but the run says it trained on another model
+        assert main(["train", recipe, f"output_dir={first}", "max_steps=1", "eval_after=none",
+                     f"model_name_or_path={yaml.safe_load(open(recipe))['model_name_or_path']}/."]) == 0
     extra, expected = {
         "missing": ([], "config key init_adapter: no such folder"),
         "not an adapter": ([], "holds no PEFT adapter (adapter_config.json is missing"),
         "another base": ([], "does not fit this base model"),
+        "another run's base": ([], "/.', not on '"),
         "rank": (["lora_r=8"], "config key lora_r=8 does not match init_adapter"),
         "targets": (["lora_target_modules=[q_proj]"], "config key lora_target_modules='q_proj' does not match"),
         "init": (["init_lora_weights=pissa"], "config key init_lora_weights: init_adapter's weights"),
