@@ -83,3 +83,20 @@ def test_lineage_refusals(recipe, tasks, tmp_path, capsys):
     capsys.readouterr()
     assert train(recipe, tmp_path / "D", tasks["gamma"], f"init_adapter={b}") == 2
     assert_one_error_line(2, capsys.readouterr().err, "is not a finished arr train run")
+
+
+def test_compare_on_top_of_an_earlier_run_scores_its_task(recipe, tasks, tmp_path):
+    from arr.compare import compare
+    from arr.evaluation import EvalArgs
+
+    a = tmp_path / "A"
+    assert train(recipe, a, tasks["alpha"], "eval_after=none") == 0
+    sft, test = tasks["beta"]
+    results = compare(tmp_path / "cmp", recipe, {"init_adapter": str(a), "sft_data": sft, "eval_data": test},
+                      {"lora": {"method": "lora"}, "arr": {}},
+                      EvalArgs(heldout_docs=2, chat_items=2, drift_prompts=2, drift_tokens=4, knowledge_items=0,
+                               mmlu_items=0, task_items=4, task_data=test))
+    for method in ("lora", "arr"):
+        lineage = results["methods"][method]["probes"]["lineage"]
+        assert [r["run"] for r in lineage["tasks"]] == [str(a)] and "bwt" in results["methods"][method]
+        assert lineage["tasks"][0]["before"] == results["methods"]["lora"]["probes"]["lineage"]["tasks"][0]["before"]
