@@ -392,12 +392,8 @@ def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
     the base (`run_base_model`) loaded with the run's dtype and quantization, and the adapter it started from
     (init_adapter) beside the trained one. Refused with one line when the rebuilt initial model's fingerprint is
     not the one the run recorded (a changed base or starting adapter), unless another base is asked for."""
-    from peft import PeftModel
-
     from .config import ModelArguments
-    from peft import prepare_model_for_kbit_training
-
-    from .initial import is_quantized, load_model, load_snapshot, load_tokenizer
+    from .initial import load_tokenizer, load_trained
 
     run_dir = Path(run_dir)
     base = run_base_model(run_dir, model_name_or_path)
@@ -405,12 +401,7 @@ def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
     model_keys = {f: saved[f] for f in ModelArguments.__dataclass_fields__ if f in saved}
     model_args = ModelArguments(**{**model_keys, "model_name_or_path": base})
     tokenizer = load_tokenizer(str(run_dir) if (run_dir / "tokenizer_config.json").exists() else base)
-    model = load_model(model_args, base)
-    if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as training had it
-    model = PeftModel.from_pretrained(model, run_dir)
-    if model_args.init_adapter:
-        load_snapshot(model, model_args.init_adapter)
+    model = load_trained(model_args, base, run_dir)
     recorded = _recorded_initial_model(run_dir).get("fingerprint")
     if recorded and model_name_or_path is None and fingerprint(model).hexdigest()[:32] != recorded:
         raise ConfigError(f"{run_dir}: the initial model rebuilt from {base!r}"

@@ -16,8 +16,8 @@ Which one applies is read from the weights at set-up (`InitialModel`), not from 
 - `fingerprint(peft_model)`: π₀'s identity, the key of every cache (reference, self-generated replay, curvature,
   the report's "before").
 - `save_adapter`: the trained adapter in PEFT format, loadable on the user's base with plain PEFT.
-- `load_model`, `load_tokenizer`, `with_adapter`: dtype, attention implementation, bitsandbytes quantization (QLoRA)
-  and the adapter, for training, evaluation and compare alike. A run's arr_config.yaml holds those keys, and its
+- `load_model`, `load_tokenizer`, `with_adapter`, `load_trained`: dtype, attention implementation, bitsandbytes
+  quantization (QLoRA) and the adapter, for training, evaluation and compare alike. A run's arr_config.yaml holds those keys, and its
   metrics.json π₀'s kind and fingerprint, so `arr eval` and `arr compare` rebuild the same π₀ and check that they did.
 """
 
@@ -336,10 +336,16 @@ def save_adapter(peft_model: PeftModel, folder: str | os.PathLike) -> None:
     peft_model.train(was_training)  # (PEFT's load_adapter for the conversion left the model in eval mode)
 
 
-def load_snapshot(peft_model: PeftModel, init_adapter: str) -> None:
-    """Rebuild π₀ = base + `init_adapter` beside an already loaded trained adapter (for evaluating a run that
-    continued from that adapter): the snapshot, frozen."""
-    read_adapter_config(init_adapter)
-    active = peft_model.active_adapter
-    peft_model.load_adapter(init_adapter, adapter_name=INITIAL_ADAPTER, is_trainable=False)
-    peft_model.set_adapter(active)
+def load_trained(args, path: str, adapter: str | os.PathLike) -> PeftModel:
+    """A trained adapter on the base at `path` loaded as `args` (ModelArguments) say, with π₀ rebuilt as training had
+    it: the quantized base prepared as for training, and the adapter training started from (`args.init_adapter`)
+    beside the trained one as the frozen snapshot."""
+    model = load_model(args, path)
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(model, adapter)
+    if args.init_adapter:
+        read_adapter_config(args.init_adapter)
+        model.load_adapter(args.init_adapter, adapter_name=INITIAL_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
+    return model

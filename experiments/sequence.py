@@ -69,14 +69,12 @@ def train(run_dir: Path, keys: dict) -> dict:
 def scores(run_dir: Path, tests: list[str], items: int, general: bool) -> tuple[list[float], dict | None]:
     """The run's adapter on the original base (its lineage's adapters are not loaded: π₀ is the base): exact match on
     each held-out file, and with `general` the general probes' before/after (evaluation.evaluate_adapter)."""
-    from peft import PeftModel
-
     from arr.config import ModelArguments
     from arr.evaluation import EvalArgs, evaluate_adapter, run_base_model, task_scores
-    from arr.initial import load_model, load_tokenizer
+    from arr.initial import load_tokenizer, load_trained
 
     base = run_base_model(run_dir)
-    model = PeftModel.from_pretrained(load_model(ModelArguments(), base), run_dir).eval()
+    model = load_trained(ModelArguments(), base, run_dir).eval()
     tokenizer = load_tokenizer(str(run_dir))
     row = [task_scores(model, tokenizer, test, items, 16)["task_em"] for test in tests]
     report = evaluate_adapter(model, tokenizer, EvalArgs(**{**PROBE_SIZES, "task_items": 0}),
