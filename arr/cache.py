@@ -4,7 +4,6 @@ tokenizer or setting gets a new entry and a stale one is never read."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from functools import partial
@@ -16,27 +15,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .chunked_loss import RefLogprobs, final_logit_softcap, logits_head
-from .reference import initial_model
+from .initial import fingerprint, initial_model
 
 REFERENCE_CACHE_FORMAT = "v4"  # part of the key: change it when what the cache holds changes (v4: row lengths)
-
-
-def fingerprint(named_tensors, digest=None):
-    """A hash of tensors that changes with any fine-tune or checkpoint swap, cheap even for a 7B model: each
-    tensor's name, shape, dtype, float64 sum and a strided sample (not every byte)."""
-    digest = digest or hashlib.sha256()
-    for name, tensor in named_tensors:
-        tensor = tensor.detach()
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{tensor.double().sum().item():.10e}".encode())
-        digest.update(tensor.flatten()[::4099].float().cpu().numpy().tobytes())
-    return digest
-
-
-def base_weights_digest(peft_model: PeftModel):
-    """A fingerprint of the model's weights other than the trained adapter's: what the initial model is (with the
-    snapshot of the initial adapter, reference.INITIAL_ADAPTER, when an init rewrote the base weights)."""
-    trained = f".{peft_model.active_adapter}."
-    return fingerprint((n, p) for n, p in peft_model.named_parameters() if not ("lora_" in n and trained in n))
 
 
 def write_atomically(path: Path, write) -> None:
@@ -180,7 +161,7 @@ def reference_cache(peft_model: PeftModel, dataset, collate, topk: int | None, f
     `computed`: these rows' entries at this k computed elsewhere (what `build` returns; self-generated replay records
     them while it generates) and the seconds they took: saved in place of a build."""
     rows = list(range(len(dataset))) if rows is None else rows
-    digest = base_weights_digest(peft_model)
+    digest = fingerprint(peft_model)
     digest.update(f"topk={topk},{REFERENCE_CACHE_FORMAT}".encode())
     cap = final_logit_softcap(peft_model)
     if cap:  # (only then: other models' caches keep their keys, and an uncapped one of this model is never read)

@@ -75,12 +75,11 @@ def train_command(args: list[str]) -> int:
         return 130
     if not config.should_log:  # only the main process reports
         return 0
-    from .evaluation import format_table
-
     final, out = metrics["final"], config.output_dir
     if "eval" in metrics:
         print(f"\nWhat the run forgot and learned (adapter off = before, on = after; {metrics['eval']['seconds']:.0f}s):")
-        print(format_table(metrics["eval"]) + "\n")
+        print_report(metrics["eval"])
+        print()
     print(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps: "
           + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
           + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
@@ -111,19 +110,32 @@ def eval_command(args: list[str]) -> int:
     eval_args = make_eval_args(overrides)
 
     from .cache import write_atomically
-    from .evaluation import evaluate_adapter, format_table, load_run, reusable_evaluation, run_base_model
+    from .evaluation import evaluate_adapter, load_run, reusable_evaluation, run_base_model
+    from .lineage import lineage_scores, recorded_lineage
 
     base_model = run_base_model(run_dir, model_path)
     saved = reusable_evaluation(run_dir, eval_args, base_model)
     if saved:
         print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
-        print(format_table(saved))
+        print_report(saved)
         return 0
     model, tokenizer = load_run(run_dir, base_model)
     result = {**evaluate_adapter(model, tokenizer, eval_args, cache_before=True), "base_model": base_model}
+    chain = recorded_lineage(run_dir)
+    if chain:
+        result["lineage"] = lineage_scores(model, tokenizer, chain, eval_args.task_items, eval_args.batch_size)
     write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    print(format_table(result))
+    print_report(result)
     return 0
+
+
+def print_report(result: dict) -> None:
+    from .evaluation import format_table
+    from .lineage import format_lineage
+
+    print(format_table(result))
+    if "lineage" in result:
+        print("\n" + format_lineage(result["lineage"]))
 
 
 def compare_command(args: list[str]) -> int:

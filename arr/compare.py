@@ -35,7 +35,8 @@ from .evaluation import (
     run_probes,
 )
 from .plots import draw, draw_front, mean_point
-from .reference import initial_model
+from .initial import initial_model
+from .lineage import lineage_scores, recorded_lineage
 from .resources import DEFAULT_RECIPE
 from .train import resolved_config
 
@@ -113,6 +114,9 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                     before = before or run_probes(model.eval(), tokenizer, eval_args)
                     drift_answers = initial_drift_answers(model, tokenizer, eval_args)
             probes = {**evaluate_adapter(model, tokenizer, eval_args, before, drift_answers), "base_model": base_model}
+            chain = recorded_lineage(run_dir)  # compared on top of earlier runs: their tasks too
+            if chain:
+                probes["lineage"] = lineage_scores(model, tokenizer, chain, eval_args.task_items, eval_args.batch_size)
             write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(probes, indent=2)))
         objective = {k: v for k, v in wanted.items() if k in OBJECTIVE_KEYS}
         results["methods"][name] = {
@@ -120,6 +124,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             "train_seconds": metrics["train_seconds"], "peak_mem_mb": metrics["peak_mem_mb"],
             "curvature_seconds": metrics.get("curvature", {}).get("seconds", 0.0),
             "objective": objective, "run": {k: wanted[k] for k in RUN_KEYS}, "probes": probes,
+            **({"bwt": probes["lineage"]["bwt"]} if "lineage" in probes else {}),
             **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
         print(format_table(probes), flush=True)

@@ -25,6 +25,7 @@ from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
+LINEAGE_REPLAY_MODES = ("prompts", "data", "none")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
 # Without replay the KL can only sit on the task's own rows: those presets say so (kl_on: all), so that a beta given
@@ -56,7 +57,31 @@ class ModelArguments:
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. float32 is right on CPU."},
+        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. float32 is right on CPU; bfloat16 on a "
+                          "GPU that has it (with bf16: true)."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "transformers' attention implementation (sdpa, eager, flash_attention_2, ...). "
+                                        "Empty: the model's default."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base in 4 bits (bitsandbytes; pip install 'arr[qlora]'). "
+                                         "The KL's reference, the cache and the report use the same quantized base."},
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the 4-bit layers' matmuls. Empty: dtype (float32 for auto)."},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit quantization constants too (bitsandbytes double quant)."},
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Start from an existing LoRA adapter: a PEFT adapter folder or a finished arr train run. "
+                          "Training continues that adapter (its rank, targets and weights), and the initial model "
+                          "(the KL's reference, the report's before) is the base plus that adapter. LoRA keys given "
+                          "beside it must match it."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."})
@@ -84,6 +109,17 @@ class ModelArguments:
             raise ConfigError(f"config key lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise ConfigError("config key lora_target_modules must name at least one module (or all-linear)")
+        if self.dtype != "auto" and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ConfigError(f"config key dtype: unknown dtype {self.dtype!r}")
+        if self.init_adapter:  # absolute: arr_config.yaml must rebuild the initial model from anywhere
+            self.init_adapter = str(Path(self.init_adapter).absolute())
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("config keys load_in_4bit and load_in_8bit: choose one")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"config key bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        if self.bnb_4bit_compute_dtype is not None and not isinstance(
+                getattr(torch, str(self.bnb_4bit_compute_dtype), None), torch.dtype):
+            raise ConfigError(f"config key bnb_4bit_compute_dtype: unknown dtype {self.bnb_4bit_compute_dtype!r}")
         if str(self.init_lora_weights).lower().startswith("loftq"):
             raise ConfigError(f"config key init_lora_weights: {self.init_lora_weights!r} starts from a quantized "
                               "approximation of the base weights, which ARR does not set up; use true, pissa or olora")
@@ -205,6 +241,20 @@ class ARRConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "replay_data=self: 0 = greedy answers (the initial model's most likely reply); > 0 = "
                           "sampled at this temperature (seeded by `seed`)."},
+    )
+    lineage_replay: str = field(
+        default="prompts",
+        metadata={"help": "A run continued from an earlier arr train run (init_adapter) holds the earlier tasks too: "
+                          "prompts = the initial model's own answers to the earlier tasks' training prompts take "
+                          "lineage_replay_share of the self-generated replay rows (held by the KL; no earlier labels "
+                          "needed); data = that share of the new task's example count is rehearsed from the earlier "
+                          "tasks' training examples (their files must still be there); none."},
+    )
+    lineage_replay_share: float = field(
+        default=0.5, metadata={"help": "Share of the replay budget (see lineage_replay) given to the earlier tasks."},
+    )
+    skip_missing_lineage: bool = field(
+        default=False, metadata={"help": "Continue when an earlier run's task file has moved, without that task."},
     )
     max_length: int = field(
         default=1024,
@@ -345,6 +395,11 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
         raise ConfigError(f"config key self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
+    if cfg.lineage_replay not in LINEAGE_REPLAY_MODES:
+        raise ConfigError(f"config key lineage_replay must be one of {', '.join(LINEAGE_REPLAY_MODES)}, got "
+                          f"{cfg.lineage_replay!r}")
+    if not 0 <= cfg.lineage_replay_share <= 1:
+        raise ConfigError(f"config key lineage_replay_share must be in [0, 1], got {cfg.lineage_replay_share}")
     if cfg.laplace_samples < 1:
         raise ConfigError(f"config key laplace_samples must be >= 1, got {cfg.laplace_samples}")
 
@@ -364,10 +419,13 @@ HELP_GROUPS = {
                   "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
     "replay": ("replay_data", "replay_ratio", "replay_weight", "replay_seq_length", "replay_max_sequences",
                "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
-               "replay_split", "replay_config", "padding_free"),
+               "replay_split", "replay_config", "padding_free", "lineage_replay", "lineage_replay_share",
+               "skip_missing_lineage"),
     "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
-    "LoRA": ("model_name_or_path", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-             "use_rslora", "use_dora", "init_lora_weights"),
+    "model": ("model_name_or_path", "dtype", "attn_implementation", "load_in_4bit", "load_in_8bit",
+              "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "use_bnb_nested_quant"),
+    "LoRA": ("init_adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
+             "init_lora_weights"),
     "data": ("sft_data", "sft_format", "max_length", "eval_data"),
     "run": ("output_dir", "overwrite_output_dir", "eval_after", "learning_rate", "max_steps", "num_train_epochs",
             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps", "logging_steps",
@@ -461,8 +519,33 @@ def expand_method(values: dict) -> dict:
 
 
 def build_config(values: dict):
-    """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints."""
-    return parse_dataclasses(expand_method(values), CONFIG_CLASSES)
+    """(ModelArguments, DataArguments, ARRConfig) from a flat mapping, with typed parsing and nearest-key hints, and
+    the checks that span them."""
+    values = expand_method(values)
+    model_args, data_args, config = parse_dataclasses(values, CONFIG_CLASSES)
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and config.save_merged_model:
+        raise ConfigError("config key save_merged_model: a quantized base (load_in_4bit/load_in_8bit) cannot take the "
+                          "adapter merged in exactly; save the adapter and merge it into the unquantized base")
+    if model_args.init_adapter is not None:
+        from .initial import check_adapter_keys
+
+        if "init_lora_weights" in values and str(values["init_lora_weights"]).lower() != "true":
+            raise ConfigError("config key init_lora_weights: init_adapter's weights are where training starts; leave "
+                              "init_lora_weights out")
+        check_adapter_keys(values, model_args.init_adapter)
+        earlier = Path(model_args.init_adapter) / "arr_config.yaml"
+        if earlier.is_file():  # a run of ARR's says which base it trained on (a PEFT folder only by its shapes)
+            trained_on = (yaml.safe_load(earlier.read_text()) or {}).get("model_name_or_path")
+            if trained_on != model_args.model_name_or_path:
+                raise ConfigError(f"config key init_adapter: {model_args.init_adapter!r} was trained on "
+                                  f"{trained_on or 'the embedded default'!r}, not on "
+                                  f"{model_args.model_name_or_path or 'the embedded default'!r}; set "
+                                  "model_name_or_path to its base")
+        from .lineage import read_lineage
+
+        # a moved task file or a cycle, found before anything is written
+        read_lineage(model_args.init_adapter, config.skip_missing_lineage, config.output_dir)
+    return model_args, data_args, config
 
 
 def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config key"):

@@ -28,8 +28,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from .cache import cached_tensors, fingerprint
-from .reference import initial_model
+from .cache import cached_tensors
+from .initial import initial_model, tensor_digest
 
 ESTIMATOR = "diagonal-empirical-fisher-per-token-v1"  # part of the cache key: change it when the estimate changes
 
@@ -50,8 +50,8 @@ def delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
 def curvature_key(model: PeftModel, blocks: torch.Tensor) -> str:
     """Cache key: the adapted layers' names and a fingerprint of their base weights, and the token ids."""
     digest = hashlib.sha256(ESTIMATOR.encode())
-    fingerprint(((name, layer.get_base_layer().weight) for name, layer in sorted(adapted_layers(model).items())),
-                digest)
+    tensor_digest(((name, layer.get_base_layer().weight) for name, layer in sorted(adapted_layers(model).items())),
+                  digest)
     digest.update(blocks.cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 

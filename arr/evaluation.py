@@ -42,12 +42,12 @@ from tqdm.auto import tqdm
 from . import resources, run_folder
 from .resources import GENERAL_PROMPTS
 from .data import read_jsonl, record_to_turns
-from .cache import base_weights_digest, write_atomically
+from .cache import write_atomically
 from .chunked_loss import kl_from_logprobs
 from .config import cache_dir
 from .errors import ARRError, ConfigError, DataError
 from .generation import by_length, chat_prompt_ids, encode, greedy_answers
-from .reference import initial_model
+from .initial import fingerprint, initial_model
 
 CHAT_PACKAGE, LM_EVAL_PACKAGE = "chatterbot-corpus", "lm-eval"
 LOWER_IS_BETTER = {"heldout_nll", "chat_nll", "behaviour_kl", "task_nll"}
@@ -130,9 +130,10 @@ def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def task_examples(path: str | None, n: int) -> list[tuple[list[dict], str]]:
-    """(conversation before the last assistant turn, that turn's text) for the first n held-out task examples."""
-    records = read_jsonl(path) if path else list(enumerate(resources.date_task("test"), start=1))
+def task_examples(path: str | None, n: int | None, split: str = "test") -> list[tuple[list[dict], str]]:
+    """(conversation before the last assistant turn, that turn's text) for the first n (None: all) task examples of
+    `path`, or of the bundled date task's `split`."""
+    records = read_jsonl(path) if path else list(enumerate(resources.date_task(split), start=1))
     examples = []
     for line, record in records[:n]:
         try:
@@ -241,17 +242,23 @@ def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=N
              for q, a in chat_exchanges(args.chat_items, args.seed)]
     out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
     out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
-    task = task_examples(args.task_data, args.task_items)
-    if not task:  # no held-out examples of the task: its two probes are left out
-        return {**out, **(lm_eval_scores(model, tokenizer, args) if args.lm_eval_tasks else {})}
-    pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
-    out["task_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "task_nll"))
-    longest = max(len(ids) for _, ids in pairs)
-    answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, b)
-    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
-                         for a, (_, answer) in zip(answers, task)) / max(1, len(task))
+    out.update(task_scores(model, tokenizer, args.task_data, args.task_items, b))
     if args.lm_eval_tasks:
         out.update(lm_eval_scores(model, tokenizer, args))
+    return out
+
+
+def task_scores(model, tokenizer, task_data: str | None, items: int, batch_size: int) -> dict[str, float]:
+    """The task's answer NLL and exact match on its first `items` held-out examples ({} when there are none)."""
+    task = task_examples(task_data, items)
+    if not task:
+        return {}
+    pairs = [(chat_prompt_ids(tokenizer, turns), answer_ids(tokenizer, answer)) for turns, answer in task]
+    out = {"task_nll": _nll(continuation_logprobs(model, tokenizer, pairs, batch_size, "task_nll"))}
+    longest = max(len(ids) for _, ids in pairs)
+    answers = greedy_answers(model, tokenizer, [turns for turns, _ in task], longest + 4, batch_size)
+    out["task_em"] = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == answer
+                         for a, (_, answer) in zip(answers, task)) / len(task)
     return out
 
 
@@ -325,7 +332,7 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
 def before_cache_path(peft_model, tokenizer, args: EvalArgs) -> Path:
     """Where the initial model's probe values live: keyed by its weights, the tokenizer's template, the probe
     settings and the task data's content."""
-    digest = base_weights_digest(peft_model)
+    digest = fingerprint(peft_model)
     task = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
     digest.update(json.dumps([vars(args), tokenizer.chat_template, tokenizer.eos_token]).encode() + task)
     return cache_dir() / "eval_before" / f"{digest.hexdigest()[:32]}.json"
@@ -381,12 +388,31 @@ def reusable_evaluation(run_dir: str | Path, eval_args: EvalArgs, base_model: st
 
 
 def load_run(run_dir: str | Path, model_name_or_path: str | None = None):
-    """The PEFT model and tokenizer of a finished `arr train` run, on `run_base_model`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The PEFT model and tokenizer of a finished `arr train` run, with its initial model rebuilt as the run had it:
+    the base (`run_base_model`) loaded with the run's dtype and quantization, and the adapter it started from
+    (init_adapter) beside the trained one. Refused with one line when the rebuilt initial model's fingerprint is
+    not the one the run recorded (a changed base or starting adapter), unless another base is asked for."""
+    from .config import ModelArguments
+    from .initial import load_tokenizer, load_trained
 
     run_dir = Path(run_dir)
     base = run_base_model(run_dir, model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir if (run_dir / "tokenizer_config.json").exists() else base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
+    saved = yaml.safe_load((run_dir / run_folder.CONFIG).read_text()) if (run_dir / run_folder.CONFIG).exists() else {}
+    model_keys = {f: saved[f] for f in ModelArguments.__dataclass_fields__ if f in saved}
+    model_args = ModelArguments(**{**model_keys, "model_name_or_path": base})
+    tokenizer = load_tokenizer(str(run_dir) if (run_dir / "tokenizer_config.json").exists() else base)
+    model = load_trained(model_args, base, run_dir)
+    recorded = _recorded_initial_model(run_dir).get("fingerprint")
+    if recorded and model_name_or_path is None and fingerprint(model).hexdigest()[:32] != recorded:
+        raise ConfigError(f"{run_dir}: the initial model rebuilt from {base!r}"
+                          + (f" and {model_args.init_adapter!r}" if model_args.init_adapter else "")
+                          + " is not the one this run trained from (its weights changed); pass model_name_or_path= "
+                            "to evaluate on another base")
     return model, tokenizer
+
+
+def _recorded_initial_model(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / run_folder.METRICS).read_text()).get("initial_model", {})
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -12,7 +12,9 @@ token, a sharpening that raised the NLL of held-out text in docs/RESULTS.md's sc
 
 Answers are greedy by default (the initial model's most likely reply, deterministic) or sampled at
 `self_replay_temperature` (seeded), and cached in $ARR_CACHE/self_replay under a key of the model's weights, the
-chat template, the prompts and the generation settings.
+chat template, the prompts and the generation settings. A run continued from earlier runs (arr/lineage.py) gives
+`lineage_replay_share` of the rows to the earlier tasks' training prompts, which the initial model, holding those
+tasks, answers itself.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from peft import PeftModel
 
 from . import resources
 from .batch import IGNORE_INDEX
-from .cache import ReferenceCache, base_weights_digest, write_atomically
+from .cache import ReferenceCache, write_atomically
 from .config import cache_dir
 from .data import read_jsonl
 from .errors import DataError
 from .generation import chat_prompt_ids, greedy_answers, records_logits
-from .reference import initial_model
+from .initial import fingerprint, initial_model
 
 SELF = "self"  # the replay_data value that asks for self-generated replay
 
@@ -54,18 +56,19 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_topk: int | None = None
-                     ) -> tuple[list[dict], dict, tuple[dict, float] | None]:
+def self_replay_rows(peft_model: PeftModel, tokenizer, n: int, args, reference_topk: int | None = None,
+                     earlier: list[list[dict]] | None = None) -> tuple[list[dict], dict, tuple[dict, float] | None]:
     """`n` replay rows (fewer when there are fewer prompts; the sampler then reuses them) of the initial model's
     answers, from the cache or generated now. Returns the rows ({input_ids, labels}), {key, cache_hit, rows and,
     when generated, seconds, the recording of the entries left out} and, when generated with `reference_topk`, the rows' top-k reference cache entries
     (cache.reference_cache's `computed`): decoding computes the initial model's logits at every answer position
     anyway, so the entries cost the LM head over the prompts and the top-k, not a forward of every row."""
     prompts = read_prompts(args.self_replay_prompts) if args.self_replay_prompts else resources.self_replay_prompts()
-    prompts = prompts[:n]
+    k = min(len(earlier or []), round(n * args.lineage_replay_share)) if args.lineage_replay == "prompts" else 0
+    prompts = prompts[:n - k] + (earlier or [])[:k]
     settings = {"max_new_tokens": args.self_replay_max_new_tokens, "temperature": args.self_replay_temperature,
                 "seed": args.seed if args.self_replay_temperature > 0 else None}
-    digest = base_weights_digest(peft_model)
+    digest = fingerprint(peft_model)
     digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token, prompts, settings]).encode())
     path = cache_dir() / "self_replay" / f"{digest.hexdigest()[:32]}.json"
     info = {"key": path.stem, "cache_hit": path.is_file(), "rows": len(prompts)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import resource
 import signal
 import sys
@@ -16,14 +17,15 @@ import torch
 import yaml
 from peft import LoraConfig
 from accelerate.utils import reduce
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
 from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter
-from .reference import save_adapter
+from .initial import load_model, load_tokenizer, save_adapter, with_adapter
+from .lineage import LINEAGE, earlier_prompts, lineage_scores, read_lineage
 from .self_replay import SELF
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
@@ -51,15 +53,12 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
 def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tokenizer: None):
     """Tokenizer, then `before_model(tokenizer)` (cheap data checks, so bad data fails fast), then the model."""
     path = model_args.model_name_or_path or str(resources.default_model_path())
-    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype, None)
-    if not isinstance(dtype, (str, torch.dtype)):
-        raise ConfigError(f"dtype: unknown dtype {model_args.dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         checked = before_model(tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:  # a missing folder, an unreachable or unknown hub id, a broken config
-        if isinstance(e, ARRError):
+        model = load_model(model_args, path)
+    except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown hub id, a broken config, no
+        if isinstance(e, ARRError):                  # bitsandbytes
             raise
         reason = " ".join(str(e).split())
         raise ConfigError(f"model_name_or_path: cannot load {path!r}: {reason}") from None
@@ -133,13 +132,27 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         return stream_replay_texts(path, data_args.replay_text_field, data_args.replay_split, config.seed,
                                    data_args.replay_config)
 
+    chain = read_lineage(model_args.init_adapter, config.skip_missing_lineage)
+    prompts = earlier_prompts(chain) if chain and config.lineage_replay == "prompts" else None
+    if chain and config.lineage_replay == "data":  # rehearsal: a share of the earlier tasks' own examples
+        earlier = [ex for entry in chain if entry["sft_data"] is not None or "missing" not in entry
+                   for ex in load_sft_examples(entry["sft_data"] or resources.date_task("train"), tokenizer,
+                                               config.max_length, entry["sft_format"])]
+        sft = sft + random.Random(config.seed).sample(earlier, min(len(earlier),
+                                                                   round(len(sft) * config.lineage_replay_share)))
     replay = None
     if config.uses_replay:
         replay = SELF if data_args.replay_data == SELF else corpus(data_args.replay_data)
     corpus_replay = None if data_args.replay_data == SELF else data_args.replay_data
     surrogate = corpus(data_args.laplace_data or corpus_replay) if config.laplace_lambda > 0 else None
+    if model_args.init_adapter is None:
+        model = with_adapter(model, lora_config(model_args), gradient_checkpointing=config.gradient_checkpointing,
+                             seed=config.seed)
+    else:
+        model = with_adapter(model, init_adapter=model_args.init_adapter,
+                             gradient_checkpointing=config.gradient_checkpointing)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
-                         peft_config=lora_config(model_args), replay_dataset=replay, curvature_dataset=surrogate)
+                         replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts)
     interrupt = StopOnInterrupt()
     trainer.add_callback(interrupt)
     start = time.perf_counter()
@@ -163,6 +176,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
         "ref_cache": trainer.ref_cache_info,  # mode (auto resolved), rows, rows_drawn; key, cache_hit, seconds, mb
         "self_replay": trainer.self_replay_info,  # key, cache_hit, rows of the self-generated replay
+        "initial_model": trainer.initial_model_info,  # what π₀ is: kind and fingerprint (arr eval checks it)
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
     }
@@ -171,14 +185,14 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         def write(tmp: Path):
             save_adapter(trainer.model, tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(resolved_config(model_args, data_args, config),
-                                                          sort_keys=False))
+            record = {**resolved_config(model_args, data_args, config), **({LINEAGE: chain} if chain else {})}
+            (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(record, sort_keys=False))
             (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2))
 
         (out / run_folder.EVAL).unlink(missing_ok=True)  # an overwritten run's report is not this run's
         run_folder.save_atomically(write, out, last=run_folder.ADAPTER_CONFIG)
         if config.eval_after != "none":
-            metrics["eval"] = report(trainer.model, tokenizer, data_args, config)
+            metrics["eval"] = report(trainer.model, tokenizer, data_args, config, chain)
         if config.save_merged_model:  # last: merging takes the adapter out of the model
             merged = trainer.model.merge_and_unload()
             run_folder.save_atomically(lambda tmp: (merged.save_pretrained(tmp / run_folder.MERGED),
@@ -187,14 +201,17 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     return metrics
 
 
-def report(peft_model, tokenizer, data_args: DataArguments, config: ARRConfig) -> dict:
+def report(peft_model, tokenizer, data_args: DataArguments, config: ARRConfig, chain: list[dict]) -> dict:
     """What the run forgot and learned (evaluation.py's probes, adapter off and on), written to EVAL. The task's
-    held-out examples: `eval_data`, or the bundled date task's test split when training on the bundled task."""
+    held-out examples: `eval_data`, or the bundled date task's test split when training on the bundled task. With
+    a lineage, every earlier task too (lineage.lineage_scores)."""
     sizes = EVAL_AFTER[config.eval_after]
     has_task = data_args.eval_data is not None or data_args.sft_data is None
     args = EvalArgs(**{**sizes, "task_data": data_args.eval_data, **({} if has_task else {"task_items": 0})})
     start = time.perf_counter()
     result = evaluate_adapter(peft_model, tokenizer, args, cache_before=True)
+    if chain:
+        result[LINEAGE] = lineage_scores(peft_model, tokenizer, chain, args.task_items, args.batch_size)
     result["seconds"] = round(time.perf_counter() - start, 2)
     (Path(config.output_dir) / run_folder.EVAL).write_text(json.dumps(result, indent=2))
     return result

@@ -17,9 +17,9 @@ from functools import partial
 
 import torch
 from accelerate.utils import reduce
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from torch.profiler import record_function
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -27,15 +27,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from . import run_folder
 from .cache import reference_cache
 from .chunked_loss import logits_head
-from .config import ARRConfig, cache_dir
+from .config import ARRConfig, ModelArguments, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
 from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, load_sft_examples,
                    replay_sequences_needed, rows_drawn, token_blocks)
 from .batch import kl_sequences
 from .errors import ARRError, ConfigError
 from .objective import ARRObjective, LossParts, TokenCounts
-from .reference import (INITIAL_ADAPTER, CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
-                        save_adapter, snapshot_initial_adapter)
+from .initial import INITIAL_ADAPTER, InitialModel, fingerprint, initial_head, is_quantized, load_model, load_tokenizer, \
+    save_adapter, with_adapter
+from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
 
 LOSS_PART_NAMES = LossParts._fields[1:]  # logged beside the Trainer's `loss`
@@ -99,6 +100,7 @@ class ARRTrainer(Trainer):
         replay_dataset: str | Iterable[str] | torch.Tensor | None = SELF,
         sft_format: str = "auto",
         curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
+        earlier_prompts: list[list[dict]] | None = None,
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
@@ -106,18 +108,20 @@ class ARRTrainer(Trainer):
         answers to general prompts, see self_replay.py), a corpus path or hub id, an iterable of texts, or packed
         [n, seq_length] token blocks; needed when `args.replay_ratio > 0`. `curvature_dataset`: surrogate source
         text for the Laplace penalty, in the same forms but "self" (default: the replay corpus, when that is a path
-        or packed blocks); needed when `args.laplace_lambda > 0`."""
+        or packed blocks); needed when `args.laplace_lambda > 0`. `earlier_prompts`: conversations of earlier tasks
+        whose answers by the initial model join self-generated replay (`lineage_replay: prompts`, arr/lineage.py)."""
         args = args or ARRConfig()
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
-        self.adapter_layers = adapter_layers(model)  # switched for the reference forward of every step
-        self.initial_adapter = INITIAL_ADAPTER if INITIAL_ADAPTER in model.peft_config else None
+        self.initial = InitialModel(model)  # π₀, switched to for the reference forward of every step
+        self.initial_model_info = {"kind": self.initial.kind, "fingerprint": fingerprint(model).hexdigest()[:32]}
         self.self_replay_info, self.self_replay_reference = {}, None
         self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
         replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
                                       args.laplace_lambda)
+        self.earlier_prompts = earlier_prompts
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
             model, processing_class, train_dataset, replay_dataset, self_replay, curvature_dataset, sft_format, args)
         pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None \
@@ -131,10 +135,14 @@ class ARRTrainer(Trainer):
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        if self.initial_adapter is not None and (self.sharded or args.laplace_lambda > 0):
-            raise ConfigError("init_lora_weights: an init that rewrites the base weights needs DDP or one process (its "
-                              "adapter is converted whole when saved) and laplace_lambda 0 (the Laplace penalty "
-                              "measures the adapter from zero, not from its initial value)")
+        if self.initial.snapshot is not None and (self.sharded or args.laplace_lambda > 0):
+            raise ConfigError("an adapter that is not zero at the start (init_adapter, a trained PeftModel, or an init "
+                              "that rewrites the base weights) needs DDP or one process (the snapshot of the initial "
+                              "adapter is kept and converted whole) and laplace_lambda 0 (the Laplace penalty measures "
+                              "the adapter from zero, not from its initial value)")
+        if is_quantized(model) and args.laplace_lambda > 0:
+            raise ConfigError("laplace_lambda > 0 on a quantized base (load_in_4bit/load_in_8bit): the curvature of "
+                              "quantized weights is not estimated exactly; use laplace_lambda 0 or an unquantized base")
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args, self_replay)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
@@ -147,23 +155,19 @@ class ARRTrainer(Trainer):
 
     @staticmethod
     def _prepare_model(model, processing_class, peft_config, args: ARRConfig):
-        """The PEFT model (loaded and wrapped when needed) and its tokenizer; keeps the initial model reachable (after
-        an init that rewrote the base weights, a frozen snapshot of the initial adapter) and checks that the model
-        keeps packed sequences apart."""
+        """The PEFT model (loaded and wrapped when needed) and its tokenizer, and a check that the model keeps
+        packed sequences apart. A PeftModel passed in is trained as it is: its adapter as it is now is π₀'s."""
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = load_model(ModelArguments(model_name_or_path=model, dtype="auto"), model)
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if peft_config is not None and not isinstance(model, PeftModel):
-            set_seed(args.seed)  # the LoRA init draws random numbers: same seed, same adapter
-            try:
-                model = get_peft_model(model, peft_config)
-            except ValueError as e:  # PEFT's word for a LoRA config that does not fit the model
-                key = "lora_target_modules" if "target modules" in str(e).lower() else "peft_config"
-                raise ConfigError(f"config key {key}: {' '.join(str(e).split())}") from None
+            processing_class = load_tokenizer(model.config._name_or_path)
+        if isinstance(model, PeftModel) and peft_config is not None:
+            raise ConfigError("ARRTrainer got a PeftModel and a peft_config: the model already holds its adapter, so "
+                              "the peft_config would be ignored; pass one of them")
         if not isinstance(model, PeftModel):
-            raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
-        snapshot_initial_adapter(model)
+            if peft_config is None:
+                raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
+            model = with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
         if args.padding_free and not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are partitioned: no forward yet
             check_packing(model)
         return model, processing_class
@@ -185,7 +189,7 @@ class ARRTrainer(Trainer):
                                                and args.ref_cache in ("auto", "topk")) else None
                 with args.main_process_first(desc="self-generated replay"):  # one process generates, the rest read
                     replay, self.self_replay_info, self.self_replay_reference = self_replay_rows(
-                        model, tokenizer, needed, args, topk)
+                        model, tokenizer, needed, args, topk, self.earlier_prompts)
             else:
                 replay = token_blocks(replay_source, tokenizer, args.replay_seq_length, needed, args.seed)
             sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed)
@@ -318,7 +322,7 @@ class ARRTrainer(Trainer):
         sub_inputs, take = (model_inputs, None) if self.sharded else kl_sequences(model_inputs, kl_positions)
         # DDP's forward prepares its gradient reduction; the reference needs none, so it runs on the model inside.
         forward_model = model if self.sharded else peft_model
-        with record_function("arr/reference_forward"), torch.no_grad(), adapters_off(self.adapter_layers, self.initial_adapter):
+        with record_function("arr/reference_forward"), torch.no_grad(), self.initial.switched_to():
             outputs = self._forward(forward_model, peft_model, sub_inputs, chunked)
         if not kl_positions.any():
             return None
@@ -365,8 +369,8 @@ class ARRTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's, except that after an init that rewrote the base weights a final save (not a checkpoint,
         which a resumed run loads back as it is) holds the adapter converted for the original model
-        (reference.save_adapter) in place of the trained one and the snapshot, before any push to the Hub."""
-        if self.initial_adapter is None or _internal_call:
+        (initial.save_adapter) in place of the trained one and the snapshot, before any push to the Hub."""
+        if self.initial.snapshot is None or _internal_call:
             return super().save_model(output_dir, _internal_call)
         super().save_model(output_dir, _internal_call=True)  # training args and tokenizer, as the Trainer writes them
         output_dir = output_dir or self.args.output_dir

@@ -7,6 +7,7 @@
     python -m bench.overhead --models tiny,path/to/model --steps 40 --batch-size 16   # any local folder or hub id
     python -m bench.overhead --models smollm2 --variants arr_online --loss-chunk-size 256   # another chunk size
     python -m bench.overhead --models smollm2 --variants arr_online --replay-seq-length 512 [--no-padding-free]
+    python -m bench.overhead --quick --models smollm2 --load-in-4bit --memory   # QLoRA: both on the 4-bit base
 
 Two workloads, each the run a user would start: `embedded` (the embedded recipe: 24 steps over the date task's 200
 rows, a single pass) and `epochs3` (3 epochs of the same data, the few-shot regime of the ARR paper: 87 steps, every
@@ -78,7 +79,8 @@ def peak_mb() -> float:
 
 def train_variant(model_name: str, variant: str, workload: str, steps: int, batch_size: int = 8,
                   warmup_steps: int = 1, profile_file: str | None = None, loss_chunk_size: int | None = None,
-                  replay_seq_length: int = 64, padding_free: bool = True, allocations: bool = False) -> dict:
+                  replay_seq_length: int = 64, padding_free: bool = True, allocations: bool = False,
+                  model_keys: dict | None = None) -> dict:
     """Runs in a child process: set up the `workload`'s run, train its first `steps` steps and report the wall time
     and tokens of the steps after the first `warmup_steps`, the run's step count, the reference cache build's
     seconds and the peak memory. `model_name` is "tiny", "smollm2" (the embedded default) or a folder/hub id. With
@@ -86,14 +88,15 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped one
     in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the length
     of its SFT rows) unless given; `padding_free` False pads every batch in every variant. With `allocations` the
-    run is recorded by AllocationPeak instead and returns {"alloc_peak_mb"} alone."""
+    run is recorded by AllocationPeak instead and returns {"alloc_peak_mb"} alone. `model_keys`: ModelArguments keys
+    for loading a real model (dtype, load_in_4bit, ...; --dtype and --load-in-4bit), as `arr train` loads it."""
     recorder = AllocationPeak() if allocations else None  # from before the model loads: all that the run allocates
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from arr import ARRConfig, ARRTrainer, DataArguments, resources
     from arr.compare import DEFAULT_RECIPE, read_config
+    from arr.config import ModelArguments
+    from arr.initial import is_quantized, load_model, load_tokenizer
 
     if model_name == "tiny":
         from bench.tiny import make_tokenizer, tiny_model
@@ -101,8 +104,8 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
         tokenizer = make_tokenizer()
         model = tiny_model("llama", len(tokenizer))
     else:
-        path = resources.default_model_path() if model_name == "smollm2" else model_name
-        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+        path = str(resources.default_model_path() if model_name == "smollm2" else model_name)
+        tokenizer, model = load_tokenizer(path), load_model(ModelArguments(**(model_keys or {})), path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_length = {"max_steps": read_config(str(DEFAULT_RECIPE), [])["max_steps"], **WORKLOADS[workload]}
     with tempfile.TemporaryDirectory() as out:
@@ -113,7 +116,7 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
                            **({} if loss_chunk_size is None else {"loss_chunk_size": loss_chunk_size}),
                            **VARIANTS[variant])
         replay = DataArguments().replay_data or resources.wiki_replay_texts()  # the shipped replay source
-        trainer = ARRTrainer(model.to(device), config, train_dataset=resources.date_task("train"),
+        trainer = ARRTrainer(model if is_quantized(model) else model.to(device), config, train_dataset=resources.date_task("train"),
                              processing_class=tokenizer, replay_dataset=replay,
                              peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
                                                     target_modules="all-linear"))
@@ -328,6 +331,10 @@ def main() -> None:
                              "(AllocationPeak): its allocated peak against plain LoRA's, which peak RSS measures "
                              "with the allocator's noise; CPU only (on a GPU the peak already is torch's allocated "
                              "bytes)")
+    parser.add_argument("--dtype", default="float32",
+                        help="weights dtype of a real model (ModelArguments.dtype; float32 is the embedded recipe's)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: every variant on the base in 4 bits (NF4, compute in --dtype), as load_in_4bit")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: both)")
     args = parser.parse_args()
@@ -338,6 +345,8 @@ def main() -> None:
     if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
         sys.exit(f"--loss-chunk-size must be >= 1, got {args.loss_chunk_size} (arr_naive is the unchunked loss)")
     models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
+    if (args.load_in_4bit or args.dtype != "float32") and "tiny" in models:
+        sys.exit("--load-in-4bit and --dtype load a real model: name it with --models (e.g. smollm2)")
     variants = ["lora", DEFAULT_PATH] if args.quick else list(VARIANTS)
     if args.variants:
         variants = list(dict.fromkeys(["lora", DEFAULT_PATH, *args.variants.split(",")]))
@@ -399,7 +408,7 @@ def main() -> None:
         return line
 
     chunk = {} if args.loss_chunk_size is None else {"loss_chunk_size": args.loss_chunk_size}
-    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk, **headline(workloads[0]),
+    print(json.dumps({"model": models[-1], "path": DEFAULT_PATH, **chunk, **model_keys(args), **headline(workloads[0]),
                       "workloads": {w: headline(w) for w in workloads}}))
 
 
@@ -418,6 +427,10 @@ def note(result: dict, reused: float, with_generation: float) -> str:
     return text
 
 
+def model_keys(args) -> dict:
+    return {"dtype": args.dtype, "load_in_4bit": args.load_in_4bit}
+
+
 def run_variant(model: str, variant: str, workload: str, steps: int, args, repeat: int, allocations: bool = False
                 ) -> dict:
     """`train_variant` in a child process of its own (so that its peak memory is its own)."""
@@ -428,7 +441,7 @@ def run_variant(model: str, variant: str, workload: str, steps: int, args, repea
     code = (f"import bench.overhead as b, json; "
             f"print(json.dumps(b.train_variant({model!r}, {variant!r}, {workload!r}, {steps}, {args.batch_size}, "
             f"{args.warmup_steps}, {profile_file!r}, {args.loss_chunk_size!r}, {args.replay_seq_length}, "
-            f"{not args.no_padding_free}, {allocations})))")
+            f"{not args.no_padding_free}, {allocations}, {model_keys(args)!r})))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])

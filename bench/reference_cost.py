@@ -7,7 +7,7 @@ On a randomly initialised model of the shape (LoRA r16 on all linear layers, bf1
 `--iterations` times after 3 untimed ones, synchronised with the GPU:
   train step         forward and backward of plain LoRA (its loss from full logits)
   reference forward  the same batch under no_grad with the adapter switched off: by PeftModel.disable_adapter(), by
-                     each adapter layer's public enable_adapters(False/True), and by arr.reference.adapters_off
+                     each adapter layer's public enable_adapters(False/True), and by arr.initial.InitialModel.switched_to
   switch alone       entering and leaving each context with nothing inside
 Step time depends on the shape, not on the weights. seq 68 is the date task's row length (bench.overhead's data).
 """
@@ -22,13 +22,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from arr.reference import adapter_layers, adapters_off
+from arr.initial import InitialModel
 from bench.random_model import SHAPES
 
 
 @contextmanager
 def adapters_off_public(layers: list[torch.nn.Module]):
-    """arr.reference.adapters_off through PEFT's public per-layer switch, `enable_adapters(False)` /
+    """InitialModel.switched_to through PEFT's public per-layer switch, `enable_adapters(False)` /
     `enable_adapters(True)`, which also clears and restores requires_grad on each layer's adapter weights."""
     enabled = [layer for layer in layers if not layer.disable_adapters]
     for layer in enabled:
@@ -66,7 +66,8 @@ def main() -> None:
     model = get_peft_model(AutoModelForCausalLM.from_config(config).to(device),
                            LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear"))
     model.train()
-    layers = adapter_layers(model)
+    initial = InitialModel(model)
+    layers = initial.layers
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -89,7 +90,7 @@ def main() -> None:
 
     switches = {"PeftModel.disable_adapter()": model.disable_adapter,
                 "each layer's enable_adapters()": lambda: adapters_off_public(layers),
-                "adapters_off (private flag)": lambda: adapters_off(layers)}
+                "InitialModel.switched_to (private flag)": initial.switched_to}
     train = milliseconds(train_step, args.iterations)
     print(f"{args.shape} on {device}, batch {args.batch_size} x {args.seq_length} tokens, {len(layers)} adapter "
           f"layers in {len(list(model.modules()))} modules")

@@ -10,7 +10,7 @@ from arr import ARRConfig, ARRTrainer
 from arr.cache import reference_cache
 from arr.chunked_loss import final_logit_softcap
 from arr.data import Collator, MixedDataset, load_sft_examples
-from arr.reference import adapters_off, initial_model
+from arr.initial import initial_model
 from bench.tiny import FAMILIES
 from conftest import replay_texts, saved_tiny_model, sft_records
 from test_trainer import STEPS, assert_same_step, fresh_peft, mixed_step, move_adapter, one_step, recording_self_replay
@@ -37,7 +37,7 @@ def test_the_reference_is_the_untouched_model_and_the_kl_is_0_at_step_0(family_d
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(family_dir).eval()(**inputs).logits
         move_adapter(model)  # the reference stays the untouched model, bit for bit, by both switches, once trained
-        with adapters_off(trainer.adapter_layers, trainer.initial_adapter):  # (in train mode, as in a step)
+        with trainer.initial.switched_to():  # (in train mode, as in a step)
             torch.testing.assert_close(model.train()(**inputs).logits, expected, atol=0, rtol=0)
         with initial_model(model.eval()):
             torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)

@@ -9,8 +9,8 @@ from arr.cache import ReferenceCache
 from arr.chunked_loss import RefLogprobs, kl_from_logprobs, kl_to_reference
 from arr.data import Collator, load_sft_examples
 from arr.objective import ARRObjective
-from arr.reference import (CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
-                           reference_logits)
+from arr.initial import InitialModel, initial_head
+from arr.reference import CachedReference, OnlineReference, reference_logits
 from conftest import replay_texts, sft_records
 
 
@@ -90,9 +90,10 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
         expected = untouched(**inputs).logits
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**LORA))
+    initial = InitialModel(model)
     objective = ARRObjective(beta=1.0, kl_on="all")
 
-    ref = reference_logits(model, adapter_layers(model), inputs)
+    ref = reference_logits(model, initial, inputs)
     torch.testing.assert_close(ref, expected, atol=0, rtol=0)
     parts = objective(model(**inputs).logits, batch, OnlineReference(ref))
     assert parts.kl.item() == pytest.approx(0.0, abs=1e-7)
@@ -103,10 +104,10 @@ def test_reference_is_initial_model_and_kl_zero_then_positive(model_dir, tokeniz
         optimizer.step()
         optimizer.zero_grad()
         parts = objective(model(**inputs).logits, batch,
-                          OnlineReference(reference_logits(model, adapter_layers(model), inputs)))
+                          OnlineReference(reference_logits(model, initial, inputs)))
     assert parts.kl.item() > 1e-4
     # the reference is still the untouched model after training
-    torch.testing.assert_close(reference_logits(model, adapter_layers(model), inputs), expected, atol=0, rtol=0)
+    torch.testing.assert_close(reference_logits(model, initial, inputs), expected, atol=0, rtol=0)
 
 
 def test_kl_on_selects_positions(tokenizer):
@@ -210,6 +211,7 @@ def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, di
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
                            LoraConfig(**{**LORA, "target_modules": ["q_proj", "v_proj", "lm_head"]}))
+    initial = InitialModel(model)  # at the init: π₀ is the adapter switched off
     objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, kl_mask_target=mask, replay_weight=0.5)
     for name, p in model.named_parameters():  # move the adapter so KL and all gradients are non-trivial
         if "lora_B" in name:
@@ -221,7 +223,7 @@ def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, di
         model.zero_grad()
         return out
 
-    ref_logits = reference_logits(model, adapter_layers(model), inputs)
+    ref_logits = reference_logits(model, initial, inputs)
     total, expected_parts = autograd_loss(objective, model(**inputs).logits, batch, ref_logits,
                                           None if cache in (None, "exact") else cache)
     total.backward()
@@ -331,12 +333,13 @@ def test_initial_head_is_the_head_with_the_adapter_off(llama_dir, lora, head_tra
 
 @pytest.mark.parametrize("lora", [{"target_modules": ["q_proj", "lm_head"]}, {"target_modules": ["q_proj", "v_proj"],
                                    "modules_to_save": ["lm_head"]}])
-def test_adapters_off_is_disable_adapter_and_restores_each_layer(model_dir, tokenizer, lora):
+def test_fast_switch_is_disable_adapter_and_restores_each_layer(model_dir, tokenizer, lora):
     batch = batch_of(tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**{**LORA, **lora}))
-    layers = adapter_layers(model)
+    initial = InitialModel(model)  # set up at the init (a no-op adapter: π₀ is the adapter switched off)
+    layers = initial.layers
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -345,9 +348,9 @@ def test_adapters_off_is_disable_adapter_and_restores_each_layer(model_dir, toke
         with model.disable_adapter():
             expected = model(**inputs).logits
         layers[0].enable_adapters(False)  # a layer already off stays off afterwards
-        with adapters_off(layers):
-            initial = model(**inputs).logits
-    torch.testing.assert_close(initial, expected, atol=0, rtol=0)
+        with initial.switched_to():
+            switched = model(**inputs).logits
+    torch.testing.assert_close(switched, expected, atol=0, rtol=0)
     assert (trained - expected).abs().max() > 1e-3
     assert [layer.disable_adapters for layer in layers] == [True] + [False] * (len(layers) - 1)
 

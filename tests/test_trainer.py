@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 from arr import ARRConfig, ARRError, ARRTrainer, ConfigError
 from arr.cache import ReferenceCache
 from arr.data import Collator, load_sft_examples
-from arr.reference import INITIAL_ADAPTER, adapters_off, initial_model
+from arr.initial import INITIAL_ADAPTER, initial_model
 from arr.trainer import LOSS_PART_NAMES, check_packing
 from conftest import replay_texts, sft_records
 
@@ -239,11 +239,11 @@ def test_base_rewriting_init_keeps_the_initial_model_as_reference_and_saves_an_a
                        replay_seq_length=16, ref_cache="none", **STEPS)
     trainer = ARRTrainer(model, config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40))
-    assert trainer.initial_adapter == INITIAL_ADAPTER
+    assert trainer.initial.snapshot == INITIAL_ADAPTER
     assert all(not p.requires_grad for n, p in model.named_parameters() if INITIAL_ADAPTER in n)
     assert any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
     with torch.no_grad():  # at step 0 the reference (both switches) is the untouched model, not the residual base
-        with adapters_off(trainer.adapter_layers, trainer.initial_adapter):  # in train mode, as in a step: no dropout
+        with trainer.initial.switched_to():  # in train mode, as in a step: no dropout
             torch.testing.assert_close(model.train()(**inputs).logits, expected, atol=1e-4, rtol=0)
         with initial_model(model.eval()):
             torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-4, rtol=0)

@@ -1,0 +1,197 @@
+"""The initial model π₀ (arr/initial.py): continuing from an existing adapter, QLoRA, and the refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from arr.cli import main
+from arr.config import ARRConfig, ModelArguments
+from arr.errors import ConfigError
+from arr.evaluation import load_run
+from arr.initial import INITIAL_ADAPTER, InitialModel, fingerprint, initial_model, load_model, with_adapter
+from arr.trainer import ARRTrainer
+from bench.tiny import tiny_model
+from conftest import assert_one_error_line, replay_texts, sft_records
+
+LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def test_a_run_continued_from_another_starts_from_its_adapter_and_reports_against_it(recipe, tmp_path, capsys,
+                                                                                       llama_dir):
+    first, second = tmp_path / "A", tmp_path / "B"
+    assert main(["train", recipe, f"output_dir={first}"]) == 0, capsys.readouterr().err
+    assert main(["train", recipe, f"output_dir={second}", f"init_adapter={first}"]) == 0, capsys.readouterr().err
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["initial_model"]["kind"] == "base + initial adapter"
+    assert metrics["history"][0]["kl"] < 1e-6  # π₀ is A's model: no KL at step 0 (no dropout)
+    assert metrics["history"][-1]["kl"] > 1e-4
+    report_a, report_b = (json.loads((run / "eval.json").read_text()) for run in (first, second))
+    for probe, after_a in report_a["after"].items():  # B's before is A's after, on the same probes
+        if probe != "behaviour_kl":  # (a KL to each run's own π₀: 0 before, by definition)
+            assert report_b["before"][probe] == pytest.approx(after_a, abs=1e-4), probe
+    assert report_b["delta"]["task_nll"] != 0
+    assert yaml.safe_load((second / "arr_config.yaml").read_text())["init_adapter"] == str(first)
+
+    # the saved adapter alone, on the plain base with plain PEFT, is B's trained model; arr eval rebuilds π₀ = A
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), second)
+    rebuilt, _ = load_run(second)
+    torch.testing.assert_close(logits(plain), logits(rebuilt), atol=0, rtol=0)
+    with initial_model(rebuilt):
+        torch.testing.assert_close(logits(rebuilt), logits(PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(llama_dir), first)), atol=0, rtol=0)
+    assert fingerprint(rebuilt).hexdigest()[:32] == metrics["initial_model"]["fingerprint"]
+
+
+def test_a_trained_peft_model_is_its_own_initial_model_and_saves_loadable(llama_dir, tokenizer, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), LoraConfig(**LORA))
+    with torch.no_grad():  # an adapter trained earlier: B is no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    start = logits(model)
+    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, kl_on="all", replay_ratio=0.0, max_steps=2,
+                       per_device_train_batch_size=4, learning_rate=0.05, save_strategy="no", report_to=[],
+                       disable_tqdm=True, ref_cache="none")
+    trainer = ARRTrainer(model, config, train_dataset=sft_records(16), processing_class=tokenizer)
+    assert trainer.initial.snapshot == INITIAL_ADAPTER
+    with torch.no_grad(), trainer.initial.switched_to():  # the fast switch, in train mode as in a step
+        torch.testing.assert_close(model.train()(IDS).logits, start, atol=0, rtol=0)
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kl[0] < 1e-6 < kl[-1]
+    with initial_model(model):
+        torch.testing.assert_close(logits(model), start, atol=0, rtol=0)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter" / INITIAL_ADAPTER).exists()
+    saved = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter")
+    torch.testing.assert_close(logits(saved), logits(model), atol=0, rtol=0)
+
+    with pytest.raises(ConfigError, match="got a PeftModel and a peft_config"):
+        ARRTrainer(model, config, train_dataset=sft_records(16), processing_class=tokenizer,
+                   peft_config=LoraConfig(**LORA))
+
+
+def other_base_adapter(tmp_path, tokenizer) -> str:
+    """An adapter of a model with other shapes (hidden 48 instead of 32)."""
+    model = tiny_model("llama", len(tokenizer))
+    config = model.config
+    config.hidden_size, config.intermediate_size = 48, 96
+    other = AutoModelForCausalLM.from_config(config)
+    path = tmp_path / "other-adapter"
+    get_peft_model(other, LoraConfig(**LORA)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "not an adapter", "another base", "another run's base", "rank", "targets",
+                                  "init"])
+def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsys, tokenizer, case):
+    first = tmp_path / "A"
+    if case in ("rank", "targets", "init"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(yaml.safe_load(open(recipe))["model_name_or_path"]),
+                       LoraConfig(**LORA)).save_pretrained(first)
+    elif case == "not an adapter":
+        first.mkdir()
+    elif case == "another base":
+        first = other_base_adapter(tmp_path, tokenizer)
+    elif case == "another run's base":  # same shapes, but the run says it trained on another model
+        assert main(["train", recipe, f"output_dir={first}", "max_steps=1", "eval_after=none",
+                     f"model_name_or_path={yaml.safe_load(open(recipe))['model_name_or_path']}/."]) == 0
+    extra, expected = {
+        "missing": ([], "config key init_adapter: no such folder"),
+        "not an adapter": ([], "holds no PEFT adapter (adapter_config.json is missing"),
+        "another base": ([], "does not fit this base model"),
+        "another run's base": ([], "/.', not on '"),
+        "rank": (["lora_r=8"], "config key lora_r=8 does not match init_adapter"),
+        "targets": (["lora_target_modules=[q_proj]"], "config key lora_target_modules='q_proj' does not match"),
+        "init": (["init_lora_weights=pissa"], "config key init_lora_weights: init_adapter's weights"),
+    }[case]
+    out = tmp_path / "B"
+    capsys.readouterr()
+    code = main(["train", recipe, f"output_dir={out}", f"init_adapter={first}", *extra])
+    assert_one_error_line(code, capsys.readouterr().err, expected)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------- QLoRA
+
+def quantized_peft(llama_dir, seed=0):
+    base = load_model(ModelArguments(load_in_4bit=True), str(llama_dir))
+    return with_adapter(base, LoraConfig(**LORA), seed=seed)
+
+
+def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_training_saves_a_loadable_adapter(
+        llama_dir, tokenizer, tmp_path):
+    model = quantized_peft(llama_dir)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    with torch.no_grad(), model.disable_adapter():
+        expected = model.eval()(IDS).logits
+    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, kl_on="all", replay_ratio=0.25,
+                       replay_seq_length=16, max_steps=3, per_device_train_batch_size=4, learning_rate=0.05,
+                       save_strategy="steps", save_steps=1, report_to=[], disable_tqdm=True, ref_cache="none")
+    trainer = ARRTrainer(model, config, train_dataset=sft_records(16), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    assert trainer.initial.kind == "base"
+    with torch.no_grad(), trainer.initial.switched_to():
+        torch.testing.assert_close(model.train()(IDS).logits, expected, atol=0, rtol=0)
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kl[0] < 1e-6 < kl[-1]
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(load_model(ModelArguments(load_in_4bit=True), str(llama_dir)),
+                                         tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-6, rtol=0)
+
+    # resumed from the checkpoint of step 1, the run ends where the uninterrupted one did
+    again = quantized_peft(llama_dir)
+    resumed = ARRTrainer(again, ARRConfig(**{**config.to_dict(), "output_dir": str(tmp_path / "run")}),
+                         train_dataset=sft_records(16), processing_class=tokenizer, replay_dataset=replay_texts(40))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (["load_in_4bit=true", "save_merged_model=true"], "config key save_merged_model: a quantized base"),
+    (["load_in_4bit=true", "load_in_8bit=true"], "config keys load_in_4bit and load_in_8bit: choose one"),
+    (["load_in_4bit=true", "bnb_4bit_quant_type=nf3"], "config key bnb_4bit_quant_type must be nf4 or fp4"),
+    (["load_in_4bit=true", "init_lora_weights=pissa"], "rewrites the base weights, which a quantized base cannot"),
+    (["load_in_4bit=true", "method=laplace"], "laplace_lambda > 0 on a quantized base"),
+])
+def test_qlora_refuses_what_cannot_be_right(recipe, tmp_path, capsys, keys, expected):
+    out = tmp_path / "run"
+    code = main(["train", recipe, f"output_dir={out}", "replay_data=null", *keys])
+    assert_one_error_line(code, capsys.readouterr().err, expected)
+    assert not out.exists()
+
+
+def test_a_merged_adapter_is_refused(llama_dir):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), LoraConfig(**LORA))
+    model.merge_adapter()
+    with pytest.raises(ConfigError, match="the adapter is merged into the base weights"):
+        InitialModel(model)
+
+
+@pytest.mark.slow
+def test_qlora_on_smollm2_runs_the_default_objective_and_its_report(tmp_path, capsys):
+    """The shipped default (self-generated replay with its reference recorded while generating, the cached KL) on
+    the embedded SmolLM2 in 4 bits; the adapter loads on the quantized base with plain PEFT and arr eval rebuilds the
+    same quantized π₀ (its fingerprint matches)."""
+    out = tmp_path / "run"
+    code = main(["train", f"output_dir={out}", "load_in_4bit=true", "max_steps=2", "eval_after=none",
+                 "disable_tqdm=true"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ref_cache"]["mode"] == "topk" and metrics["history"][0]["kl"] < 1e-4
+    model, _ = load_run(out)  # raises if the rebuilt π₀'s fingerprint differs
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert os.path.getsize(out / "adapter_model.safetensors") > 0
