@@ -11,6 +11,7 @@ from arr.data import Collator, load_sft_examples
 from arr.initial import INITIAL_ADAPTER, initial_model
 from arr.trainer import LOSS_PART_NAMES, check_packing
 from conftest import replay_texts, sft_records
+from test_initial import quantized_peft
 
 LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 STEPS = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
@@ -60,9 +61,13 @@ def assert_same_step(got: Step, expected: Step, rtol=1e-5, grad_rtol=1e-4):
     assert torch.equal(got.counts, expected.counts)
     torch.testing.assert_close(got.parts, expected.parts, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(got.loss, expected.loss, rtol=rtol, atol=1e-7)
-    assert got.grads.keys() == expected.grads.keys() and len(expected.grads) > 0
-    for name, grad in expected.grads.items():
-        torch.testing.assert_close(got.grads[name], grad, rtol=grad_rtol, atol=1e-6)
+    assert_same_gradients(got.grads, expected.grads, grad_rtol)
+
+
+def assert_same_gradients(got: dict, expected: dict, rtol=1e-4):
+    assert got.keys() == expected.keys() and len(expected) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [1024, 0])
@@ -152,13 +157,13 @@ class StepGradients(TrainerCallback):
         self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def trained(model_dir, tokenizer, out, **config):
+def trained(peft_model, tokenizer, out, **config):
     """ARR trained from an adapter moved off its start (the KL and its gradient are not 0 from step 1): the trainer,
     each step's logged loss, parts and gradient norm, and each step's gradients."""
     gradients = StepGradients()
     config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", replay_ratio=0.25, replay_seq_length=64,
                        ref_cache_dir=str(out.parent / "reference"), **{**STEPS, **config})
-    trainer = ARRTrainer(fresh_peft(model_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+    trainer = ARRTrainer(peft_model, config, train_dataset=sft_records(20), processing_class=tokenizer,
                          replay_dataset=replay_texts(40), callbacks=[gradients])
     move_adapter(trainer.model)
     trainer.train()
@@ -179,31 +184,50 @@ def test_gradient_checkpointing_gives_the_same_loss_parts_and_gradients(llama_di
     """gradient_checkpointing: true, padded and packed, chunked and full logits, on-line and cached reference, with
     transformers' default (non-reentrant) checkpointing and the reentrant one: every step's loss parts and gradients
     are those of the run without it."""
+    assert_checkpointing_changes_nothing(lambda: fresh_peft(llama_dir), tokenizer, tmp_path, padding_free=padding_free,
+                                         loss_chunk_size=chunk, ref_cache=cache, gradient_checkpointing_kwargs=kwargs)
+
+
+def assert_checkpointing_changes_nothing(peft_model, tokenizer, tmp_path, gradient_checkpointing_kwargs=None,
+                                         **config):
+    """Two steps of `peft_model()` with and without gradient checkpointing: the same loss parts and gradients."""
     (plain, plain_logged, plain_grads), (checkpointed, logged, grads) = (
-        trained(llama_dir, tokenizer, tmp_path / str(on), max_steps=2, padding_free=padding_free, loss_chunk_size=chunk,
-                ref_cache=cache, gradient_checkpointing=on, gradient_checkpointing_kwargs=kwargs if on else None)
+        trained(peft_model(), tokenizer, tmp_path / str(on), max_steps=2, gradient_checkpointing=on,
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs if on else None, **config)
         for on in (False, True))
     assert checkpointing(checkpointed.model) and not checkpointing(plain.model)
-    assert len(plain_logged) == len(plain_grads) == 2 and plain_logged[0][2] > 1e-4  # the KL is in play at step 1
+    assert len(plain_logged) == len(plain_grads) == len(grads) == 2 and plain_logged[0][2] > 1e-4  # the KL is in play
     torch.testing.assert_close(logged, plain_logged, rtol=1e-5, atol=1e-7)
-    assert len(grads) == 2 and all(g.keys() == e.keys() and len(e) > 0 for g, e in zip(grads, plain_grads))
     for step, expected in zip(grads, plain_grads):
-        for name, grad in expected.items():
-            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-6)
+        assert_same_gradients(step, expected)
+    return plain_logged
 
 
 @pytest.mark.parametrize("chunk", [1024, 0])
 def test_bf16_trains_and_its_loss_parts_match_float32(llama_dir, tokenizer, tmp_path, chunk):
     """bf16: true (mixed precision: autocast, float32 weights; on CPU with use_cpu: true, the Trainer's rule) trains,
     and every step's loss and loss parts are within 1% (relative) of float32's, the tolerance README states."""
-    _, expected, _ = trained(llama_dir, tokenizer, tmp_path / "float32", loss_chunk_size=chunk)
-    bf16, logged, _ = trained(llama_dir, tokenizer, tmp_path / "bf16", loss_chunk_size=chunk, bf16=True,
-                              use_cpu=not torch.cuda.is_available())
-    assert bf16.accelerator.mixed_precision == "bf16" and len(logged) == len(expected) == 4
-    assert logged[-1, 1] < logged[0, 1] - 0.05  # the SFT CE falls: it trains
+    _, expected, _ = trained(fresh_peft(llama_dir), tokenizer, tmp_path / "float32", loss_chunk_size=chunk)
+    assert_bf16_within_1_percent(fresh_peft(llama_dir), tokenizer, tmp_path / "bf16", expected, loss_chunk_size=chunk)
+    assert expected[-1, 1] < expected[0, 1] - 0.05  # the SFT CE falls: it trains
+
+
+def assert_bf16_within_1_percent(peft_model, tokenizer, out, expected, **config):
+    """`peft_model` trained with bf16: true for as many steps as `expected` logged in float32: every step's loss and
+    loss parts within 1% of those."""
+    bf16, logged, _ = trained(peft_model, tokenizer, out, bf16=True, use_cpu=not torch.cuda.is_available(),
+                              max_steps=len(expected), **config)
+    assert bf16.accelerator.mixed_precision == "bf16" and len(logged) == len(expected)
     parts, expected = logged[:, :-2], expected[:, :-2]  # loss, sft_ce, kl, replay_ce (not laplace, the grad norm)
     torch.testing.assert_close(parts, expected, rtol=1e-2, atol=0)
     assert (parts / expected - 1).abs().max() > 1e-5  # bf16 really rounded
+
+
+def test_gradient_checkpointing_and_bf16_combine_with_qlora(llama_dir, tokenizer, tmp_path):
+    """On a 4-bit base (load_in_4bit, LoRA on q_proj and v_proj), as on a float32 one: gradient checkpointing
+    changes no loss part or gradient, and bf16's loss parts are within 1% of those without it."""
+    expected = assert_checkpointing_changes_nothing(lambda: quantized_peft(llama_dir), tokenizer, tmp_path)
+    assert_bf16_within_1_percent(quantized_peft(llama_dir), tokenizer, tmp_path / "bf16", expected)
 
 
 def test_padding_free_refuses_a_model_that_lets_packed_sequences_see_each_other(llama_dir):
