@@ -89,6 +89,32 @@ def check_packing(model: torch.nn.Module) -> None:
                        f"by {change:.1%} with a sequence packed before); set padding_free: false")
 
 
+@torch.no_grad()
+def check_head(model: torch.nn.Module) -> None:
+    """Refuse the chunked loss for a model whose logits are not its LM head on the decoder's final hidden states
+    (with Gemma 2's softcap, which logits_head applies): a logit scale applied in the model's own forward (Cohere's
+    logit_scale, Granite's logits_scaling, MiniCPM's hidden-state scaling) would be silently left out of the loss,
+    the reference and the cache."""
+    device, was_training = next(model.parameters()).device, model.training
+    tokens = (torch.arange(8, device=device) * (model.config.vocab_size // 8) + model.config.vocab_size // 16)[None]
+    captured = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
+                                                     output.last_hidden_state))
+    model.eval()
+    try:
+        logits = model(input_ids=tokens, use_cache=False).logits.float()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    ours = logits_head(model)(captured[0]).float()
+    change = ((ours - logits).abs().max() / logits.abs().max().clamp(min=1e-6)).item()
+    if change > (1e-4 if logits.dtype == torch.float32 and model.dtype == torch.float32 else 2e-2):
+        raise ARRError(f"loss_chunk_size: {type(model).__name__}'s logits are not its LM head on the final hidden "
+                       f"states (they differ by {change:.1%}: a logit scale in its own forward); set loss_chunk_size: "
+                       "0 to compute the loss from the model's own logits")
+
+
 class ARRTrainer(Trainer):
     def __init__(
         self,
@@ -146,6 +172,8 @@ class ARRTrainer(Trainer):
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args, self_replay)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
+        if self.chunked_loss:
+            check_head(model)
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))

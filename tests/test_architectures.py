@@ -4,12 +4,14 @@ recorded reference hold on each. Gemma 2's final-logit softcapping is in play (i
 
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from arr import ARRConfig, ARRTrainer
 from arr.cache import reference_cache
 from arr.chunked_loss import final_logit_softcap
 from arr.data import Collator, MixedDataset, load_sft_examples
+from arr.errors import ARRError
 from arr.initial import initial_model
 from bench.tiny import FAMILIES
 from conftest import replay_texts, saved_tiny_model, sft_records
@@ -83,3 +85,23 @@ def test_packing_keeps_sequences_apart(family_dir, tokenizer, tmp_path):
 def test_self_generated_replay_records_the_reference_a_build_gives(family_dir, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     recording_self_replay(family_dir, tokenizer, tmp_path / "run")
+
+
+def test_a_logit_scale_in_the_models_own_forward_refuses_the_chunked_loss(tmp_path, tokenizer):
+    """Cohere-style models scale their logits in their own forward, which the chunked loss (the head applied to the
+    final hidden states) would leave out: refused with one line, and the full-logits path trains."""
+    from transformers import CohereConfig
+
+    config = CohereConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, logit_scale=0.5, pad_token_id=0,
+                          eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    args = ARRConfig(output_dir=str(tmp_path), beta=1.0, kl_on="all", replay_ratio=0.0, max_steps=1,
+                     per_device_train_batch_size=4, save_strategy="no", report_to=[], disable_tqdm=True)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ARRError, match="logits are not its LM head.*set loss_chunk_size: 0"):
+        ARRTrainer(model, args, train_dataset=sft_records(8), processing_class=tokenizer, peft_config=lora)
+    args.loss_chunk_size = 0
+    ARRTrainer(AutoModelForCausalLM.from_config(config), args, train_dataset=sft_records(8), processing_class=tokenizer,
+               peft_config=lora).train()
