@@ -72,7 +72,7 @@ def train_command(args: list[str]) -> int:
     except Interrupted as e:
         resume = shlex.join(["arr", "train", *(a for a in args if a != "--resume"), "--resume"])
         print(f"arr: {e}; resume with: {resume}", file=sys.stderr)
-        return 130
+        return e.exit_status
     if not config.should_log:  # only the main process reports
         return 0
     from .evaluation import format_table
@@ -119,6 +119,7 @@ def eval_command(args: list[str]) -> int:
         print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
         print(format_table(saved))
         return 0
+    run_folder.check_adapter(run_dir)
     model, tokenizer = load_run(run_dir, base_model)
     result = {**evaluate_adapter(model, tokenizer, eval_args, cache_before=True), "base_model": base_model}
     write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))

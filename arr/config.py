@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import textwrap
@@ -301,8 +302,26 @@ class ARRConfig(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
 
+# Float keys where infinity means something: max_grad_norm=inf clips nothing but still logs the gradient norm.
+INFINITY_MEANS_SOMETHING = ("max_grad_norm",)
+
+
 def check_objective(cfg) -> None:
-    """Validate the ARR-specific fields; each error names its key."""
+    """Validate the ARR-specific fields, every float key against NaN and infinity, and what would train nothing or
+    fail only once training starts; each error names its key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                value == math.inf and f.name in INFINITY_MEANS_SOMETHING):
+            raise ConfigError(f"config key {f.name} must be a finite number, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"config key max_steps must be >= 1, or -1 for num_train_epochs, got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
+        raise ConfigError(f"config key num_train_epochs must be > 0 (with max_steps -1), got {cfg.num_train_epochs}: "
+                          "the run would train no step")
+    for key in ("seed", "data_seed"):
+        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < 2**32:
+            raise ConfigError(f"config key {key} must be in [0, 2**32), got {getattr(cfg, key)}")
     if not cfg.beta >= 0:
         raise ConfigError(f"config key beta must be >= 0, got {cfg.beta}")
     if cfg.kl_on not in KL_PLACEMENTS:
@@ -430,6 +449,9 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not key=value")
+        if not raw.strip():
+            raise ConfigError(f"override {override!r} gives no value (write {key.strip()}=null for none, where the key "
+                              "takes none)")
         try:
             given[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -470,6 +492,13 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     `arr compare`. An unknown key is refused with the nearest known one suggested; values are parsed by their
     field types; every error is one line naming the key."""
     check_known_keys(values, classes, kind)
+    fields = {f.name: f for c in classes for f in dataclasses.fields(c) if f.init}
+    for key, value in values.items():  # what the parser would pass on to fail later, or to mean something else
+        takes_none = fields[key].default is None or "None" in str(fields[key].type)
+        if value is None and not takes_none:
+            raise ConfigError(f"{kind} {key} needs a value, got none")
+        if value == "" and fields[key].default != "":
+            raise ConfigError(f"{kind} {key} is empty; give a value{' or null' if takes_none else ''}")
     argv, unparsable = [], {k: v for k, v in values.items() if v is None or v == []}
     for key, value in values.items():
         if key in unparsable:
