@@ -131,7 +131,8 @@ class DataArguments:
         if self.sft_format not in SFT_FORMATS:
             raise ConfigError(f"config key sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
         if self.eval_data is not None and not Path(self.eval_data).is_file():
-            raise ConfigError(f"config key eval_data: no such file {self.eval_data!r}")
+            what = "a folder, not a file:" if Path(self.eval_data).is_dir() else "no such file"
+            raise ConfigError(f"config key eval_data: {what} {self.eval_data!r}")
 
 
 @dataclass
@@ -319,6 +320,11 @@ def check_objective(cfg) -> None:
     if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
         raise ConfigError(f"config key num_train_epochs must be > 0 (with max_steps -1), got {cfg.num_train_epochs}: "
                           "the run would train no step")
+    for key in ("logging_steps", "save_steps", "eval_steps"):  # (a fraction below 1 is one of the run's steps)
+        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
+            raise ConfigError(f"config key {key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.dataloader_num_workers < 0:
+        raise ConfigError(f"config key dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
     for key in ("seed", "data_seed"):
         if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < 2**32:
             raise ConfigError(f"config key {key} must be in [0, 2**32), got {getattr(cfg, key)}")

@@ -28,7 +28,7 @@ ROLES = ("system", "user", "assistant", "tool")
 def read_text(path: Path) -> str:
     """A UTF-8 text file; a file that is not one (a binary file, another encoding) is a DataError at its line."""
     if not path.is_file():
-        raise DataError(path, "no such file")
+        raise DataError(path, "a folder, not a file" if path.is_dir() else "no such file")
     try:
         return path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no text
     except UnicodeDecodeError as e:

@@ -359,13 +359,13 @@ class ARRTrainer(Trainer):
     def _note_parts(self, parts: LossParts) -> None:
         """Stop on a non-finite part or total (beta = inf times a KL of 0 is NaN); keep each part for the logs, and
         the KL for the adaptive controller."""
-        checked = torch.stack([t.detach().float().cpu() for t in parts])  # the total, then the parts
+        checked = torch.stack([t.detach().float().cpu() for t in (*parts[1:], parts.total)])  # the parts, the total
         if not torch.isfinite(checked).all():
-            name, value = next((n, v) for n, v in zip(("loss", *LOSS_PART_NAMES), checked.tolist())
+            name, value = next((n, v) for n, v in zip((*LOSS_PART_NAMES, "loss"), checked.tolist())
                                if not math.isfinite(v))
             raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
                            "lower learning_rate or check the data")
-        values = checked[1:]
+        values = checked[:-1]
         # Kept as each process's share of the step value, so that summing over processes gives the value: token
         # parts over global counts already are; a per-process mean or the (replicated) penalty is divided.
         token_parts = [name != "laplace" and self.args.average_tokens_across_devices for name in LOSS_PART_NAMES]
