@@ -509,8 +509,10 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     for key, value in values.items():
         if key in unparsable:
             continue
-        items = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
+        items = [json.dumps(v) if isinstance(v, dict) else str(v) for v in
+                 (value if isinstance(value, list) else [value])]
+        # --key=value: a value such as -inf would read as a flag after --key
+        argv += [f"--{key}", *items] if isinstance(value, list) else [f"--{key}={items[0]}"]
     try:
         parsed = dataclass_parser(classes, kind=kind).parse_args_into_dataclasses(args=argv)
     except ARRError:

@@ -138,7 +138,8 @@ def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: boo
     if self_replay and config.self_replay_prompts is not None:
         read_prompts(config.self_replay_prompts)
     reference, curvature = config.beta > 0 and config.ref_cache != "none", config.laplace_lambda > 0
-    folders = {"ref_cache_dir": reference and config.ref_cache_dir, "laplace_cache_dir": curvature and config.laplace_cache_dir}
+    folders = {"ref_cache_dir": reference and config.ref_cache_dir,
+               "laplace_cache_dir": curvature and config.laplace_cache_dir}
     if (default_model or self_replay or config.eval_after != "none" or reference and not config.ref_cache_dir
             or curvature and not config.laplace_cache_dir):  # what is kept in $ARR_CACHE
         folders["$ARR_CACHE"] = cache_dir()
