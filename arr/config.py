@@ -414,15 +414,22 @@ def train_help(every_option: bool = False) -> str:
                 lines += ["  method (default: none)", textwrap.fill(METHOD_HELP, 116, initial_indent=" " * 6,
                                                                        subsequent_indent=" " * 6)]
                 continue
-            f = fields[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines += [f"  {key} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
-                                                                     initial_indent=" " * 6, subsequent_indent=" " * 6)]
+            lines.append(describe_keys([fields[key]]))
     if not every_option:
         lines += ["", "Every transformers.TrainingArguments option works too (ARRConfig extends it): "
                       "arr train --help-all lists them all."]
         return "\n".join(lines)
     return "\n".join(lines) + "\n\nall options:\n" + dataclass_parser().format_help()
+
+
+def describe_keys(fields) -> str:
+    """`  key (default: value)` and the key's help, wrapped, for each dataclass field: the lines of a --help."""
+    lines = []
+    for f in fields:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines += [f"  {f.name} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
+                                                                    initial_indent=" " * 6, subsequent_indent=" " * 6)]
+    return "\n".join(lines)
 
 
 def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str = "config key",

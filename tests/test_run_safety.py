@@ -54,6 +54,17 @@ def test_a_finished_adapter_is_not_overwritten_unless_asked(config, tmp_path, ca
     assert (out / "adapter_model.safetensors").read_bytes() != adapter
 
 
+def test_a_finished_run_folder_is_readable_under_the_umask_and_holds_no_lock(config, tmp_path):
+    out, umask = tmp_path / "out", os.umask(0o027)
+    try:
+        assert main(["train", str(config)]) == 0
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["adapter_model.safetensors"] == 0o640  # safetensors alone would write 0600
+    assert set(modes.values()) == {0o640} and ".arr.lock" not in modes
+
+
 def test_a_second_run_on_the_same_folder_refuses_while_the_first_holds_it(config, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
