@@ -14,6 +14,7 @@ import math
 import os
 import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -463,8 +464,7 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not key=value")
         if not raw.strip():
-            raise ConfigError(f"override {override!r} gives no value (write {key.strip()}=null for none, where the key "
-                              "takes none)")
+            raise ConfigError(f"override {override!r} gives no value")
         try:
             given[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -506,8 +506,9 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     field types; every error is one line naming the key."""
     check_known_keys(values, classes, kind)
     fields = {f.name: f for c in classes for f in dataclasses.fields(c) if f.init}
+    types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}  # (the parser rewrites f.type)
     for key, value in values.items():  # what the parser would pass on to fail later, or to mean something else
-        takes_none = fields[key].default is None or "None" in str(fields[key].type)
+        takes_none = fields[key].default is None or type(None) in typing.get_args(types[key])
         if value is None and not takes_none:
             raise ConfigError(f"{kind} {key} needs a value, got none")
         if value == "" and fields[key].default != "":

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from accelerate.utils import reduce
 from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -428,6 +429,10 @@ class ARRTrainer(Trainer):
         staging = self._staging_dir = os.path.join(run_dir, run_folder.STAGING)
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, SafetensorError) as e:  # a full disk: the checkpoints written before stay as they were
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ARRError(f"cannot write {PREFIX_CHECKPOINT_DIR}-{self.state.global_step} into {run_dir!r} "
+                           f"({' '.join(str(e).split())}); the checkpoints before it are untouched") from None
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()

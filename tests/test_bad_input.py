@@ -3,6 +3,7 @@ exit status 2, no traceback, and nothing written (or, once a run has started, no
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import yaml
 from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from arr import ARRConfig, ARRError, ARRTrainer, DataArguments, ModelArguments
 from arr.cli import main
@@ -337,3 +338,22 @@ def test_non_finite_weights_after_an_optimizer_step_stop_the_run(llama_dir, tmp_
     with pytest.raises(ARRError, match=r"non-finite weights after the optimizer step of step 1 \(base_model\.model\."
                                        r".*lora_[AB]\.default\.weight\); check learning_rate, weight_decay"):
         trainer.train()
+
+
+def test_a_full_disk_while_writing_a_checkpoint(base, tmp_path, capsys, monkeypatch):
+    out, save_checkpoint = tmp_path / "out", Trainer._save_checkpoint
+
+    def disk_full_at_step_2(trainer, model, trial):  # safetensors' error when the disk fills up halfway through
+        if trainer.state.global_step < 2:
+            return save_checkpoint(trainer, model, trial)
+        folder = Path(trainer._get_output_dir(trial)) / "checkpoint-2"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", disk_full_at_step_2)
+    check_error(capsys, ["train", str(base), "max_steps=3", "save_strategy=steps", "save_steps=1"],
+                f"cannot write checkpoint-2 into {str(out)!r} (Error while serializing: I/O error: No space left on "
+                "device (os error 28)); the checkpoints before it are untouched", out, nothing_written=False)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # whole; no staging folder, no lock
+    assert load_file(out / "checkpoint-1" / "adapter_model.safetensors")
