@@ -88,10 +88,10 @@ class StepChecks(TrainerCallback):
             raise RunComplete
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        finite = torch.stack([torch.isfinite(p).all() for _, p in self.params]).all().float()
+        broken = (~torch.stack([torch.isfinite(p).all() for _, p in self.params]).all()).float()
         if args.world_size > 1:  # every process stops together
-            finite = reduce(finite, reduction="min")
-        if finite.item() < 1:
+            broken = reduce(broken, reduction="sum")
+        if broken.item() > 0:
             name = next((n for n, p in self.params if not torch.isfinite(p).all()), "on another process")
             raise ARRError(f"non-finite weights after the optimizer step of step {state.global_step + 1} ({name}); "
                            "check learning_rate, weight_decay and the other optimizer settings")
