@@ -15,42 +15,50 @@ import warnings
 from pathlib import Path
 
 
-from . import run_folder
-from .config import build_config, dataclass_parser, expand_method, parse_dataclasses, read_config, train_help
 from .errors import ARRError, ConfigError
-from .resources import DEFAULT_RECIPE
 
-USAGE = """usage: arr <command> [options]
+# Each command's usage, for `arr --help` and the command's own --help. Nothing heavy (torch, transformers) is imported
+# before the arguments are parsed, so that help and argument errors come back at once.
+COMMANDS = {
+    "train": """train [CONFIG.yaml] [key=value ...] [--resume] [--debug]
+        Fine-tune. With neither a config nor sft_data: the embedded default recipe (arr/recipes/default.yaml),
+        SmolLM2-135M-Instruct on the bundled date task, whose settings it prints; otherwise the defaults that
+        `arr train --help` lists, with ARR's keys explained (`--help-all`: every Trainer option too).
+        e.g.  arr train my.yaml sft_data=my_task.jsonl beta=0.5 output_dir=runs/my-task""",
+    "eval": """eval RUN_DIR [key=value ...] [--debug]
+        What did the run forget and learn? General-capability probes with the adapter off (before) and on
+        (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
+        `arr eval --help` lists the probe sizes.
+        e.g.  arr eval runs/my-task task_data=my_task_test.jsonl""",
+    "compare": """compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml] [--debug]
+        Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
+        (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
+        results.md and results.png to output_dir (default runs/compare). --quick: 8 steps of 4 sequences, small
+        probes, no arr_adaptive (about 3 minutes on 2 CPU cores once the self-replay answers are cached; see
+        docs/RESULTS.md). METHODS.yaml maps method names to config keys, e.g.
+        `laplace_100: {method: laplace, laplace_lambda: 100}`; a method run at several strengths is drawn as a
+        curve. eval.KEY=VALUE sets a probe option (arr eval --help lists them).
+        e.g.  arr compare my.yaml --quick output_dir=runs/compare""",
+}
+USAGE = f"""usage: arr <command> [options]
 
 Fine-tune causal language models with LoRA without forgetting (Approximate Regularized Replay).
 
 commands:
-  train [CONFIG.yaml] [key=value ...] [--resume] [--debug]
-        Fine-tune. With no config: the embedded default recipe (arr/recipes/default.yaml), SmolLM2-135M-Instruct
-        on the bundled date task. `arr train --help` explains ARR's keys, `--help-all` every Trainer option too.
-        e.g.  arr train my.yaml sft_data=my_task.jsonl beta=0.5 output_dir=runs/my-task
-  eval RUN_DIR [key=value ...] [--debug]
-        What did the run forget and learn? General-capability probes with the adapter off (before) and on
-        (after), on data the replay corpus never contains, and the new-task score. Writes RUN_DIR/eval.json.
-        `arr eval --help` lists the probe sizes.
-        e.g.  arr eval runs/my-task task_data=my_task_test.jsonl
-  compare [CONFIG.yaml] [key=value ...] [--quick] [--methods METHODS.yaml]
-        Train plain LoRA, KL only, replay only, ARR, adaptive ARR and Laplace with the same data and seed
-        (CONFIG, by default the embedded recipe, plus your overrides), evaluate each, and write results.json,
-        results.md and results.png to output_dir (default runs/compare). --quick: 8 steps of 4 sequences, small
-        probes, no arr_adaptive (about 12 minutes on 2 CPU cores).
-        METHODS.yaml maps method names to config keys, e.g. `laplace_100: {method: laplace, laplace_lambda: 100}`;
-        a method run at several strengths is drawn as a curve. eval.KEY=VALUE sets a probe option.
-        e.g.  arr compare my.yaml --quick output_dir=runs/compare
+{chr(10).join("  " + usage for usage in COMMANDS.values())}
 
 Set-ups for several processes or GPUs go through accelerate: `accelerate launch -m arr train CONFIG.yaml`.
 """
 
 
+def wants_help(args: list[str]) -> bool:
+    return "-h" in args or "--help" in args
 
 
 def train_command(args: list[str]) -> int:
-    if "-h" in args or "--help" in args or "--help-all" in args:
+    if wants_help(args) or "--help-all" in args:
+        from .config import train_help
+
         print(train_help(every_option="--help-all" in args))
         return 0
     flags = {a for a in args if a in ("--resume", "--debug")}
@@ -58,12 +66,22 @@ def train_command(args: list[str]) -> int:
     unknown_flags = [a for a in rest if a.startswith("--")]
     if unknown_flags:
         raise ConfigError(f"unknown flag {unknown_flags[0]!r}; options are key=value (see arr train --help)")
+    from . import run_folder
+    from .config import build_config, read_config
+    from .resources import DEFAULT_RECIPE
+
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
-    if config_path is None:
-        config_path = str(DEFAULT_RECIPE)
-        print(f"No CONFIG.yaml given: running the embedded default recipe {DEFAULT_RECIPE}", flush=True)
-    model_args, data_args, config = build_config(read_config(config_path, overrides))
+    values = read_config(config_path, overrides)
+    # The recipe is a demo sized for the bundled task on 2 CPU cores (24 steps at a high constant learning rate):
+    # a user's own data gets the defaults --help shows, and the demo says what it changes.
+    if config_path is None and values.get("sft_data") is None:
+        recipe = read_config(str(DEFAULT_RECIPE), [])
+        print(f"No CONFIG.yaml and no sft_data: the embedded default recipe {DEFAULT_RECIPE} (the bundled date task) "
+              f"sets {', '.join(f'{k}={v}' for k, v in recipe.items())}; other keys are as arr train --help lists",
+              flush=True)
+        values = read_config(str(DEFAULT_RECIPE), overrides)
+    model_args, data_args, config = build_config(values)
 
     from .train import Interrupted, run
 
@@ -72,7 +90,7 @@ def train_command(args: list[str]) -> int:
     except Interrupted as e:
         resume = shlex.join(["arr", "train", *(a for a in args if a != "--resume"), "--resume"])
         print(f"arr: {e}; resume with: {resume}", file=sys.stderr)
-        return 130
+        return e.exit_status
     if not config.should_log:  # only the main process reports
         return 0
     final, out = metrics["final"], config.output_dir
@@ -88,6 +106,7 @@ def train_command(args: list[str]) -> int:
 
 
 def make_eval_args(values: dict):
+    from .config import parse_dataclasses
     from .evaluation import EvalArgs
 
     (eval_args,) = parse_dataclasses(values, (EvalArgs,), "eval key")
@@ -95,14 +114,22 @@ def make_eval_args(values: dict):
 
 
 def eval_command(args: list[str]) -> int:
-    from .evaluation import EvalArgs
+    from . import run_folder
 
-    if "-h" in args or "--help" in args:
-        print(dataclass_parser((EvalArgs,), "arr eval RUN_DIR", "eval key", epilog=None).format_help())
+    if wants_help(args):
+        import dataclasses
+
+        from .config import describe_keys
+        from .evaluation import EvalArgs
+
+        print(f"usage: arr {COMMANDS['eval']}\n\nkeys (each given as key=value):\n  model_name_or_path (default: the "
+              "run's own base model, from its arr_config.yaml)\n" + describe_keys(dataclasses.fields(EvalArgs)))
         return 0
     rest = [a for a in args if a != "--debug"]
     if not rest or "=" in rest[0]:
         raise ConfigError("arr eval needs a run directory (the output_dir of arr train)")
+    from .config import read_config
+
     run_dir, overrides = Path(rest[0]), read_config(None, rest[1:])
     if not (run_dir / run_folder.ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: no adapter here ({run_folder.ADAPTER_CONFIG} is missing)")
@@ -119,6 +146,7 @@ def eval_command(args: list[str]) -> int:
         print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
         print_report(saved)
         return 0
+    run_folder.check_adapter(run_dir)
     model, tokenizer = load_run(run_dir, base_model)
     result = {**evaluate_adapter(model, tokenizer, eval_args, cache_before=True), "base_model": base_model}
     chain = recorded_lineage(run_dir)
@@ -139,6 +167,12 @@ def print_report(result: dict) -> None:
 
 
 def compare_command(args: list[str]) -> int:
+    if wants_help(args):
+        print(f"usage: arr {COMMANDS['compare']}")
+        return 0
+    from .config import build_config, expand_method, read_config
+    from .resources import DEFAULT_RECIPE
+
     quick = "--quick" in args
     rest = [a for a in args if a not in ("--quick", "--debug")]
     methods = None

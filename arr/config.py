@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +168,8 @@ class DataArguments:
         if self.sft_format not in SFT_FORMATS:
             raise ConfigError(f"config key sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
         if self.eval_data is not None and not Path(self.eval_data).is_file():
-            raise ConfigError(f"config key eval_data: no such file {self.eval_data!r}")
+            what = "a folder, not a file:" if Path(self.eval_data).is_dir() else "no such file"
+            raise ConfigError(f"config key eval_data: {what} {self.eval_data!r}")
 
 
 @dataclass
@@ -351,8 +354,31 @@ class ARRConfig(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
 
+# Float keys where infinity means something: max_grad_norm=inf clips nothing but still logs the gradient norm.
+INFINITY_MEANS_SOMETHING = ("max_grad_norm",)
+
+
 def check_objective(cfg) -> None:
-    """Validate the ARR-specific fields; each error names its key."""
+    """Validate the ARR-specific fields, every float key against NaN and infinity, and what would train nothing or
+    fail only once training starts; each error names its key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                value == math.inf and f.name in INFINITY_MEANS_SOMETHING):
+            raise ConfigError(f"config key {f.name} must be a finite number, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"config key max_steps must be >= 1, or -1 for num_train_epochs, got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
+        raise ConfigError(f"config key num_train_epochs must be > 0 (with max_steps -1), got {cfg.num_train_epochs}: "
+                          "the run would train no step")
+    for key in ("logging_steps", "save_steps", "eval_steps"):  # (a fraction below 1 is one of the run's steps)
+        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
+            raise ConfigError(f"config key {key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.dataloader_num_workers < 0:
+        raise ConfigError(f"config key dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
+    for key in ("seed", "data_seed"):
+        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < 2**32:
+            raise ConfigError(f"config key {key} must be in [0, 2**32), got {getattr(cfg, key)}")
     if not cfg.beta >= 0:
         raise ConfigError(f"config key beta must be >= 0, got {cfg.beta}")
     if cfg.kl_on not in KL_PLACEMENTS:
@@ -447,15 +473,22 @@ def train_help(every_option: bool = False) -> str:
                 lines += ["  method (default: none)", textwrap.fill(METHOD_HELP, 116, initial_indent=" " * 6,
                                                                        subsequent_indent=" " * 6)]
                 continue
-            f = fields[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines += [f"  {key} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
-                                                                     initial_indent=" " * 6, subsequent_indent=" " * 6)]
+            lines.append(describe_keys([fields[key]]))
     if not every_option:
         lines += ["", "Every transformers.TrainingArguments option works too (ARRConfig extends it): "
                       "arr train --help-all lists them all."]
         return "\n".join(lines)
     return "\n".join(lines) + "\n\nall options:\n" + dataclass_parser().format_help()
+
+
+def describe_keys(fields) -> str:
+    """`  key (default: value)` and the key's help, wrapped, for each dataclass field: the lines of a --help."""
+    lines = []
+    for f in fields:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines += [f"  {f.name} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
+                                                                    initial_indent=" " * 6, subsequent_indent=" " * 6)]
+    return "\n".join(lines)
 
 
 def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str = "config key",
@@ -488,6 +521,8 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not key=value")
+        if not raw.strip():
+            raise ConfigError(f"override {override!r} gives no value")
         try:
             given[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -553,12 +588,22 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     `arr compare`. An unknown key is refused with the nearest known one suggested; values are parsed by their
     field types; every error is one line naming the key."""
     check_known_keys(values, classes, kind)
+    fields = {f.name: f for c in classes for f in dataclasses.fields(c) if f.init}
+    types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}  # (the parser rewrites f.type)
+    for key, value in values.items():  # what the parser would pass on to fail later, or to mean something else
+        takes_none = fields[key].default is None or type(None) in typing.get_args(types[key])
+        if value is None and not takes_none:
+            raise ConfigError(f"{kind} {key} needs a value, got none")
+        if value == "" and fields[key].default != "":
+            raise ConfigError(f"{kind} {key} is empty; give a value{' or null' if takes_none else ''}")
     argv, unparsable = [], {k: v for k, v in values.items() if v is None or v == []}
     for key, value in values.items():
         if key in unparsable:
             continue
-        items = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
+        items = [json.dumps(v) if isinstance(v, dict) else str(v) for v in
+                 (value if isinstance(value, list) else [value])]
+        # --key=value: a value such as -inf would read as a flag after --key
+        argv += [f"--{key}", *items] if isinstance(value, list) else [f"--{key}={items[0]}"]
     try:
         parsed = dataclass_parser(classes, kind=kind).parse_args_into_dataclasses(args=argv)
     except ARRError:

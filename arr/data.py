@@ -7,6 +7,7 @@ Rows carry `is_replay` so the objective can tell them apart.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,16 +25,21 @@ ROLES = ("system", "user", "assistant", "tool")
 # --------------------------------------------------------------------------------------------------------- SFT
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs of a JSONL file, or of a JSON file holding a list of records."""
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a file that is not one (a binary file, another encoding) is a DataError at its line."""
     if not path.is_file():
-        raise DataError(path, "no such file")
+        raise DataError(path, "a folder, not a file" if path.is_dir() else "no such file")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no record
+        return path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no text
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(path, f"not valid UTF-8 (byte {e.start})", line) from None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of a JSONL file, or of a JSON file holding a list of records."""
+    path = Path(path)
+    text = read_text(path)
     if path.suffix == ".json":
         try:
             records = json.loads(text)
@@ -102,7 +108,7 @@ def record_to_turns(record: dict, fmt: str) -> tuple[list[dict], bool]:
     else:
         raise ValueError(f"unknown sft_format {fmt!r}")
     if not any(t["role"] == "assistant" for t in turns):
-        raise ValueError("no assistant turn to train on")
+        raise ValueError("no assistant turn")
     for i, t in enumerate(turns):
         if t["role"] == "assistant" and not t["content"].strip():
             raise ValueError(f"assistant turn (message {i}) is empty")
@@ -202,8 +208,14 @@ def stream_replay_texts(source: str, text_field: str = "text", split: str = "tra
             stream = load_dataset(source, config_name, split=split, streaming=True)
         except (OSError, ValueError) as e:  # no such local path and no such (or unreachable) hub data set
             raise DataError(source, f"cannot load the replay corpus: {' '.join(str(e).split())}") from None
-    texts = 0
-    for i, row in enumerate(stream.shuffle(seed=seed, buffer_size=10_000)):
+    texts, rows = 0, iter(stream.shuffle(seed=seed, buffer_size=10_000))
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except (OSError, ValueError) as e:  # what `datasets` raises on files it cannot read as one table
+            raise DataError(source, f"cannot read the replay corpus: {' '.join(str(e).split())}") from None
         if text_field not in row:
             raise DataError(source, f"replay record {i} has no field {text_field!r} (has: {', '.join(row)})")
         text = row[text_field].strip() if isinstance(row[text_field], str) else ""

@@ -29,6 +29,7 @@ accuracies (knowledge_mc, mmlu) are reported beside it, in their own unit.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -320,13 +321,23 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
             before = run_probes(peft_model, tokenizer, args)
         if drift_answers is None:
             drift_answers = initial_drift_answers(peft_model, tokenizer, args)
+    check_finite(before, "with the adapter off (the initial model)")
     if path is not None and not path.is_file():
         saved = json.dumps({"before": before, "drift_answers": drift_answers})
         write_atomically(path, lambda tmp: tmp.write_text(saved))
     after = run_probes(peft_model, tokenizer, args, drift_answers, reference=partial(initial_model, peft_model))
+    check_finite(after, "with the adapter on")
     delta = {k: after[k] - before[k] for k in after}
     return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta),
             "eval_args": vars(args)}
+
+
+def check_finite(values: dict[str, float], which: str) -> None:
+    """A non-finite probe value is an error, never a score (the headline's max(0, nan) would be 0: no forgetting)."""
+    name = next((k for k, v in values.items() if not math.isfinite(v)), None)
+    if name is not None:
+        raise ARRError(f"probe {name} is {values[name]} {which}: the model's outputs are not finite numbers, so "
+                       "there is nothing to score")
 
 
 def before_cache_path(peft_model, tokenizer, args: EvalArgs) -> Path:

@@ -17,21 +17,45 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ARRError, ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter config: written last
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG = "arr_config.yaml"
 METRICS = "metrics.json"
 EVAL = "eval.json"
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
 STAGING = ".staging"  # a checkpoint being written
-LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder
+LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder, and removed when it ends
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
 
 def is_finished(run_dir: str | Path) -> bool:
     """Whether `run_dir` holds a complete `arr train` run."""
     return all((Path(run_dir) / name).is_file() for name in (ADAPTER_CONFIG, CONFIG, METRICS))
+
+
+def check_writable(key: str, folder: str | Path) -> None:
+    """Refuse a folder the run will write into that it cannot (made now if needed, as the run would make it)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"{key}: {str(folder)!r} is not writable ({e.strerror})") from None
+
+
+def check_resumable(path: str) -> None:
+    """Refuse `--resume` where there is nothing to resume, saying what is there instead."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(path)
+    if is_finished(out):
+        raise ConfigError(f"--resume: output_dir {path!r} holds a finished run, nothing to resume; evaluate it with "
+                          f"arr eval {path}, or train it anew with overwrite_output_dir=true and no --resume")
+    if not out.is_dir() or get_last_checkpoint(str(out)) is None:
+        there = ("does not exist" if not out.exists() else "is not a folder" if not out.is_dir()
+                 else "holds no checkpoint")
+        raise ConfigError(f"--resume: output_dir {path!r} {there}, nothing to resume; run without --resume to start")
 
 
 @contextmanager
@@ -70,19 +94,46 @@ def claimed(path: str, resume: bool = False, overwrite: bool = False, lock: bool
         remove_if_empty()
         raise
     finally:
-        if handle is not None:
+        if handle is not None:  # the lock file goes with the run that made it, so that it does not travel with the
+            (out / LOCK).unlink(missing_ok=True)  # folder; unlinked while held, so no other run holds it meanwhile
             handle.close()  # releases the lock
 
 
 def save_atomically(write, directory: Path, last: str) -> None:
     """Run `write(tmp_dir)`, then move its files into `directory`, the file `last` at the end: a reader that sees
-    `last` sees every other file complete. Used for the final adapter and the merged model."""
+    `last` sees every other file complete. Used for the final adapter and the merged model. A write that fails (a
+    full disk) leaves `directory` as it was. The files get the usual modes under the umask (safetensors writes 0600)."""
+    from safetensors import SafetensorError
+
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-        write(Path(tmp))
+        try:
+            write(Path(tmp))
+        except (OSError, SafetensorError) as e:
+            raise ARRError(f"cannot save the run into {str(directory)!r} ({' '.join(str(e).split())}); what it "
+                           "held before is untouched") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, folders, files in os.walk(tmp):
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
         names = sorted(os.listdir(tmp), key=lambda n: n == last)
         for name in names:
             target = directory / name
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(Path(tmp) / name, target)
+
+
+def check_adapter(run_dir: Path) -> None:
+    """Refuse a run whose adapter weights are not a whole safetensors file (a truncated copy, a damaged disk)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run_dir / ADAPTER_WEIGHTS
+    try:
+        with safe_open(path, framework="pt") as weights:  # reads the header and checks the file covers it
+            weights.keys()
+    except (OSError, SafetensorError) as e:
+        raise ARRError(f"{path}: not a readable adapter ({' '.join(str(e).split())})") from None

@@ -30,7 +30,7 @@ from . import resources
 from .batch import IGNORE_INDEX
 from .cache import ReferenceCache, write_atomically
 from .config import cache_dir
-from .data import read_jsonl
+from .data import read_jsonl, read_text
 from .errors import DataError
 from .generation import chat_prompt_ids, greedy_answers, records_logits
 from .initial import fingerprint, initial_model
@@ -48,9 +48,7 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise DataError(path, "a self-replay prompt record needs a non-empty string field 'prompt'", line)
             prompts.append(record["prompt"].strip())
         return prompts
-    if not path.is_file():
-        raise DataError(path, "no such file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise DataError(path, "no prompts: the file is empty")
     return prompts

@@ -20,13 +20,13 @@ from accelerate.utils import reduce
 from transformers import TrainerCallback
 
 from . import resources, run_folder
-from .config import ARRConfig, DataArguments, ModelArguments
+from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
-from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter
+from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, task_examples
 from .initial import load_model, load_tokenizer, save_adapter, with_adapter
 from .lineage import LINEAGE, earlier_prompts, lineage_scores, read_lineage
-from .self_replay import SELF
+from .self_replay import SELF, read_prompts
 from .trainer import LOSS_PART_NAMES, ARRTrainer
 
 
@@ -79,41 +79,78 @@ def peak_memory_mb() -> float:
 
 
 class Interrupted(ARRError):
-    """Ctrl-C stopped the run after a step; its newest checkpoint holds everything up to that step."""
+    """A signal stopped the run after a step; its newest checkpoint holds everything up to that step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum  # the shell's status of a process ended by that signal
 
 
-class StopOnInterrupt(TrainerCallback):
-    """Ctrl-C (SIGINT) asks for a clean stop: the run ends its optimizer step, writes a checkpoint and returns; a
-    second Ctrl-C stops at once. Every process stops at the same step."""
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler or a preempted cloud machine sends before it kills a job)
+    asks for a clean stop: the run ends its optimizer step, writes a checkpoint and returns; a second signal stops
+    at once. Every process stops at the same step. A signal during the last step stops nothing: the run finishes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.signum, self.stopped_at, self.previous = 0, None, {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.request)
+            self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
 
     def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if self.signum:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\nStopping after this step with a checkpoint ({signal_name(signum)} again to stop at once)",
+              file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
-        if args.world_size > 1:
-            requested = reduce(torch.tensor(float(requested), device=args.device), reduction="sum").item() > 0
-        if requested:
-            self.requested = control.should_save = control.should_training_stop = True
+        signum = self.signum
+        if args.world_size > 1:  # the signal one process had, every process acts on
+            signum = int(reduce(torch.tensor(float(signum), device=args.device), reduction="max").item())
+        if signum and state.global_step < state.max_steps:
+            self.signum, self.stopped_at = signum, state.global_step
+            control.should_save = control.should_training_stop = True
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    def restore(self):
+        """The handlers from before training: a signal after it (while saving or reporting) acts as usual."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: bool, resume: bool) -> None:
+    """What the run will read and where it will write, checked before anything is loaded or written, so that a bad
+    one fails now and not after the training (the SFT data is read, tokenized, as the model loads)."""
+    if resume:
+        run_folder.check_resumable(config.output_dir)
+    if data_args.eval_data is not None and config.eval_after != "none":
+        task_examples(data_args.eval_data, EVAL_AFTER[config.eval_after].get("task_items", EvalArgs.task_items))
+    self_replay = config.uses_replay and data_args.replay_data == SELF
+    if self_replay and config.self_replay_prompts is not None:
+        read_prompts(config.self_replay_prompts)
+    reference, curvature = config.beta > 0 and config.ref_cache != "none", config.laplace_lambda > 0
+    folders = {"ref_cache_dir": reference and config.ref_cache_dir,
+               "laplace_cache_dir": curvature and config.laplace_cache_dir}
+    if (default_model or self_replay or config.eval_after != "none" or reference and not config.ref_cache_dir
+            or curvature and not config.laplace_cache_dir):  # what is kept in $ARR_CACHE
+        folders["$ARR_CACHE"] = cache_dir()
+    for key, folder in folders.items():
+        if folder:
+            run_folder.check_writable(key, folder)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics.
-    Raises Interrupted when Ctrl-C stopped it (a checkpoint is left to resume from)."""
+    Raises Interrupted when Ctrl-C or SIGTERM stopped it (a checkpoint is left to resume from)."""
+    check_inputs(data_args, config, model_args.model_name_or_path is None, resume)
     folder = nullcontext()
     if config.local_process_index == 0:  # one process per machine makes the folder; the main one locks it
         folder = run_folder.claimed(config.output_dir, resume, config.overwrite_output_dir,
@@ -153,14 +190,17 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
                              gradient_checkpointing=config.gradient_checkpointing)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts)
-    interrupt = StopOnInterrupt()
+    interrupt = StopOnSignal()
     trainer.add_callback(interrupt)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        interrupt.restore()
     seconds = time.perf_counter() - start
-    if interrupt.requested:
-        raise Interrupted(f"stopped by Ctrl-C after step {result.global_step}; its checkpoint is in "
-                          f"{config.output_dir}")
+    if interrupt.stopped_at is not None:
+        raise Interrupted(f"stopped by {signal_name(interrupt.signum)} after step {interrupt.stopped_at}; "
+                          f"its checkpoint is in {config.output_dir}", interrupt.signum)
 
     parts_history = [
         {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES, "beta") if k in h}}
@@ -187,7 +227,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
             tokenizer.save_pretrained(tmp)
             record = {**resolved_config(model_args, data_args, config), **({LINEAGE: chain} if chain else {})}
             (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(record, sort_keys=False))
-            (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2))
+            (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2, allow_nan=False))
 
         (out / run_folder.EVAL).unlink(missing_ok=True)  # an overwritten run's report is not this run's
         run_folder.save_atomically(write, out, last=run_folder.ADAPTER_CONFIG)

@@ -18,11 +18,12 @@ from functools import partial
 import torch
 from accelerate.utils import reduce
 from peft import PeftModel
+from safetensors import SafetensorError
 from torch.profiler import record_function
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from . import run_folder
 from .cache import reference_cache
@@ -63,9 +64,39 @@ class AdaptiveKL(TrainerCallback, ExportableState):
         self.beta_sum += self.beta
         self.beta, self.step_kl = adapted_beta(self.beta, kl, self.target, self.rate), 0.0
 
-    def state(self) -> dict:
-        return {"args": {"beta": self.beta, "target": self.target, "rate": self.rate},
-                "attributes": {"beta_sum": self.beta_sum}}
+    def state(self) -> dict:  # (beta_sum is not kept: a resumed run's first log covers the steps since it resumed)
+        return {"args": {"beta": self.beta, "target": self.target, "rate": self.rate}, "attributes": {}}
+
+
+class RunComplete(Exception):
+    """Raised at the start of a resumed run whose checkpoint is already at max_steps: there is no step left."""
+
+
+class StepChecks(TrainerCallback):
+    """The trainer's bookkeeping at the start of `train()` (a resumed run logs its loss parts over the steps since it
+    resumed, as the Trainer logs its loss; a checkpoint at max_steps trains no further step, where the Trainer would
+    train one more within the epoch) and, after every optimizer step, the check that the trained weights are finite:
+    a NaN or infinite gradient or optimizer setting can leave finite losses behind it for a step, and an adapter of
+    NaN would be saved as a finished run."""
+
+    def __init__(self, trainer: "ARRTrainer"):
+        self.trainer, self.params = trainer, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._part_sums.zero_()
+        self.trainer._part_steps_logged = state.global_step
+        self.params = [(n, p) for n, p in self.trainer.model.named_parameters() if p.requires_grad]
+        if 0 < state.max_steps <= state.global_step:
+            raise RunComplete
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        broken = (~torch.stack([torch.isfinite(p).all() for _, p in self.params]).all()).float()
+        if args.world_size > 1:  # every process stops together
+            broken = reduce(broken, reduction="sum")
+        if broken.item() > 0:
+            name = next((n for n, p in self.params if not torch.isfinite(p).all()), "on another process")
+            raise ARRError(f"non-finite weights after the optimizer step of step {state.global_step + 1} ({name}); "
+                           "check learning_rate, weight_decay and the other optimizer settings")
 
 
 @torch.no_grad()
@@ -159,6 +190,7 @@ class ARRTrainer(Trainer):
                          processing_class=processing_class, **kwargs)
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
+        self.add_callback(StepChecks(self))
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.initial.snapshot is not None and (self.sharded or args.laplace_lambda > 0):
@@ -360,12 +392,15 @@ class ARRTrainer(Trainer):
                                take)
 
     def _note_parts(self, parts: LossParts) -> None:
-        """Stop on a non-finite part; keep each part for the logs, and the KL for the adaptive controller."""
-        values = torch.stack([getattr(parts, name).detach().float().cpu() for name in LOSS_PART_NAMES])
-        if not torch.isfinite(values).all():
-            name, value = next((n, v) for n, v in zip(LOSS_PART_NAMES, values.tolist()) if not math.isfinite(v))
+        """Stop on a non-finite part or total (beta = inf times a KL of 0 is NaN); keep each part for the logs, and
+        the KL for the adaptive controller."""
+        checked = torch.stack([t.detach().float().cpu() for t in (*parts[1:], parts.total)])  # the parts, the total
+        if not torch.isfinite(checked).all():
+            name, value = next((n, v) for n, v in zip((*LOSS_PART_NAMES, "loss"), checked.tolist())
+                               if not math.isfinite(v))
             raise ARRError(f"non-finite loss at step {self.state.global_step + 1}: {name} = {value}; "
                            "lower learning_rate or check the data")
+        values = checked[:-1]
         # Kept as each process's share of the step value, so that summing over processes gives the value: token
         # parts over global counts already are; a per-process mean or the (replicated) penalty is divided.
         token_parts = [name != "laplace" and self.args.average_tokens_across_devices for name in LOSS_PART_NAMES]
@@ -408,6 +443,15 @@ class ARRTrainer(Trainer):
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
+        """The Trainer's, except that resuming from a checkpoint at max_steps trains nothing (StepChecks): the run
+        is complete and its model is the checkpoint's."""
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        except RunComplete:
+            self.is_in_train = False
+            return TrainOutput(self.state.global_step, 0.0, {})  # (the Trainer's training_loss of no step)
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
@@ -419,6 +463,10 @@ class ARRTrainer(Trainer):
         staging = self._staging_dir = os.path.join(run_dir, run_folder.STAGING)
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, SafetensorError) as e:  # a full disk: the checkpoints written before stay as they were
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ARRError(f"cannot write {PREFIX_CHECKPOINT_DIR}-{self.state.global_step} into {run_dir!r} "
+                           f"({' '.join(str(e).split())}); the checkpoints before it are untouched") from None
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,60 @@ def test_a_method_on_the_command_line_outranks_the_config_file(tmp_path):
     config.write_text("method: laplace\nbeta: 0.2\n")  # inside one file, the keys beside the method win
     _, _, mixed = build_config(read_config(str(config), []))
     assert (mixed.beta, mixed.replay_ratio, mixed.laplace_lambda) == (0.2, 0.0, 300.0)
+
+
+def test_the_defaults_a_run_uses_are_the_ones_help_shows(tmp_path, capsys, monkeypatch):
+    """The embedded recipe (a demo sized for the bundled task) applies only with neither a config nor sft_data, and
+    says what it sets; a user's own data, or an empty config, gets the defaults arr train --help lists."""
+    from arr.config import train_help
+    from arr.errors import ARRError
+
+    used = []
+
+    def stop_before_training(model_args, data_args, config, resume=False):
+        used.append(config)
+        raise ARRError("stopped before training")
+
+    monkeypatch.setattr("arr.train.run", stop_before_training)
+    sft = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    run_keys = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "save_steps",
+                "output_dir")
+    help_text = train_help()
+    for args in ([f"sft_data={sft}"], [str(empty)], [str(empty), f"sft_data={sft}"]):
+        assert main(["train", *args]) == 2
+        assert "recipe" not in capsys.readouterr().out
+        config = used.pop()
+        assert (config.learning_rate, config.max_steps, config.save_steps) == (2e-4, -1, 500)
+        for key in run_keys:
+            assert f"\n  {key} (default: {getattr(config, key)})\n" in help_text, key
+    assert main(["train", "max_steps=3"]) == 2
+    out = capsys.readouterr().out
+    config = used.pop()
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "arr" / "recipes" / "default.yaml").read_text())
+    assert (config.learning_rate, config.max_steps, config.lr_scheduler_type) == (1e-3, 3, "constant")
+    assert out.startswith("No CONFIG.yaml and no sft_data: the embedded default recipe ")
+    assert all(f"{key}={value}" in out for key, value in recipe.items())  # every setting that differs from --help's
+
+
+def test_compare_and_eval_help(capsys):
+    assert main(["compare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: arr compare [CONFIG.yaml]") and "--quick" in out
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: arr eval RUN_DIR [key=value ...]")
+    assert "\n  heldout_docs (default: 24)\n" in out and "\n  model_name_or_path (default: " in out
+    assert "--heldout_docs" not in out and "--" not in out.split("keys (each given as key=value):")[1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["compare", "--help"], ["nope"], ["train", "--fast"], ["eval"],
+                                  ["eval", "beta=1"]])
+def test_help_and_argument_errors_import_nothing_heavy(args):
+    """They come back at once: the command parses its arguments before importing torch or transformers."""
+    code = ("import sys; from arr.cli import main; code = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    assert proc.returncode == (0 if "--help" in args else 2)

@@ -1,13 +1,22 @@
-"""A run killed with SIGKILL mid-training and resumed ends with the same adapter as an uninterrupted one."""
+"""A run stopped mid-training (SIGKILL, Ctrl-C, SIGTERM) and resumed ends with the same adapter, and logs the same
+loss parts, as an uninterrupted one."""
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import yaml
 from safetensors.torch import load_file
+
+from arr.cli import main
+from arr.train import StopOnSignal
+from conftest import sft_records, write_jsonl
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
@@ -63,3 +72,80 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(llama_dir, tmp_path
     start = load_file(tmp_path / "full" / "checkpoint-2" / "adapter_model.safetensors")
     assert max((expected[k] - start[k]).abs().max().item() for k in expected) > 1e-3  # steps 3..8 moved it
     assert not (tmp_path / "resumed" / ".staging").exists()
+
+
+# ------------------------------------------------------------- arr train stopped by Ctrl-C or SIGTERM, and resumed
+
+@pytest.fixture(scope="module")
+def stop_config(tmp_path_factory, llama_dir):
+    folder = tmp_path_factory.mktemp("stop")
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(llama_dir), "sft_data": write_jsonl(folder / "sft.jsonl", sft_records(24)),
+        "output_dir": str(folder / "full"), "max_steps": 3, "per_device_train_batch_size": 4, "beta": 0.5,
+        "kl_on": "all", "replay_ratio": 0.0, "learning_rate": 1e-2, "lora_r": 4, "save_strategy": "no",
+        "eval_after": "none", "disable_tqdm": True}))
+    assert main(["train", str(config)]) == 0
+    return config
+
+
+def finished(out: Path):
+    history = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    return history["history"], load_file(out / "adapter_model.safetensors")
+
+
+def assert_same_run(got, expected):
+    (history, adapter), (want_history, want_adapter) = got, expected
+    assert [h["step"] for h in history] == [h["step"] for h in want_history] == [1, 2, 3]
+    for h, want in zip(history, want_history):
+        assert h == pytest.approx(want, abs=1e-6), (h, want)
+    assert max((adapter[k] - want_adapter[k]).abs().max().item() for k in want_adapter) <= 1e-6
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("at_step", [1, 2, 3])
+def test_a_stopped_run_resumes_to_the_uninterrupted_one(stop_config, tmp_path, capsys, monkeypatch, signum,
+                                                        at_step):
+    """The signal arrives during step `at_step` of 3: the run ends that step, writes its checkpoint and exits with
+    128 + the signal, and the printed command resumes it to the uninterrupted run's logged loss parts and adapter.
+    During the last step it stops nothing: the run finishes."""
+    out = tmp_path / "out"
+    on_step_end, sent = StopOnSignal.on_step_end, []
+
+    def signal_during_step(self, args, state, control, **kwargs):
+        if state.global_step == at_step and not sent:
+            sent.append(os.kill(os.getpid(), signum))  # the handler runs now, as on a real signal mid-step
+        return on_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", signal_during_step)
+    args = ["train", str(stop_config), f"output_dir={out}"]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert sent and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+    expected = finished(stop_config.parent / "full")
+    if at_step == 3:
+        assert code == 0 and not list(out.glob("checkpoint-*"))
+        assert_same_run(finished(out), expected)
+        return
+    name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum]
+    last = err.strip().splitlines()[-1]
+    assert code == 128 + signum and last.startswith(f"arr: stopped by {name} after step {at_step}; "), err
+    assert last.endswith(f"resume with: {shlex.join(['arr', *args, '--resume'])}")
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{at_step}"]
+    assert not (out / "adapter_config.json").exists()
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert_same_run(finished(out), expected)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no lock, staging or .saving-
+
+
+def test_resuming_a_checkpoint_at_max_steps_trains_no_further_step(stop_config, tmp_path):
+    """A run killed after its checkpoint at the last step but before its final save: --resume saves it as it is."""
+    out = tmp_path / "out"
+    assert main(["train", str(stop_config), f"output_dir={out}", "save_strategy=steps", "save_steps=3"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "arr_config.yaml"):
+        (out / name).unlink()
+    assert main(["train", str(stop_config), f"output_dir={out}", "save_strategy=steps", "save_steps=3",
+                 "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["global_steps"] == 3
+    assert_same_run(finished(out), finished(stop_config.parent / "full"))

@@ -1,5 +1,6 @@
-"""Nothing lost: a finished adapter is never overwritten by mistake, two runs never write one folder, Ctrl-C leaves a
-checkpoint to resume from, and a clean run prints no warnings."""
+"""Nothing lost: a finished adapter is never overwritten by mistake, two runs never write one folder, Ctrl-C and SIGTERM
+leave a checkpoint to resume from, a finished folder is readable by others as the umask allows, and a clean run prints
+no warnings."""
 
 import fcntl
 import os
@@ -54,6 +55,17 @@ def test_a_finished_adapter_is_not_overwritten_unless_asked(config, tmp_path, ca
     assert (out / "adapter_model.safetensors").read_bytes() != adapter
 
 
+def test_a_finished_run_folder_is_readable_under_the_umask_and_holds_no_lock(config, tmp_path):
+    out, umask = tmp_path / "out", os.umask(0o027)
+    try:
+        assert main(["train", str(config)]) == 0
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["adapter_model.safetensors"] == 0o640  # safetensors alone would write 0600
+    assert set(modes.values()) == {0o640} and ".arr.lock" not in modes
+
+
 def test_a_second_run_on_the_same_folder_refuses_while_the_first_holds_it(config, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -71,7 +83,9 @@ def test_a_second_run_on_the_same_folder_refuses_while_the_first_holds_it(config
     assert main(["train", str(config)]) == 0 and (out / "adapter_config.json").is_file()
 
 
-def test_ctrl_c_stops_with_a_checkpoint_and_the_printed_command_resumes_it(config, tmp_path):
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_signal_stops_with_a_checkpoint_and_the_printed_command_resumes_it(config, tmp_path, signum, name):
+    """Ctrl-C, or SIGTERM (a scheduler's or a preempted machine's notice): exit status 128 + the signal."""
     out = tmp_path / "out"
     args = [str(config), "max_steps=300", "logging_steps=1", "learning_rate=1e-3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -80,11 +94,11 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_printed_command_resumes_it(confi
     for line in proc.stdout:  # the first logged step: training is under way
         if "'loss'" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("arr: stopped by Ctrl-C after step ") and "resume with: arr train " in last, last
+    assert last.startswith(f"arr: stopped by {name} after step ") and "resume with: arr train " in last, last
     checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     step = int(last.split("after step ")[1].split(";")[0])
     assert checkpoints == [f"checkpoint-{step}"] and 1 <= step < 300
