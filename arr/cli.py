@@ -75,17 +75,29 @@ def train_command(args: list[str]) -> int:
         return 130
     if not config.should_log:  # only the main process reports
         return 0
+    print(closing_lines(metrics, config.output_dir))
+    return 0
+
+
+def closing_lines(metrics: dict, out: str) -> str:
+    """The report's table and the line that ends `arr train`: the means over the run of the loss parts it trains."""
     from .evaluation import format_table
 
-    final, out = metrics["final"], config.output_dir
+    lines = []
     if "eval" in metrics:
-        print(f"\nWhat the run forgot and learned (adapter off = before, on = after; {metrics['eval']['seconds']:.0f}s):")
-        print(format_table(metrics["eval"]) + "\n")
-    print(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps: "
-          + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
-          + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
-          + (f" and the report {run_folder.EVAL}" if "eval" in metrics else ""))
-    return 0
+        kept = metrics["eval"].get("kept_step")
+        lines += [f"\nWhat the run forgot and learned (adapter off = before, on = after"
+                  + (f"; the adapter of step {kept}, the newest within forgetting_budget" if kept is not None else "")
+                  + f"; {metrics['eval']['seconds']:.0f}s):", format_table(metrics["eval"]) + "\n"]
+    budget = metrics.get("forgetting_budget") or {}
+    if budget.get("crossed_at") is not None:
+        lines.append(f"forgetting_budget {budget['budget']} was crossed at step {budget['crossed_at']}: the adapter "
+                     f"written is step {budget['kept_step']}'s")
+    means = ", ".join(f"{k}={v:.4f}" for k, v in metrics["means"].items())
+    lines.append(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps; means over the run: "
+                 + means + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
+                 + (f" and the report {run_folder.EVAL}, {run_folder.REPORT_PNG}" if "eval" in metrics else ""))
+    return "\n".join(lines)
 
 
 def make_eval_args(values: dict):

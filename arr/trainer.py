@@ -32,10 +32,12 @@ from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, lo
                    replay_sequences_needed, rows_drawn, token_blocks)
 from .batch import kl_sequences
 from .errors import ARRError, ConfigError
+from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
 from .reference import (INITIAL_ADAPTER, CachedReference, OnlineReference, adapter_layers, adapters_off, initial_head,
                         save_adapter, snapshot_initial_adapter)
 from .self_replay import SELF, self_replay_rows
+from .watch import ForgettingWatch
 
 LOSS_PART_NAMES = LossParts._fields[1:]  # logged beside the Trainer's `loss`
 
@@ -98,6 +100,7 @@ class ARRTrainer(Trainer):
         replay_dataset: str | Iterable[str] | torch.Tensor | None = SELF,
         sft_format: str = "auto",
         curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
+        eval_args: EvalArgs | None = None,
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
@@ -105,7 +108,9 @@ class ARRTrainer(Trainer):
         answers to general prompts, see self_replay.py), a corpus path or hub id, an iterable of texts, or packed
         [n, seq_length] token blocks; needed when `args.replay_ratio > 0`. `curvature_dataset`: surrogate source
         text for the Laplace penalty, in the same forms but "self" (default: the replay corpus, when that is a path
-        or packed blocks); needed when `args.laplace_lambda > 0`."""
+        or packed blocks); needed when `args.laplace_lambda > 0`. `eval_args`: the probes of the report `save_run`
+        writes and of the in-training rounds (`probe_steps`); default: `evaluation.report_args()`, the quick sizes
+        without a task score (`report_args("my_test.jsonl")` adds your task's)."""
         args = args or ARRConfig()
         if train_dataset is None:
             raise ValueError("train_dataset is required")
@@ -128,6 +133,7 @@ class ARRTrainer(Trainer):
                          processing_class=processing_class, **kwargs)
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
+        self.eval_args = eval_args or report_args(eval_after="full" if args.eval_after == "full" else "quick")
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.initial_adapter is not None and (self.sharded or args.laplace_lambda > 0):
@@ -136,11 +142,24 @@ class ARRTrainer(Trainer):
                               "measures the adapter from zero, not from its initial value)")
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args, self_replay)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
+        if args.probe_steps:
+            if self.sharded:
+                raise ConfigError("probe_steps: the probes run on each process's whole model: use DDP or one "
+                                  "process, not FSDP or DeepSpeed")
+            self.add_callback(ForgettingWatch(self, self.eval_args, args.probe_steps, args.forgetting_budget))
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
         self._part_steps_logged = 0
+
+    def save_run(self, seconds: float | None = None, model_args=None, data_args=None) -> dict:
+        """After `train()`: the run folder `arr train` writes, in `args.output_dir`: the adapter and tokenizer,
+        arr_config.yaml, metrics.json and (unless `eval_after: none`) the report, eval.json and report.png
+        (train.save_run). Returns the metrics."""
+        from .train import save_run
+
+        return save_run(self, seconds, model_args, data_args)
 
     # ------------------------------------------------------------------------------------------------ set-up
 
