@@ -285,8 +285,9 @@ class ARRConfig(TrainingArguments):
     )
     probe_steps: int = field(
         default=0,
-        metadata={"help": "Watch forgetting while training: every N optimizer steps, run the quick report's probes on "
-                          "the model as it is (the initial model's values come from the cache) and log the "
+        metadata={"help": "Watch forgetting while training: every N optimizer steps, run the report's probes "
+                          "(eval_after's) on the model as it is (the initial model's values come from the cache) and "
+                          "log the "
                           "forgetting headline, each probe and the task score to report_to's loggers, metrics.json "
                           "and report.png. 0: off. A round costs about what the quick report does (its after half: "
                           "about 40% of the embedded default's training time on a 2-core CPU), so set N to a few "

@@ -94,7 +94,7 @@ def draw_report(metrics: dict, path) -> None:
             twin = ax.twinx()
             twin.plot([r["step"] for r in rounds], [100 * r["task_em"] for r in rounds], "s--", color="#2ca02c",
                       label="task exact match (%)")
-            twin.set_ylabel("task exact match % ↑")
+            twin.set(ylabel="task exact match % ↑", ylim=(-5, 105))
             twin.legend(fontsize=8, loc="lower right")
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"What the run forgot and learned: forgetting {result['forgetting']:+.4f} nats/token "

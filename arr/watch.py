@@ -1,9 +1,9 @@
 """Forgetting watched while the run trains (`probe_steps`), and a budget that stops it (`forgetting_budget`).
 
-Every `probe_steps` optimizer steps `ForgettingWatch` runs the "after" half of the quick report's probes
-(evaluation.py; the "before" half is the initial model's, cached) and logs the headline `forgetting`, each probe and
-the task score through the Trainer's own `log`, so every logger of `report_to` shows them; the rounds land in
-metrics.json and report.png from the log history.
+Every `probe_steps` optimizer steps `ForgettingWatch` runs the "after" half of the report's probes (evaluation.py,
+the same probes as the report after training; the "before" half is the initial model's, cached) and logs the
+headline `forgetting`, each probe and the task score through the Trainer's own `log`, so every logger of `report_to`
+shows them; the rounds land in metrics.json and report.png from the log history.
 
 With a `forgetting_budget`, each round within it writes a checkpoint (protected from `save_total_limit`'s rotation as
 the state's best checkpoint), and the first round over it stops the run; `restore_within_budget` then puts the
@@ -14,7 +14,6 @@ the probes on its own copy of the model (DDP) and takes the mean of the values, 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -25,17 +24,10 @@ from peft.utils import load_peft_weights
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .evaluation import EVAL_AFTER, EvalArgs, after_values, before_values, evaluation_result
+from .evaluation import EvalArgs, after_values, before_values, evaluation_result
 
 HEADLINE = "forgetting"  # the logged key of a round's headline; each probe is logged as PROBE_PREFIX + its name
 PROBE_PREFIX = "probe/"
-
-
-def round_args(report: EvalArgs) -> EvalArgs:
-    """The probes of an in-training round: the report's, at the quick sizes (a report without a task score stays
-    without one)."""
-    quick = {k: v for k, v in EVAL_AFTER["quick"].items() if k != "task_items" or report.task_items}
-    return dataclasses.replace(report, **quick)
 
 
 def probe_rounds(log_history: list[dict]) -> list[dict]:
@@ -47,7 +39,7 @@ def probe_rounds(log_history: list[dict]) -> list[dict]:
 
 class ForgettingWatch(TrainerCallback):
     def __init__(self, trainer, eval_args: EvalArgs, every: int | None, budget: float | None):
-        self.trainer, self.eval_args, self.every, self.budget = trainer, round_args(eval_args), every, budget
+        self.trainer, self.eval_args, self.every, self.budget = trainer, eval_args, every, budget
         self.before = self.drift_answers = self.initial = None
         self.kept_step, self.crossed_at = 0, None
 
@@ -79,7 +71,9 @@ class ForgettingWatch(TrainerCallback):
             values = reduce(values, reduction="mean")
         after = dict(zip(after, values.tolist()))
         result = evaluation_result(self.before, after, self.eval_args)
+        should_log = control.should_log  # (a log call clears it: the step's own loss log still has to come)
         self.trainer.log({HEADLINE: result[HEADLINE], **{PROBE_PREFIX + k: v for k, v in after.items()}})
+        control.should_log = should_log
         if self.within(result[HEADLINE]):
             if self.budget is not None:  # a checkpoint to roll back to, kept from rotation
                 self.kept_step, control.should_save = state.global_step, True
