@@ -52,6 +52,7 @@ def draw_report(metrics: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .evaluation import ROWS, at_chance
 
@@ -72,13 +73,17 @@ def draw_report(metrics: dict, path) -> None:
         ax.set_title(f"{name}\n{label} {'↓' if lower else '↑'}\nchange {change}"
                      + ("\nat chance here" if at_chance(result, name) else ""), fontsize=9)
         ax.tick_params(labelsize=8)
-        ax.margins(y=0.15)
+        if scale == 100:
+            ax.set_ylim(0, 108)
+        else:
+            ax.margins(y=0.15)
     half = len(probes) if rounds else 2 * len(probes)
     ax = fig.add_subplot(grid[1, :half])
     steps = [h["step"] for h in metrics["history"]]
     for part in ("loss", *metrics["trained_parts"]):
         ax.plot(steps, [h[part] for h in metrics["history"]], label=part, lw=1.5 if part == "loss" else 1)
     ax.set(xlabel="optimizer step", ylabel="nats/token", title="loss parts the run trains")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     if rounds:
         ax = fig.add_subplot(grid[1, half:])
@@ -90,6 +95,7 @@ def draw_report(metrics: dict, path) -> None:
         if budget.get("crossed_at") is not None:
             ax.axvline(budget["kept_step"], color="grey", ls=":", lw=1, label=f"kept: step {budget['kept_step']}")
         ax.set(xlabel="optimizer step", ylabel="forgetting, nats/token ↓", title="probe rounds while training")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "task_em" in rounds[0]:
             twin = ax.twinx()
             twin.plot([r["step"] for r in rounds], [100 * r["task_em"] for r in rounds], "s--", color="#2ca02c",
