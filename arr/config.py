@@ -287,11 +287,10 @@ class ARRConfig(TrainingArguments):
         default=0,
         metadata={"help": "Watch forgetting while training: every N optimizer steps, run the report's probes "
                           "(eval_after's) on the model as it is (the initial model's values come from the cache) and "
-                          "log the "
-                          "forgetting headline, each probe and the task score to report_to's loggers, metrics.json "
-                          "and report.png. 0: off. A round costs about what the quick report does (its after half: "
-                          "about 40% of the embedded default's training time on a 2-core CPU), so set N to a few "
-                          "rounds per run."},
+                          "log the forgetting headline, each probe and the task score to report_to's loggers, "
+                          "metrics.json and report.png. 0: off. A round costs what the report's after half does "
+                          "(quick: about half the embedded default run's training time on a 2-core CPU), so set N to "
+                          "a few rounds per run."},
     )
     forgetting_budget: float | None = field(
         default=None,
