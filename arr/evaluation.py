@@ -399,9 +399,9 @@ def before_cache_path(weights_digest, tokenizer, args: EvalArgs, probe: str) -> 
 
 # `arr train`'s report after training (eval_after) and the in-training probes (probe_steps): the headline probes,
 # knowledge_mc and the task, small enough to cost a fraction of the embedded run; `full` is arr eval's default sizes.
-# knowledge_mc's 320 questions give its accuracy a 95% interval of at most +-5 points where the model scores 70% or
-# more (SmolLM2-135M-Instruct: 72.5%); at 50% it would need 385.
-EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=320, mmlu_items=0, chat_items=16, drift_prompts=6,
+# knowledge_mc's 385 questions give its accuracy a 95% interval of at most +-5 points at any accuracy
+# (SmolLM2-135M-Instruct scores about 55% there, where 320 would give +-5.4).
+EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=385, mmlu_items=0, chat_items=16, drift_prompts=6,
                             drift_tokens=24, task_items=24),
               "full": {}}
 

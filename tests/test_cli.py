@@ -68,8 +68,8 @@ def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, ca
     assert report["eval_args"]["task_items"] == 24 and report["eval_args"]["task_data"] == held_out
     assert report["forgetting"] == pytest.approx(sum(max(0.0, report["delta"][p]) for p in
                                                      ("heldout_nll", "chat_nll", "behaviour_kl")) / 3)
-    # only the probes that ran are rows (no MMLU in the quick report); knowledge_mc sized for +-5 points at 70%
-    assert "mmlu" not in report["after"] and report["items"]["knowledge_mc"] == 320
+    # only the probes that ran are rows (no MMLU in the quick report); knowledge_mc sized for +-5 points at any accuracy
+    assert "mmlu" not in report["after"] and report["items"]["knowledge_mc"] == 385
     rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "the task, exact match ↑" in rows["task_em"] and "nats/token" in rows["forgetting"]
     assert "For scale: +0.2481 for plain LoRA" in " ".join(out.split())

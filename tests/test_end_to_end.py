@@ -40,7 +40,7 @@ def test_arr_train_on_embedded_default(tmp_path):
     report = json.loads((out / "eval.json").read_text())  # the report after training, on the bundled test split
     assert report["eval_args"]["task_items"] == 24 and report["before"]["task_em"] == 0.0
     assert report["forgetting"] >= 0 and "forgetting" in proc.stdout and "eval.json" in done
-    assert "mmlu" not in report["after"] and report["items"]["knowledge_mc"] == 320
+    assert "mmlu" not in report["after"] and report["items"]["knowledge_mc"] == 385
 
     base_path = resources.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
