@@ -223,16 +223,16 @@ def _accuracy(scores, items, normalise: bool):
 
 # ------------------------------------------------------------------------------------------------- probes
 
-# Each probe group: the rows it reports, and the EvalArgs fields its value depends on besides batch_size and seed
-# (its "before" is cached by these alone, so a new task file reruns only the task's "before").
+# Each probe group (task: task_nll and task_em; lm_eval: its tasks' metrics) and the EvalArgs fields its value depends
+# on besides batch_size and seed: its "before" is cached by these alone, so a new task file reruns only the task's.
 PROBES = {
-    "heldout_nll": (("heldout_nll",), ("heldout_docs", "max_doc_tokens")),
-    "knowledge_mc": (("knowledge_mc",), ("knowledge_items",)),
-    "mmlu": (("mmlu",), ("mmlu_items",)),
-    "chat_nll": (("chat_nll",), ("chat_items",)),
-    "behaviour_kl": (("behaviour_kl",), ("drift_prompts", "drift_tokens")),
-    "task": (("task_nll", "task_em"), ("task_items", "task_data")),
-    "lm_eval": ((), ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit")),
+    "heldout_nll": ("heldout_docs", "max_doc_tokens"),
+    "knowledge_mc": ("knowledge_items",),
+    "mmlu": ("mmlu_items",),
+    "chat_nll": ("chat_items",),
+    "behaviour_kl": ("drift_prompts", "drift_tokens"),
+    "task": ("task_items", "task_data"),
+    "lm_eval": ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit"),
 }
 
 
@@ -388,7 +388,7 @@ def before_cache_path(weights_digest, tokenizer, args: EvalArgs, probe: str) -> 
     """Where the initial model's value of one probe group lives: keyed by the initial model's weights
     (`base_weights_digest`), the tokenizer's template, the probe and its own settings (PROBES; a task file by its
     content), and nothing else: another task file or another probe's size leaves it valid."""
-    settings = {k: getattr(args, k) for k in (*PROBES[probe][1], "batch_size", "seed")}
+    settings = {k: getattr(args, k) for k in (*PROBES[probe], "batch_size", "seed")}
     if probe == "task":
         data = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
         settings["task_data"] = hashlib.sha256(data).hexdigest()
