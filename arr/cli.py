@@ -66,7 +66,6 @@ def train_command(args: list[str]) -> int:
     unknown_flags = [a for a in rest if a.startswith("--")]
     if unknown_flags:
         raise ConfigError(f"unknown flag {unknown_flags[0]!r}; options are key=value (see arr train --help)")
-    from . import run_folder
     from .config import build_config, read_config
     from .resources import DEFAULT_RECIPE
 
@@ -93,16 +92,29 @@ def train_command(args: list[str]) -> int:
         return e.exit_status
     if not config.should_log:  # only the main process reports
         return 0
-    final, out = metrics["final"], config.output_dir
-    if "eval" in metrics:
-        print(f"\nWhat the run forgot and learned (adapter off = before, on = after; {metrics['eval']['seconds']:.0f}s):")
-        print_report(metrics["eval"])
-        print()
-    print(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps: "
-          + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
-          + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
-          + (f" and the report {run_folder.EVAL}" if "eval" in metrics else ""))
+    print(closing_lines(metrics, config.output_dir))
     return 0
+
+
+def closing_lines(metrics: dict, out: str) -> str:
+    """The report's table and the line that ends `arr train`: the means over the run of the loss parts it trains."""
+    from . import run_folder
+
+    lines = []
+    if "eval" in metrics:
+        kept = metrics["eval"].get("kept_step")
+        lines += ["\nWhat the run forgot and learned (adapter off = before, on = after"
+                  + (f"; the adapter of step {kept}, the newest within forgetting_budget" if kept is not None else "")
+                  + f"; {metrics['eval']['seconds']:.0f}s):", report_text(metrics["eval"]) + "\n"]
+    budget = metrics.get("forgetting_budget") or {}
+    if budget.get("crossed_at") is not None:
+        lines.append(f"forgetting_budget {budget['budget']} was crossed at step {budget['crossed_at']}: the adapter "
+                     f"written is step {budget['kept_step']}'s")
+    means = ", ".join(f"{k}={v:.4f}" for k, v in metrics["means"].items())
+    lines.append(f"done in {metrics['train_seconds']:.0f}s, {metrics['global_steps']} steps; means over the run: "
+                 + means + f"; adapter in {out}, with {run_folder.CONFIG}, {run_folder.METRICS}"
+                 + (f" and the report {run_folder.EVAL}, {run_folder.REPORT_PNG}" if "eval" in metrics else ""))
+    return "\n".join(lines)
 
 
 def make_eval_args(values: dict):
@@ -144,7 +156,7 @@ def eval_command(args: list[str]) -> int:
     saved = reusable_evaluation(run_dir, eval_args, base_model)
     if saved:
         print(f"(the report in {run_dir / run_folder.EVAL}, made with these probe settings on {base_model})")
-        print_report(saved)
+        print(report_text(saved))
         return 0
     run_folder.check_adapter(run_dir)
     model, tokenizer = load_run(run_dir, base_model)
@@ -153,17 +165,16 @@ def eval_command(args: list[str]) -> int:
     if chain:
         result["lineage"] = lineage_scores(model, tokenizer, chain, eval_args.task_items, eval_args.batch_size)
     write_atomically(run_dir / run_folder.EVAL, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    print_report(result)
+    print(report_text(result))
     return 0
 
 
-def print_report(result: dict) -> None:
+def report_text(result: dict) -> str:
+    """The report's table, and the earlier tasks' when the run continues earlier ones."""
     from .evaluation import format_table
     from .lineage import format_lineage
 
-    print(format_table(result))
-    if "lineage" in result:
-        print("\n" + format_lineage(result["lineage"]))
+    return format_table(result) + ("\n\n" + format_lineage(result["lineage"]) if "lineage" in result else "")
 
 
 def compare_command(args: list[str]) -> int:

@@ -127,7 +127,10 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
             **({"bwt": probes["lineage"]["bwt"]} if "lineage" in probes else {}),
             **family_and_strength(objective, {k: wanted[k] for k in RUN_KEYS if wanted[k] != own[k]}),
         }
-        print(format_table(probes), flush=True)
+        lora = next((m["forgetting"] for m in results["methods"].values()  # (at the same steps and seed)
+                     if is_lora(m) and m["run"] == results["methods"][name]["run"]), None)
+        print(format_table(probes, *[(lora, "plain LoRA in this comparison")] if lora is not None else []),
+              flush=True)
         results_json.write_text(json.dumps(results, indent=2))  # after each method: nothing lost
     (out_dir / run_folder.RESULTS_MD).write_text(markdown_table(results))
     plot(results, out_dir / run_folder.RESULTS_PNG)

@@ -336,6 +336,22 @@ class ARRConfig(TrainingArguments):
                           "output_dir/eval.json: 'quick' (small probes; the initial model's values are cached), "
                           "'full' (arr eval's default sizes) or 'none'."},
     )
+    probe_steps: int = field(
+        default=0,
+        metadata={"help": "Watch forgetting while training: every N optimizer steps, run the report's probes "
+                          "(eval_after's) on the model as it is (the initial model's values come from the cache) and "
+                          "log the forgetting headline, each probe and the task score to report_to's loggers, "
+                          "metrics.json and report.png. 0: off. A round costs what the report's after half does "
+                          "(quick: about half the embedded default run's training time on a 2-core CPU), so set N to "
+                          "a few rounds per run."},
+    )
+    forgetting_budget: float | None = field(
+        default=None,
+        metadata={"help": "The most forgetting (the headline, nats/token) a run may reach, checked at every probe round "
+                          "(needs probe_steps): each round within it writes a checkpoint, and the first round over it "
+                          "stops the run, which ends on the adapter of the newest round within budget (its step is "
+                          "in the report). Plain LoRA reaches about 0.25 on the embedded default. Empty: no limit."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the adapter merged into the base model to OUTPUT_DIR/merged."}
     )
@@ -417,6 +433,11 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
     if cfg.eval_after not in EVAL_AFTER_MODES:
         raise ConfigError(f"config key eval_after must be one of {', '.join(EVAL_AFTER_MODES)}, got {cfg.eval_after!r}")
+    if cfg.probe_steps < 0:
+        raise ConfigError(f"config key probe_steps must be >= 0, got {cfg.probe_steps}")
+    if cfg.forgetting_budget is not None and not (cfg.forgetting_budget >= 0 and cfg.probe_steps > 0):
+        raise ConfigError(f"config key forgetting_budget must be >= 0 and needs probe_steps > 0 (the rounds that "
+                          f"check it), got forgetting_budget={cfg.forgetting_budget}, probe_steps={cfg.probe_steps}")
     if cfg.self_replay_max_new_tokens < 1:
         raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
@@ -456,6 +477,7 @@ HELP_GROUPS = {
     "run": ("output_dir", "overwrite_output_dir", "eval_after", "learning_rate", "max_steps", "num_train_epochs",
             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps", "logging_steps",
             "save_merged_model"),
+    "watching forgetting": ("probe_steps", "forgetting_budget"),
 }
 METHOD_HELP = "A preset of objective keys (keys given beside it win): " + ", ".join(METHODS) + "."
 

@@ -28,10 +28,12 @@ accuracies (knowledge_mc, mmlu) are reported beside it, in their own unit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import re
+import textwrap
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
@@ -223,30 +225,66 @@ def _accuracy(scores, items, normalise: bool):
 
 # ------------------------------------------------------------------------------------------------- probes
 
+# Each probe group (task: task_nll and task_em; lm_eval: its tasks' metrics) and the EvalArgs fields its value depends
+# on besides batch_size and seed: its "before" is cached by these alone, so a new task file reruns only the task's.
+PROBES = {
+    "heldout_nll": ("heldout_docs", "max_doc_tokens"),
+    "knowledge_mc": ("knowledge_items",),
+    "mmlu": ("mmlu_items",),
+    "chat_nll": ("chat_items",),
+    "behaviour_kl": ("drift_prompts", "drift_tokens"),
+    "task": ("task_items", "task_data"),
+    "lm_eval": ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit"),
+}
 
-def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=None) -> dict[str, float]:
-    """All probes on `model`. `reference` (a context manager factory giving the initial model) and
+
+def probes_that_run(args: EvalArgs) -> list[str]:
+    """The probe groups `args` gives any item (a size of 0 leaves a probe out of the report)."""
+    sizes = {"heldout_nll": args.heldout_docs, "knowledge_mc": args.knowledge_items, "mmlu": args.mmlu_items,
+             "chat_nll": args.chat_items, "behaviour_kl": min(args.drift_prompts, args.drift_tokens),
+             "task": len(task_examples(args.task_data, args.task_items)), "lm_eval": len(args.lm_eval_tasks)}
+    return [name for name in PROBES if sizes[name] > 0]
+
+
+def probe_items(args: EvalArgs) -> dict[str, int]:
+    """The number of scored items of each accuracy probe (for its interval and its chance band)."""
+    return {"knowledge_mc": len(knowledge_questions(args.knowledge_items, args.seed)),
+            "mmlu": len(mmlu_questions(args.mmlu_items, args.seed)),
+            "task_em": len(task_examples(args.task_data, args.task_items))}
+
+
+def run_probe(name: str, model, tokenizer, args: EvalArgs, drift_answers=None, reference=None) -> dict[str, float]:
+    """One probe group's values on `model`. `reference` (a context manager factory giving the initial model) and
     `drift_answers` (its greedy answers) enable behaviour_kl; without them it is 0 (the model is the reference)."""
     b = args.batch_size
-    out = {}
-    docs = [encode(tokenizer, d)[: args.max_doc_tokens] for d in heldout_documents(args.heldout_docs, args.seed)]
-    out["heldout_nll"] = _nll(continuation_logprobs(model, tokenizer, [(d[:1], d[1:]) for d in docs if len(d) > 1],
-                                                    b, "heldout_nll"))
-    items = knowledge_questions(args.knowledge_items, args.seed)
-    pairs = [(encode(tokenizer, p), encode(tokenizer, c)) for p, choices, _ in items for c in choices]
-    out["knowledge_mc"] = _accuracy(continuation_logprobs(model, tokenizer, pairs, b, "knowledge_mc"), items, True)
-    questions = mmlu_questions(args.mmlu_items, args.seed)
-    letters = [encode(tokenizer, letter)[0] for letter in "ABCD"]
-    scores = next_token_logprobs(model, tokenizer, [encode(tokenizer, q) for q, _ in questions], letters, b, "mmlu")
-    out["mmlu"] = sum(row.index(max(row)) == right for row, (_, right) in zip(scores, questions)) / max(1, len(questions))
-    pairs = [(chat_prompt_ids(tokenizer, q), answer_ids(tokenizer, a))
-             for q, a in chat_exchanges(args.chat_items, args.seed)]
-    out["chat_nll"] = _nll(continuation_logprobs(model, tokenizer, pairs, b, "chat_nll"))
-    out["behaviour_kl"] = behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0
-    out.update(task_scores(model, tokenizer, args.task_data, args.task_items, b))
-    if args.lm_eval_tasks:
-        out.update(lm_eval_scores(model, tokenizer, args))
-    return out
+    if name == "heldout_nll":
+        docs = [encode(tokenizer, d)[: args.max_doc_tokens] for d in heldout_documents(args.heldout_docs, args.seed)]
+        pairs = [(d[:1], d[1:]) for d in docs if len(d) > 1]
+        return {name: _nll(continuation_logprobs(model, tokenizer, pairs, b, name))}
+    if name == "knowledge_mc":
+        items = knowledge_questions(args.knowledge_items, args.seed)
+        pairs = [(encode(tokenizer, p), encode(tokenizer, c)) for p, choices, _ in items for c in choices]
+        return {name: _accuracy(continuation_logprobs(model, tokenizer, pairs, b, name), items, True)}
+    if name == "mmlu":
+        questions = mmlu_questions(args.mmlu_items, args.seed)
+        letters = [encode(tokenizer, letter)[0] for letter in "ABCD"]
+        scores = next_token_logprobs(model, tokenizer, [encode(tokenizer, q) for q, _ in questions], letters, b, name)
+        return {name: sum(row.index(max(row)) == right for row, (_, right) in zip(scores, questions)) / len(questions)}
+    if name == "chat_nll":
+        pairs = [(chat_prompt_ids(tokenizer, q), answer_ids(tokenizer, a))
+                 for q, a in chat_exchanges(args.chat_items, args.seed)]
+        return {name: _nll(continuation_logprobs(model, tokenizer, pairs, b, name))}
+    if name == "behaviour_kl":
+        return {name: behaviour_kl(model, tokenizer, drift_answers, reference, args) if reference else 0.0}
+    if name == "task":
+        return task_scores(model, tokenizer, args.task_data, args.task_items, b)
+    return lm_eval_scores(model, tokenizer, args)
+
+
+def run_probes(model, tokenizer, args: EvalArgs, drift_answers=None, reference=None) -> dict[str, float]:
+    """Every probe `args` gives any item, on `model` (see run_probe)."""
+    return {k: v for name in probes_that_run(args)
+            for k, v in run_probe(name, model, tokenizer, args, drift_answers, reference).items()}
 
 
 def task_scores(model, tokenizer, task_data: str | None, items: int, batch_size: int) -> dict[str, float]:
@@ -308,28 +346,32 @@ def evaluate_adapter(peft_model, tokenizer, args: EvalArgs | None = None, before
                      drift_answers: list[list[int]] | None = None, cache_before: bool = False) -> dict:
     """Probes with the adapter disabled (before: the initial model) and enabled (after). `before` and the initial
     model's greedy answers to the drift prompts (`drift_answers`) can be passed in to reuse one baseline across runs;
-    `cache_before` keeps them in $ARR_CACHE/eval_before for every later evaluation of the same initial model with the
-    same probes. Returns {"before", "after", "delta", "forgetting", "eval_args"}."""
+    `cache_before` keeps each probe's in $ARR_CACHE/eval_before for every later evaluation of the same initial
+    model with the same settings of that probe (before_cache_path). Returns evaluation_result's dict."""
     args = args or EvalArgs()
     peft_model.eval()
-    path = before_cache_path(peft_model, tokenizer, args) if cache_before and before is None else None
-    if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        before, drift_answers = saved["before"], saved["drift_answers"]
-    with initial_model(peft_model):
-        if before is None:
-            before = run_probes(peft_model, tokenizer, args)
-        if drift_answers is None:
+    if before is None:
+        before, answers = before_values(peft_model, tokenizer, args, cache_before)
+        drift_answers = drift_answers or answers
+    elif drift_answers is None and "behaviour_kl" in probes_that_run(args):
+        with initial_model(peft_model):
             drift_answers = initial_drift_answers(peft_model, tokenizer, args)
-    check_finite(before, "with the adapter off (the initial model)")
-    if path is not None and not path.is_file():
-        saved = json.dumps({"before": before, "drift_answers": drift_answers})
-        write_atomically(path, lambda tmp: tmp.write_text(saved))
-    after = run_probes(peft_model, tokenizer, args, drift_answers, reference=partial(initial_model, peft_model))
+    after = after_values(peft_model, tokenizer, args, drift_answers)
     check_finite(after, "with the adapter on")
+    return evaluation_result(before, after, args)
+
+
+def after_values(peft_model, tokenizer, args: EvalArgs, drift_answers) -> dict[str, float]:
+    """Every probe on the model as it is (adapter on), behaviour_kl against the initial model's `drift_answers`."""
+    return run_probes(peft_model, tokenizer, args, drift_answers, reference=partial(initial_model, peft_model))
+
+
+def evaluation_result(before: dict, after: dict, args: EvalArgs) -> dict:
+    """{"before", "after", "delta", "forgetting", "items" (of each accuracy probe), "eval_args"}."""
     delta = {k: after[k] - before[k] for k in after}
-    return {"before": before, "after": after, "delta": delta, "forgetting": headline_forgetting(delta),
-            "eval_args": vars(args)}
+    items = {k: n for k, n in probe_items(args).items() if k in after}
+    return {"before": {k: before[k] for k in after}, "after": after, "delta": delta,
+            "forgetting": headline_forgetting(delta), "items": items, "eval_args": vars(args)}
 
 
 def check_finite(values: dict[str, float], which: str) -> None:
@@ -340,20 +382,56 @@ def check_finite(values: dict[str, float], which: str) -> None:
                        "there is nothing to score")
 
 
-def before_cache_path(peft_model, tokenizer, args: EvalArgs) -> Path:
-    """Where the initial model's probe values live: keyed by its weights, the tokenizer's template, the probe
-    settings and the task data's content."""
-    digest = fingerprint(peft_model)
-    task = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
-    digest.update(json.dumps([vars(args), tokenizer.chat_template, tokenizer.eos_token]).encode() + task)
+def before_values(peft_model, tokenizer, args: EvalArgs, cache: bool = False) -> tuple[dict, list | None]:
+    """The initial model's value of every probe that runs, and its greedy answers to the drift prompts; with
+    `cache`, each probe's read from (or kept in) its own file of $ARR_CACHE/eval_before."""
+    weights = fingerprint(peft_model) if cache else None
+    before, drift_answers = {}, None
+    with initial_model(peft_model):
+        for name in probes_that_run(args):
+            path = before_cache_path(weights, tokenizer, args, name) if cache else None
+            if path is not None and path.is_file():
+                saved = json.loads(path.read_text())
+            else:
+                saved = {"values": run_probe(name, peft_model, tokenizer, args)}
+                check_finite(saved["values"], "with the adapter off (the initial model)")
+                if name == "behaviour_kl":
+                    saved["drift_answers"] = initial_drift_answers(peft_model, tokenizer, args)
+                if path is not None:
+                    text = json.dumps(saved)
+                    write_atomically(path, lambda tmp: tmp.write_text(text))
+            before.update(saved["values"])
+            drift_answers = saved.get("drift_answers", drift_answers)
+    return before, drift_answers
+
+
+def before_cache_path(weights_digest, tokenizer, args: EvalArgs, probe: str) -> Path:
+    """Where the initial model's value of one probe group lives: keyed by the initial model's weights
+    (`initial.fingerprint`), the tokenizer's template, the probe and its own settings (PROBES; a task file by its
+    content), and nothing else: another task file or another probe's size leaves it valid."""
+    settings = {k: getattr(args, k) for k in (*PROBES[probe], "batch_size", "seed")}
+    if probe == "task":
+        data = Path(args.task_data).read_bytes() if args.task_data else b"bundled date task"
+        settings["task_data"] = hashlib.sha256(data).hexdigest()
+    digest = weights_digest.copy()
+    digest.update(json.dumps([probe, settings, tokenizer.chat_template, tokenizer.eos_token]).encode())
     return cache_dir() / "eval_before" / f"{digest.hexdigest()[:32]}.json"
 
 
-# `arr train`'s report after training (eval_after): the headline probes and the task, small enough to cost a fraction
-# of the embedded run; `full` is arr eval's default sizes. The multiple-choice probes are not in the headline.
-EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=0, mmlu_items=0, chat_items=16, drift_prompts=6,
+# `arr train`'s report after training (eval_after) and the in-training probes (probe_steps): the headline probes,
+# knowledge_mc and the task, small enough to cost a fraction of the embedded run; `full` is arr eval's default sizes.
+# knowledge_mc's 385 questions give its accuracy a 95% interval of at most +-5 points at any accuracy
+# (SmolLM2-135M-Instruct scores about 55% there, where 320 would give +-5.4).
+EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=385, mmlu_items=0, chat_items=16, drift_prompts=6,
                             drift_tokens=24, task_items=24),
               "full": {}}
+
+
+def report_args(task_data: str | None = None, eval_after: str = "quick", bundled_task: bool = False) -> EvalArgs:
+    """The probes of the report after training at `eval_after`'s sizes: the task's held-out examples from
+    `task_data`, or the bundled date task's test split with `bundled_task`, else no task score."""
+    has_task = task_data is not None or bundled_task
+    return EvalArgs(**{**EVAL_AFTER[eval_after], "task_data": task_data, **({} if has_task else {"task_items": 0})})
 
 
 def initial_drift_answers(initial_model, tokenizer, args: EvalArgs) -> list[list[int]]:
@@ -366,17 +444,66 @@ HEADLINE_PROBES = ("heldout_nll", "chat_nll", "behaviour_kl")
 
 
 def headline_forgetting(delta: dict[str, float]) -> float:
-    return sum(max(0.0, delta[p]) for p in HEADLINE_PROBES) / len(HEADLINE_PROBES)
+    """The mean over the headline probes that ran of max(0, delta)."""
+    ran = [p for p in HEADLINE_PROBES if p in delta]
+    return sum(max(0.0, delta[p]) for p in ran) / len(ran) if ran else 0.0
 
 
-def format_table(result: dict) -> str:
-    rows = ["| probe | before | after | delta | better |", "|---|---:|---:|---:|:---:|"]
+# For scale under every report: plain LoRA's headline on the embedded default recipe (docs/results/default.json,
+# method "lora"; tests/test_evaluation.py holds the two equal).
+REFERENCE_LORA = (0.2481, "plain LoRA on the embedded default recipe (docs/results/default.json, method lora: "
+                          "SmolLM2-135M-Instruct, the date task, 24 steps of 8 at lr 1e-3, seed 42, arr eval's sizes)")
+# Each row in words: what it measures, its unit (nats/token, or an accuracy in points), whether lower is better.
+ROWS = {
+    "heldout_nll": ("held-out Wikipedia text, NLL", "nats/token", True),
+    "knowledge_mc": ("knowledge, 4-choice accuracy", "points", False),
+    "mmlu": ("MMLU, 4-choice accuracy", "points", False),
+    "chat_nll": ("chat answers, NLL", "nats/token", True),
+    "behaviour_kl": ("drift from its own answers, KL", "nats/token", True),
+    "task_em": ("the task, exact match", "points", False),
+    "task_nll": ("the task's answers, NLL", "nats/token", True),
+}
+CHANCE = {"knowledge_mc": 0.25, "mmlu": 0.25}
+
+
+def half_interval(p: float, n: int) -> float:
+    """Half the 95% (normal approximation) interval of an accuracy p over n items."""
+    return 1.96 * (p * (1 - p) / max(1, n)) ** 0.5
+
+
+def at_chance(result: dict, probe: str) -> bool:
+    """Whether the initial model's accuracy lies within the 95% band of guessing: the probe does not measure this
+    model (MMLU at 135M)."""
+    chance, n = CHANCE.get(probe), result.get("items", {}).get(probe)
+    return chance is not None and n is not None and abs(result["before"][probe] - chance) <= half_interval(chance, n)
+
+
+def format_table(result: dict, lora: tuple[float, str] = REFERENCE_LORA) -> str:
+    """The report as aligned text: each probe that ran, in words, its change in its unit and relative to before,
+    then a line that says what the headline measures beside plain LoRA's (`lora`: its value and where it is from)."""
+    rows = [("probe", "measures (↓ lower / ↑ higher is better)", "before", "after", "change", "relative", "")]
     for name, after in result["after"].items():
-        lower = name in LOWER_IS_BETTER or name.startswith("lm_eval:") and name.endswith(LOWER_IS_BETTER_LM_EVAL)
-        better = "↓" if lower else "↑"
-        rows.append(f"| {name} | {result['before'][name]:.4f} | {after:.4f} | {result['delta'][name]:+.4f} | {better} |")
-    rows.append(f"| **forgetting** (nats/token) | | | {result['forgetting']:+.4f} | ↓ |")
-    return "\n".join(rows)
+        words, unit, lower = ROWS.get(name, (name, "", name.endswith(LOWER_IS_BETTER_LM_EVAL)))
+        before, delta = result["before"][name], result["delta"][name]
+        relative = f"{delta / abs(before):+.1%}" if abs(before) > 1e-12 else ""
+        if unit == "points":
+            n = result.get("items", {}).get(name)
+            note = (f"at chance for this model ({CHANCE[name]:.0%} ± {100 * half_interval(CHANCE[name], n):.0f} points "
+                    f"over {n}): not a score" if at_chance(result, name)
+                    else f"±{100 * half_interval(after, n):.1f} points at 95%, {n} items" if n else "")
+            cells = (f"{before:.1%}", f"{after:.1%}", f"{100 * delta:+.1f} points")
+        else:
+            note, cells = "", (f"{before:.4f}", f"{after:.4f}", f"{delta:+.4f} {unit}".strip())
+        rows.append((name, f"{words} {'↓' if lower else '↑'}", *cells, relative, note))
+    rows.append(("forgetting", "the headline, below ↓", "", "", f"{result['forgetting']:+.4f} nats/token", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if 2 <= i <= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    ran = [p for p in HEADLINE_PROBES if p in result["after"]]
+    headline = (f"forgetting {result['forgetting']:+.4f} nats/token: how much worse the tuned model predicts general "
+                f"text than the initial model, the mean rise of {', '.join(ran)} (a fall counts as 0). For scale: "
+                f"{lora[0]:+.4f} for {lora[1]}.")
+    return "\n".join(lines) + "\n\n" + textwrap.fill(headline, 116)
 
 
 def run_base_model(run_dir: str | Path, model_name_or_path: str | None = None) -> str:

@@ -4,8 +4,8 @@ in one place, and which files are final and which are being written.
 A finished run holds the PEFT adapter, the tokenizer, CONFIG (the fully resolved config) and METRICS; all are
 written into a temporary folder inside and moved into place with ADAPTER_CONFIG last, so a folder that has
 ADAPTER_CONFIG holds a complete run. Checkpoints (`checkpoint-N`, the Trainer's layout) are written into STAGING and
-renamed into place once complete. `arr eval` adds EVAL; `arr compare` writes RESULTS_* and one run folder per
-method, each with its EVAL.
+renamed into place once complete. The report after training adds EVAL and REPORT_PNG, `arr eval` EVAL; `arr compare`
+writes RESULTS_* and one run folder per method, each with its EVAL.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG = "arr_config.yaml"
 METRICS = "metrics.json"
 EVAL = "eval.json"
+REPORT_PNG = "report.png"  # the report drawn: before and after per probe, the loss parts and probe rounds over steps
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
 STAGING = ".staging"  # a checkpoint being written
 LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder, and removed when it ends

@@ -23,11 +23,13 @@ from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
-from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, task_examples
+from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, report_args, task_examples
 from .initial import load_model, load_tokenizer, save_adapter, with_adapter
 from .lineage import LINEAGE, earlier_prompts, lineage_scores, read_lineage
+from .plots import draw_report
 from .self_replay import SELF, read_prompts
 from .trainer import LOSS_PART_NAMES, ARRTrainer
+from .watch import ForgettingWatch, probe_rounds
 
 
 
@@ -68,7 +70,8 @@ def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tok
 def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
     training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     return json.loads(json.dumps(
-        {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training}, default=str))
+        {**dataclasses.asdict(model_args), **(dataclasses.asdict(data_args) if data_args else {}), **training},
+        default=str))
 
 
 def peak_memory_mb() -> float:
@@ -188,13 +191,16 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     else:
         model = with_adapter(model, init_adapter=model_args.init_adapter,
                              gradient_checkpointing=config.gradient_checkpointing)
+    eval_args = report_args(data_args.eval_data, "full" if config.eval_after == "full" else "quick",
+                            bundled_task=data_args.sft_data is None)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
-                         replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts)
+                         replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts,
+                         eval_args=eval_args)
     interrupt = StopOnSignal()
     trainer.add_callback(interrupt)
     start = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=True if resume else None)
     finally:
         interrupt.restore()
     seconds = time.perf_counter() - start
@@ -202,37 +208,75 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         raise Interrupted(f"stopped by {signal_name(interrupt.signum)} after step {interrupt.stopped_at}; "
                           f"its checkpoint is in {config.output_dir}", interrupt.signum)
 
+    return save_run(trainer, seconds, model_args, data_args, chain)
+
+
+def trained_parts(trainer: ARRTrainer) -> list[str]:
+    """The loss parts the run trains: a part of weight 0 (the replay CE of self-replay, the KL at beta 0) is
+    measured and logged, not trained."""
+    objective = trainer.objective
+    weights = {"sft_ce": 1.0, "kl": objective.beta, "laplace": objective.laplace_lambda,
+               "replay_ce": objective.replay_weight if trainer.args.uses_replay else 0.0}
+    return [name for name in LOSS_PART_NAMES if weights[name] > 0]
+
+
+def save_run(trainer: ARRTrainer, seconds: float | None = None, model_args: ModelArguments | None = None,
+             data_args: DataArguments | None = None, lineage: list[dict] | None = None) -> dict:
+    """Write OUTPUT_DIR/{adapter files, tokenizer, arr_config.yaml, metrics.json} and, unless `eval_after: none`,
+    the report (eval.json, report.png) of a trained ARRTrainer; the adapter is the newest within `forgetting_budget`
+    when the budget stopped the run. From Python (`trainer.save_run()`): the wall time is the Trainer's own
+    `train_runtime`, and arr_config.yaml holds the model, LoRA and training keys but no data keys (the data may
+    have been given as records). `lineage`: the earlier runs this one continues (lineage.read_lineage), recorded in
+    arr_config.yaml and scored in the report. Returns the metrics."""
+    config, tokenizer = trainer.args, trainer.processing_class
+    history = trainer.state.log_history
+    if seconds is None:
+        seconds = next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), 0.0)
+    watch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingWatch)), None)
+    budget = watch.restore_within_budget() if watch else None
+    parts = trained_parts(trainer)
     parts_history = [
         {"step": h["step"], **{k: h[k] for k in ("loss", *LOSS_PART_NAMES, "beta") if k in h}}
-        for h in trainer.state.log_history if "sft_ce" in h
+        for h in history if "sft_ce" in h
     ]
     metrics = {
         "train_seconds": round(seconds, 2),
         "peak_mem_mb": peak_memory_mb(),
-        "global_steps": result.global_step,
-        "train_loss": result.training_loss,
+        "global_steps": trainer.state.global_step,
+        "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate
         "ref_cache": trainer.ref_cache_info,  # mode (auto resolved), rows, rows_drawn; key, cache_hit, seconds, mb
         "self_replay": trainer.self_replay_info,  # key, cache_hit, rows of the self-generated replay
         "initial_model": trainer.initial_model_info,  # what π₀ is: kind and fingerprint (arr eval checks it)
+        "trained_parts": parts,
+        "means": {k: sum(h[k] for h in parts_history) / len(parts_history) for k in ("loss", *parts)}
+        if parts_history else {},  # over the logged steps: the closing line
         "final": parts_history[-1] if parts_history else {},
         "history": parts_history,
+        "probe_rounds": probe_rounds(history),  # probe_steps
+        "forgetting_budget": budget,  # {"budget", "crossed_at", "kept_step"}: the last two set when it stopped the run
     }
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
+        if model_args is None:
+            model_args = model_arguments(trainer.model)
+        saved_config = resolved_config(model_args, data_args, config)
+
         def write(tmp: Path):
             save_adapter(trainer.model, tmp)
             tokenizer.save_pretrained(tmp)
-            record = {**resolved_config(model_args, data_args, config), **({LINEAGE: chain} if chain else {})}
+            record = {**saved_config, **({LINEAGE: lineage} if lineage else {})}
             (tmp / run_folder.CONFIG).write_text(yaml.safe_dump(record, sort_keys=False))
             (tmp / run_folder.METRICS).write_text(json.dumps(metrics, indent=2, allow_nan=False))
 
-        (out / run_folder.EVAL).unlink(missing_ok=True)  # an overwritten run's report is not this run's
+        for stale in (run_folder.EVAL, run_folder.REPORT_PNG):  # an overwritten run's report is not this run's
+            (out / stale).unlink(missing_ok=True)
         run_folder.save_atomically(write, out, last=run_folder.ADAPTER_CONFIG)
         if config.eval_after != "none":
-            metrics["eval"] = report(trainer.model, tokenizer, data_args, config, chain)
+            metrics["eval"] = report(trainer.model, tokenizer, trainer.eval_args, out, budget, lineage)
+            draw_report(metrics, out / run_folder.REPORT_PNG)
         if config.save_merged_model:  # last: merging takes the adapter out of the model
             merged = trainer.model.merge_and_unload()
             run_folder.save_atomically(lambda tmp: (merged.save_pretrained(tmp / run_folder.MERGED),
@@ -241,17 +285,27 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     return metrics
 
 
-def report(peft_model, tokenizer, data_args: DataArguments, config: ARRConfig, chain: list[dict]) -> dict:
-    """What the run forgot and learned (evaluation.py's probes, adapter off and on), written to EVAL. The task's
-    held-out examples: `eval_data`, or the bundled date task's test split when training on the bundled task. With
-    a lineage, every earlier task too (lineage.lineage_scores)."""
-    sizes = EVAL_AFTER[config.eval_after]
-    has_task = data_args.eval_data is not None or data_args.sft_data is None
-    args = EvalArgs(**{**sizes, "task_data": data_args.eval_data, **({} if has_task else {"task_items": 0})})
+def model_arguments(peft_model) -> ModelArguments:
+    """The ModelArguments a PEFT model stands for (a run started from Python has none of its own)."""
+    lora = peft_model.peft_config[peft_model.active_adapter]
+    targets = lora.target_modules
+    return ModelArguments(
+        model_name_or_path=lora.base_model_name_or_path, dtype=str(peft_model.dtype).removeprefix("torch."),
+        lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets), use_rslora=lora.use_rslora,
+        use_dora=bool(lora.use_dora), init_lora_weights=str(lora.init_lora_weights).lower())
+
+
+def report(peft_model, tokenizer, eval_args: EvalArgs, out: Path, budget: dict | None = None,
+           lineage: list[dict] | None = None) -> dict:
+    """What the run forgot and learned (evaluation.py's probes, adapter off and on), written to EVAL; the initial
+    model's values are cached probe by probe. With a lineage, every earlier task too (lineage.lineage_scores)."""
     start = time.perf_counter()
-    result = evaluate_adapter(peft_model, tokenizer, args, cache_before=True)
-    if chain:
-        result[LINEAGE] = lineage_scores(peft_model, tokenizer, chain, args.task_items, args.batch_size)
+    result = evaluate_adapter(peft_model, tokenizer, eval_args, cache_before=True)
+    if lineage:
+        result[LINEAGE] = lineage_scores(peft_model, tokenizer, lineage, eval_args.task_items, eval_args.batch_size)
     result["seconds"] = round(time.perf_counter() - start, 2)
-    (Path(config.output_dir) / run_folder.EVAL).write_text(json.dumps(result, indent=2))
+    if budget and budget["crossed_at"] is not None:
+        result["kept_step"] = budget["kept_step"]  # the adapter measured: rolled back to this step
+    (out / run_folder.EVAL).write_text(json.dumps(result, indent=2))
     return result

@@ -34,11 +34,13 @@ from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, lo
                    replay_sequences_needed, rows_drawn, token_blocks)
 from .batch import kl_sequences
 from .errors import ARRError, ConfigError
+from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
 from .initial import INITIAL_ADAPTER, InitialModel, fingerprint, initial_head, is_quantized, load_model, load_tokenizer, \
     save_adapter, with_adapter
 from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
+from .watch import ForgettingWatch
 
 LOSS_PART_NAMES = LossParts._fields[1:]  # logged beside the Trainer's `loss`
 
@@ -158,6 +160,7 @@ class ARRTrainer(Trainer):
         sft_format: str = "auto",
         curvature_dataset: str | Iterable[str] | torch.Tensor | None = None,
         earlier_prompts: list[list[dict]] | None = None,
+        eval_args: EvalArgs | None = None,
         **kwargs,
     ):
         """`train_dataset`: a JSONL path, or records (list / `datasets.Dataset`) in a supported SFT format, or
@@ -166,7 +169,10 @@ class ARRTrainer(Trainer):
         [n, seq_length] token blocks; needed when `args.replay_ratio > 0`. `curvature_dataset`: surrogate source
         text for the Laplace penalty, in the same forms but "self" (default: the replay corpus, when that is a path
         or packed blocks); needed when `args.laplace_lambda > 0`. `earlier_prompts`: conversations of earlier tasks
-        whose answers by the initial model join self-generated replay (`lineage_replay: prompts`, arr/lineage.py)."""
+        whose answers by the initial model join self-generated replay (`lineage_replay: prompts`, arr/lineage.py).
+        `eval_args`: the probes of the report `save_run` writes and of the in-training rounds (`probe_steps`);
+        default: `evaluation.report_args()`, the quick sizes without a task score (`report_args("my_test.jsonl")`
+        adds your task's)."""
         args = args or ARRConfig()
         if train_dataset is None:
             raise ValueError("train_dataset is required")
@@ -191,6 +197,7 @@ class ARRTrainer(Trainer):
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         self.add_callback(StepChecks(self))
+        self.eval_args = eval_args or report_args(eval_after="full" if args.eval_after == "full" else "quick")
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.initial.snapshot is not None and (self.sharded or args.laplace_lambda > 0):
@@ -203,6 +210,11 @@ class ARRTrainer(Trainer):
                               "quantized weights is not estimated exactly; use laplace_lambda 0 or an unquantized base")
         self.ref_cache, self.ref_cache_info = self._prepare_reference(model, Collator(pad_id), args, self_replay)
         self.curvature, self.curvature_info = self._prepare_curvature(model, curvature_blocks, args)
+        if args.probe_steps:
+            if self.sharded:
+                raise ConfigError("probe_steps: the probes run on each process's whole model: use DDP or one "
+                                  "process, not FSDP or DeepSpeed")
+            self.add_callback(ForgettingWatch(self, self.eval_args, args.probe_steps, args.forgetting_budget))
         self.chunked_loss = args.loss_chunk_size > 0 and not self.sharded
         if self.chunked_loss:
             check_head(model)
@@ -210,6 +222,14 @@ class ARRTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
         self._part_steps_logged = 0
+
+    def save_run(self, seconds: float | None = None, model_args=None, data_args=None) -> dict:
+        """After `train()`: the run folder `arr train` writes, in `args.output_dir`: the adapter and tokenizer,
+        arr_config.yaml, metrics.json and (unless `eval_after: none`) the report, eval.json and report.png
+        (train.save_run). Returns the metrics."""
+        from .train import save_run
+
+        return save_run(self, seconds, model_args, data_args)
 
     # ------------------------------------------------------------------------------------------------ set-up
 

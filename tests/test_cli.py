@@ -40,7 +40,8 @@ def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_
     code, out, err = run_cli(capsys, "train", files["config"], "learning_rate=0.01", "save_merged_model=true",
                              f"init_lora_weights={init}")
     assert code == 0, err
-    assert "sft_ce=" in out and "kl=" in out and "replay_ce=" in out
+    done = out.strip().splitlines()[-1]  # the means over the run of the parts it trains: no Laplace here
+    assert "means over the run: loss=" in done and "kl=" in done and "replay_ce=" in done and "laplace" not in done
     saved = yaml.safe_load((files["out"] / "arr_config.yaml").read_text())
     assert saved["learning_rate"] == 0.01 and saved["beta"] == 0.2 and saved["lora_target_modules"] == ["q_proj",
                                                                                                           "v_proj"]
@@ -68,10 +69,19 @@ def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, ca
     assert report["eval_args"]["task_items"] == 24 and report["eval_args"]["task_data"] == held_out
     assert report["forgetting"] == pytest.approx(sum(max(0.0, report["delta"][p]) for p in
                                                      ("heldout_nll", "chat_nll", "behaviour_kl")) / 3)
-    assert "| task_em |" in out and "| **forgetting** (nats/token) |" in out
+    # only the probes that ran are rows (no MMLU in the quick report); knowledge_mc sized for +-5 points at any accuracy
+    assert "mmlu" not in report["after"] and report["items"]["knowledge_mc"] == 385
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "the task, exact match ↑" in rows["task_em"] and "nats/token" in rows["forgetting"]
+    assert "For scale: +0.2481 for plain LoRA" in " ".join(out.split())
     last = out.strip().splitlines()[-1]
     assert last.startswith("done in ") and f"adapter in {files['out']}" in last and "eval.json" in last
-    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 1  # the initial model's values, kept
+    metrics = json.loads((files["out"] / "metrics.json").read_text())
+    assert metrics["trained_parts"] == ["sft_ce", "kl", "replay_ce"]
+    assert metrics["means"]["kl"] == pytest.approx(sum(h["kl"] for h in metrics["history"]) / 3)
+    assert (files["out"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the initial model's values, kept probe by probe: four general probes and the task
+    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 5
 
     code, out, err = run_cli(capsys, "eval", str(files["out"]), *(f"{k}={v}" for k, v in report["eval_args"].items()
                                                                    if v not in (None, [])))
@@ -86,8 +96,16 @@ def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, ca
     assert code == 0 and "(the report in" not in out
     assert json.loads((files["out"] / "eval.json").read_text())["base_model"] == saved_base(files["out"])
 
+    held_out_2 = write_jsonl(tmp_path / "test2.jsonl", sft_records(30)[20:])  # another task file: its task alone
+    code, out, err = run_cli(capsys, "train", files["config"], f"eval_data={held_out_2}", "overwrite_output_dir=true")
+    assert code == 0, err
+    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 6
+    assert json.loads((files["out"] / "eval.json").read_text())["before"]["heldout_nll"] == report["before"][
+        "heldout_nll"]
+
     code, out, err = run_cli(capsys, "train", files["config"], "eval_after=none", "overwrite_output_dir=true")
-    assert code == 0 and "| task_em |" not in out and not (files["out"] / "eval.json").exists()
+    assert code == 0 and "task_em" not in out and not (files["out"] / "eval.json").exists()
+    assert not (files["out"] / "report.png").exists()
 
 
 def saved_base(run_dir) -> str:

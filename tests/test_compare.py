@@ -54,7 +54,8 @@ def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
     sizes = [f"{k}={v}" for k, v in vars(SMALL).items() if v is not None]
     assert main(["eval", str(tmp_path / "run"), *sizes]) == 0
     out = capsys.readouterr().out
-    assert "| probe | before | after | delta | better |" in out and "| task_em |" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert rows["probe"].split()[:3] == ["probe", "measures", "(↓"] and "the task, exact match ↑" in rows["task_em"]
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["before"]["behaviour_kl"] == 0 and result["after"]["behaviour_kl"] > 0
     assert result["delta"]["chat_nll"] == result["after"]["chat_nll"] - result["before"]["chat_nll"]

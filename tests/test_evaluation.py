@@ -1,4 +1,6 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from arr import evaluation as ev
 from arr import resources
 from arr.chunked_loss import kl_from_logprobs
+from conftest import sft_records, write_jsonl
 
 
 def test_continuation_logprobs_are_shifted_and_ignore_padding(llama_dir, tokenizer):
@@ -83,13 +86,54 @@ def test_greedy_answers_batched_by_length_keep_the_prompt_order(llama_dir, token
 
 
 def test_headline_forgetting_and_table():
-    result = {"before": {"heldout_nll": 3.0, "chat_nll": 2.0, "behaviour_kl": 0.0},
-              "after": {"heldout_nll": 2.0, "chat_nll": 2.5, "behaviour_kl": 0.4}}
+    result = {"before": {"heldout_nll": 3.0, "knowledge_mc": 0.725, "mmlu": 0.28, "chat_nll": 2.0, "behaviour_kl": 0.0},
+              "after": {"heldout_nll": 2.0, "knowledge_mc": 0.70, "mmlu": 0.3, "chat_nll": 2.5, "behaviour_kl": 0.4},
+              "items": {"knowledge_mc": 320, "mmlu": 24}}
     result["delta"] = {k: result["after"][k] - result["before"][k] for k in result["after"]}
     result["forgetting"] = ev.headline_forgetting(result["delta"])
     assert math.isclose(result["forgetting"], (0 + 0.5 + 0.4) / 3)  # the held-out gain does not cancel the damage
+    rows = {line.split()[0]: line for line in ev.format_table(result).splitlines() if line}
+    # units in words, the change beside a relative change; accuracies in points, with their 95% interval
+    assert "chat answers, NLL" in rows["chat_nll"] and "+0.5000 nats/token" in rows["chat_nll"]
+    assert "+25.0%" in rows["chat_nll"] and "-33.3%" in rows["heldout_nll"]
+    assert "-2.5 points" in rows["knowledge_mc"] and "±5.0 points at 95%, 320 items" in rows["knowledge_mc"]
+    # MMLU at 28% over 24 questions: within 25% +- 17 points, flagged as at chance, not presented as a score
+    assert "at chance for this model" in rows["mmlu"] and "at chance" not in rows["knowledge_mc"]
+    assert "+0.3000 nats/token" in rows["forgetting"] and "task_em" not in rows  # a probe that did not run: no row
     table = ev.format_table(result)
-    assert "| chat_nll | 2.0000 | 2.5000 | +0.5000 | ↓ |" in table and "+0.3000" in table
+    assert "For scale: +0.2481 for plain LoRA on the embedded default recipe" in " ".join(table.split())
+    assert "+0.1000 for plain LoRA in this comparison" in " ".join(
+        ev.format_table(result, (0.1, "plain LoRA in this comparison")).split())
+
+
+def test_the_reference_lora_figure_is_the_published_one():
+    published = json.loads((Path(__file__).parents[1] / "docs/results/default.json").read_text())
+    assert ev.REFERENCE_LORA[0] == round(published["methods"]["lora"]["forgetting"], 4)
+
+
+def test_probes_of_size_zero_do_not_run_and_each_before_is_cached_by_its_own_settings(
+        tmp_path, monkeypatch, llama_dir, tokenizer):
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    calls = []
+    run_probe = ev.run_probe
+    monkeypatch.setattr(ev, "run_probe", lambda name, *a, **k: calls.append(name) or run_probe(name, *a, **k))
+    small = dict(heldout_docs=2, knowledge_items=2, mmlu_items=0, chat_items=2, drift_prompts=2, drift_tokens=3,
+                 task_items=2, batch_size=4)
+    tasks = [write_jsonl(tmp_path / f"task{i}.jsonl", sft_records(2 + i)) for i in range(2)]
+    result = ev.evaluate_adapter(model, tokenizer, ev.EvalArgs(**small, task_data=tasks[0]), cache_before=True)
+    assert set(result["after"]) == {"heldout_nll", "knowledge_mc", "chat_nll", "behaviour_kl", "task_nll", "task_em"}
+    assert result["items"] == {"knowledge_mc": 2, "task_em": 2}
+    before = ["heldout_nll", "knowledge_mc", "chat_nll", "behaviour_kl", "task"]
+    assert calls == before * 2  # before (adapter off), then after
+    calls.clear()  # another task file: only the task's "before" runs again
+    ev.evaluate_adapter(model, tokenizer, ev.EvalArgs(**small, task_data=tasks[1]), cache_before=True)
+    assert calls == ["task"] + before
+    calls.clear()  # another size of one probe: that probe's
+    ev.evaluate_adapter(model, tokenizer, ev.EvalArgs(**{**small, "chat_items": 3}, task_data=tasks[1]),
+                        cache_before=True)
+    assert calls == ["chat_nll"] + before
 
 
 def test_next_token_logprobs_read_the_last_real_position(llama_dir, tokenizer):
