@@ -1,8 +1,10 @@
 """Forgetting watched while the run trains (`probe_steps`), and a budget that stops it (`forgetting_budget`).
 
-Every `probe_steps` optimizer steps `ForgettingWatch` runs the "after" half of the report's probes (evaluation.py,
-the same probes as the report after training; the "before" half is the initial model's, cached) and logs the
-headline `forgetting`, each probe and the task score through the Trainer's own `log`, so every logger of `report_to`
+Every `probe_steps` optimizer steps `ForgettingWatch` runs the "after" half of the report's probes but the
+multiple-choice ones (evaluation.py; the "before" half is the initial model's, cached): the headline's probes, as the
+report after training runs them, and the task. knowledge_mc's 385 questions alone cost about 85% of the embedded
+default's training, so a round leaves them to the report. It logs the headline `forgetting`, each probe and the task
+score through the Trainer's own `log`, so every logger of `report_to`
 shows them; the rounds land in metrics.json and report.png from the log history.
 
 With a `forgetting_budget`, each round within it writes a checkpoint (protected from `save_total_limit`'s rotation as
@@ -14,6 +16,7 @@ the probes on its own copy of the model (DDP) and takes the mean of the values, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -39,7 +42,8 @@ def probe_rounds(log_history: list[dict]) -> list[dict]:
 
 class ForgettingWatch(TrainerCallback):
     def __init__(self, trainer, eval_args: EvalArgs, every: int | None, budget: float | None):
-        self.trainer, self.eval_args, self.every, self.budget = trainer, eval_args, every, budget
+        self.trainer, self.every, self.budget = trainer, every, budget
+        self.eval_args = dataclasses.replace(eval_args, knowledge_items=0, mmlu_items=0)
         self.before = self.drift_answers = self.initial = None
         self.kept_step, self.crossed_at = 0, None
 
