@@ -373,9 +373,9 @@ checkpoint in output_dir; --debug shows tracebacks."""
 HELP_GROUPS = {
     "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
                   "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
-    "replay": ("replay_data", "replay_ratio", "replay_mode", "replay_weight", "replay_seq_length", "replay_max_sequences",
-               "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
-               "replay_split", "replay_config", "padding_free"),
+    "replay": ("replay_data", "replay_ratio", "replay_mode", "replay_weight", "replay_seq_length",
+               "replay_max_sequences", "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature",
+               "replay_text_field", "replay_split", "replay_config", "padding_free"),
     "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
     "LoRA": ("model_name_or_path", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
              "use_rslora", "use_dora", "init_lora_weights"),

@@ -132,8 +132,9 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], workl
                                                                TASKS[task]("train"))}
             test = write_jsonl(out / "tasks" / task / "frontier.jsonl", TASKS[task]("frontier"))
             print(f"==== seed {seed}, task {task}, workload {workload}", flush=True)
-            compare(folder(out, task, workload) / f"seed{seed}", overrides={**data, **WORKLOADS[workload], "seed": seed},
-                    methods={m: METHODS[m] for m in methods}, eval_args=EvalArgs(**PROBE_SIZES, task_data=test))
+            compare(folder(out, task, workload) / f"seed{seed}",
+                    overrides={**data, **WORKLOADS[workload], "seed": seed}, methods={m: METHODS[m] for m in methods},
+                    eval_args=EvalArgs(**PROBE_SIZES, task_data=test))
 
 
 def interval(values: list[float]) -> list[float] | None:
