@@ -1,14 +1,17 @@
 """experiments/frontier.py: the shipped default it names, and the shares it pools."""
 
+import hashlib
 import json
+import re
 
 import pytest
 
 from arr.compare import NOT_RESULT_KEYS
 from arr.config import build_config, read_config
-from arr.resources import DEFAULT_RECIPE
+from arr.resources import DEFAULT_RECIPE, is_heldout_title
 from arr.train import resolved_config
 from experiments.frontier import METHODS, shipped_default, summarise
+from experiments.tasks import TASKS
 
 
 def test_the_named_default_is_the_shipped_configuration_key_for_key():
@@ -48,3 +51,22 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path):
     assert pooled["kept"]["half_width"] == pytest.approx(12.706 * 0.1, rel=1e-3)
     assert pooled["nll_kept"]["mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert pooled["knowledge_delta"]["mean"] == pytest.approx(-0.01)
+
+
+# sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
+# training runs of every frontier stay the same runs
+SPLITS_BEFORE = {"date": "f2ff5a1b57554673", "topic": "a87daf447a42cd4f", "reverse": "f4ecc8d3143a61d3",
+                 "catalogue": "1b096cd514ee60d5"}
+
+
+@pytest.mark.parametrize("task", SPLITS_BEFORE)
+def test_frontier_split_extends_test_never_meets_train_and_leaves_both_as_they_were(task):
+    split = TASKS[task]
+    train, test, frontier = split("train"), split("test"), split("frontier")
+    assert hashlib.sha256(json.dumps([train, test]).encode()).hexdigest()[:16] == SPLITS_BEFORE[task]
+    assert len(frontier) == 300 and frontier[:100] == test
+    prompts = [json.dumps(r["messages"][0]) for r in frontier]
+    assert len(set(prompts)) == 300 and not set(prompts) & {json.dumps(r["messages"][0]) for r in train}
+    if task in ("topic", "catalogue"):  # articles of the replay split only: no probe's held-out title
+        assert not any(is_heldout_title(t) for t in re.findall(r'"([^"]+)"|Title: ([^\n]+)', "\n".join(
+            r["messages"][0]["content"] for r in frontier)) for t in t if t)
