@@ -267,7 +267,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].set_ylim(min(all_y + [100]) - 10, max(all_y + [100]) + 10)
     axes[0].set_ylabel("task score kept (% of LoRA)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
