@@ -28,6 +28,7 @@ REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
 LINEAGE_REPLAY_MODES = ("prompts", "data", "none")
+REPLAY_MODES = ("replace", "add")
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
 # Without replay the KL can only sit on the task's own rows: those presets say so (kl_on: all), so that a beta given
@@ -225,6 +226,14 @@ class ARRConfig(TrainingArguments):
         metadata={"help": "Fraction of the sequences in every optimizer step that are replay, in [0, 1). Exact over "
                           "a run (per-step counts are a deterministic rounding of ratio * global batch)."},
     )
+    replay_mode: str = field(
+        default="replace",
+        metadata={"help": "'replace': replay rows take their place among the global batch's rows (the task sees "
+                          "1 - replay_ratio of them a step); 'add': every step keeps the global batch's task rows, as "
+                          "plain LoRA, and replay is added on top (replay_ratio / (1 - replay_ratio) replay rows per "
+                          "task row, still replay_ratio of the step's rows; 0.5 is one per task row), so a step "
+                          "computes more rows."},
+    )
     replay_weight: float | None = field(
         default=None,
         metadata={"help": "Weight of the replay next-token CE (>= 0). Empty: 0 with replay_data=self (its greedy "
@@ -403,6 +412,8 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
         raise ConfigError(f"config key replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
+    if cfg.replay_mode not in REPLAY_MODES:
+        raise ConfigError(f"config key replay_mode must be one of {', '.join(REPLAY_MODES)}, got {cfg.replay_mode!r}")
     if cfg.beta > 0 and cfg.kl_on == "replay" and cfg.replay_ratio == 0:
         raise ConfigError("config key kl_on=replay takes the KL on replay rows, and replay_ratio=0 draws none: set "
                           "kl_on=all for a KL on the task's own rows, replay_ratio > 0, or beta=0")
@@ -464,10 +475,10 @@ checkpoint in output_dir; --debug shows tracebacks."""
 HELP_GROUPS = {
     "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
                   "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
-    "replay": ("replay_data", "replay_ratio", "replay_weight", "replay_seq_length", "replay_max_sequences",
-               "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature", "replay_text_field",
-               "replay_split", "replay_config", "padding_free", "lineage_replay", "lineage_replay_share",
-               "skip_missing_lineage"),
+    "replay": ("replay_data", "replay_ratio", "replay_mode", "replay_weight", "replay_seq_length",
+               "replay_max_sequences", "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature",
+               "replay_text_field", "replay_split", "replay_config", "padding_free", "lineage_replay",
+               "lineage_replay_share", "skip_missing_lineage"),
     "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
     "model": ("model_name_or_path", "dtype", "attn_implementation", "load_in_4bit", "load_in_8bit",
               "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "use_bnb_nested_quant"),

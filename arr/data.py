@@ -276,7 +276,9 @@ class MixedDataset(Dataset):
         ranges = {"sft": range(len(self.sft)), "replay": range(len(self.sft), len(self))}
         return [i for kind in kinds for i in ranges[kind]]
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | tuple[int, ...]) -> dict | list[dict]:
+        if isinstance(i, tuple):  # a task row with the replay rows added beside it (ReplayMixSampler, added)
+            return [self[j] for j in i]
         if i < len(self.sft):
             return {**self.sft[i], "is_replay": False, "row": i}
         row = self.replay[i - len(self.sft)]
@@ -285,21 +287,29 @@ class MixedDataset(Dataset):
         return {**row, "is_replay": True, "row": i}
 
 
-def steps_per_epoch(n_sft: int, global_batch: int, replay_ratio: float) -> int:
-    """Optimizer steps that draw every SFT row once, each step `global_batch` rows of which `replay_ratio` are
-    replay."""
-    return math.ceil(n_sft / (global_batch * (1 - replay_ratio)))
+def steps_per_epoch(n_sft: int, global_batch: int, replay_ratio: float, added: bool = False) -> int:
+    """Optimizer steps that draw every SFT row once: each step draws `global_batch` SFT rows and the replay beside
+    them (`added`), or `global_batch` rows of which `replay_ratio` are replay."""
+    return math.ceil(n_sft / (global_batch * (1 if added else 1 - replay_ratio)))
+
+
+def replay_added(args) -> bool:
+    return args.replay_mode == "add"
 
 
 def total_steps(n_sft: int, args) -> int:
     """Optimizer steps of the run: `max_steps`, else its epochs over the SFT rows."""
-    epoch = steps_per_epoch(n_sft, args.global_batch, args.replay_ratio)
+    epoch = steps_per_epoch(n_sft, args.global_batch, args.replay_ratio, replay_added(args))
     return args.max_steps if args.max_steps > 0 else math.ceil(epoch * args.num_train_epochs)
 
 
 def rows_drawn(n_sft: int, args) -> tuple[int, int]:
     """The SFT rows and the replay rows the whole run draws (a row drawn twice counts twice)."""
-    draws = total_steps(n_sft, args) * args.global_batch
+    steps = total_steps(n_sft, args)
+    if replay_added(args):  # replay is the ratio's share of task rows + replay: ratio / (1 - ratio) per task row
+        sft = steps * args.global_batch
+        return sft, _rounded(sft * args.replay_ratio / (1 - args.replay_ratio))
+    draws = steps * args.global_batch
     replay = _rounded(draws * args.replay_ratio)
     return draws - replay, replay
 
@@ -315,26 +325,35 @@ def _rounded(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-class ReplayMixSampler(Sampler[int]):
-    """Orders a MixedDataset so that every optimizer step (`global_batch` consecutive indices: per-device batch x
-    gradient accumulation x processes) holds round((s+1)*g*r) - round(s*g*r) replay sequences at step s. The count
-    of replay sequences after S steps is round(S * g * r): the ratio is exact over a run up to one sequence.
+class ReplayMixSampler(Sampler[int | tuple[int, ...]]):
+    """Orders a MixedDataset so that every optimizer step (`global_batch` consecutive items: per-device batch x
+    gradient accumulation x processes) mixes replay into the task's rows at the ratio r, exact over a run up to one
+    sequence:
+
+    - in place (`added` False): the step's g items are rows, round((s+1)*g*r) - round(s*g*r) of them replay at
+      step s, in place of task rows (the task sees g(1 - r) rows a step);
+    - added: the step's g items are g task rows, as plain LoRA's, and round((s+1)*g*q) - round(s*g*q) replay rows,
+      q = r / (1 - r) per task row (so replay is still r of the step's rows), ride along: an item that carries
+      replay is a tuple (task row, replay rows...), spread evenly over the step's items, which MixedDataset returns
+      as a list of rows and the Collator flattens. Micro-batches then hold more rows than the per-device batch.
 
     SFT and replay indices come from two endless streams of seeded permutations, so the whole order is a pure
     function of (seed, step): deterministic, resumable, and identical on every rank (accelerate then hands each
     rank its own slice of every step)."""
 
-    def __init__(self, n_sft: int, n_replay: int, global_batch: int, ratio: float, seed: int):
+    def __init__(self, n_sft: int, n_replay: int, global_batch: int, ratio: float, seed: int, added: bool = False):
         if not 0 < ratio < 1 or n_replay < 1:
             raise ValueError("ReplayMixSampler needs 0 < ratio < 1 and a non-empty replay pool")
         self.n_sft, self.n_replay, self.global_batch, self.ratio, self.seed = n_sft, n_replay, global_batch, ratio, seed
-        self.steps_per_epoch = steps_per_epoch(n_sft, global_batch, ratio)
+        self.added = added
+        self.steps_per_epoch = steps_per_epoch(n_sft, global_batch, ratio, added)
         self.epoch = 0
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
     def replay_before(self, step: int) -> int:
         """Replay sequences drawn in steps [0, step)."""
-        return _rounded(step * self.global_batch * self.ratio)
+        per_row = self.ratio / (1 - self.ratio) if self.added else self.ratio
+        return _rounded(step * self.global_batch * per_row)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -356,9 +375,19 @@ class ReplayMixSampler(Sampler[int]):
         first = self.epoch * self.steps_per_epoch
         for step in range(first, first + self.steps_per_epoch):
             r0, r1 = self.replay_before(step), self.replay_before(step + 1)
+            replay = [self.n_sft + self._stream(1, self.n_replay, p) for p in range(r0, r1)]
+            if self.added:
+                g = self.global_batch
+                riders = [[] for _ in range(g)]
+                for k, row in enumerate(replay):
+                    riders[k * g // len(replay)].append(row)
+                for j, p in enumerate(range(step * g, (step + 1) * g)):
+                    row = self._stream(0, self.n_sft, p)
+                    yield (row, *riders[j]) if riders[j] else row
+                continue
             s0, s1 = step * self.global_batch - r0, (step + 1) * self.global_batch - r1
             yield from (self._stream(0, self.n_sft, p) for p in range(s0, s1))
-            yield from (self.n_sft + self._stream(1, self.n_replay, p) for p in range(r0, r1))
+            yield from replay
 
 
 class Collator:
@@ -378,7 +407,8 @@ class Collator:
     def __init__(self, pad_token_id: int, attention_width: float | None = None):
         self.pad_token_id, self.attention_width = pad_token_id, attention_width
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict | list[dict]]) -> dict[str, torch.Tensor]:
+        rows = [r for item in rows for r in (item if isinstance(item, list) else [item])]  # added replay: flattened
         lengths = [len(r["input_ids"]) for r in rows]
         if self.attention_width is not None:
             packs = packed_rows(lengths, self.attention_width)

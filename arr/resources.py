@@ -159,15 +159,29 @@ def date_task(split: str = "train", n: int | None = None, seed: int = 0) -> list
     Why this task: SmolLM2-135M-Instruct cannot do it (it answers with prose or wrong digits), it is a real skill
     (month names to numbers, zero padding, reordering), exact match scores it on held-out dates, and its terse
     answers pull the model away from its chat behaviour, which is what makes plain LoRA forget.
-    Train (200 examples) and test (100) are generated deterministically from disjoint dates."""
+    Train (200 examples) and test (100) are generated deterministically from disjoint dates. `frontier` (300) is a
+    larger held-out split for experiments/frontier.py: the test split and 200 more dates, none of them in train."""
     sizes = {"train": 200, "test": 100}
-    if split not in sizes:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in (*sizes, "frontier"):
+        raise ValueError(f"split must be 'train', 'test' or 'frontier', got {split!r}")
+    first, last = date(1900, 1, 1).toordinal(), date(2099, 12, 31).toordinal()
     rng = random.Random(f"arr-date-task-{seed}")
-    days = rng.sample(range(date(1900, 1, 1).toordinal(), date(2099, 12, 31).toordinal()), sum(sizes.values()))
-    chosen = days[: sizes["train"]] if split == "train" else days[sizes["train"]:]
+    days = rng.sample(range(first, last), sum(sizes.values()))
+    if split == "frontier":  # drawn after the bundled splits, from an rng of its own: those stay as they were
+        more = random.Random(f"arr-date-task-frontier-{seed}")
+        taken, extra = set(days), []
+        while len(extra) < 200:
+            day = more.randrange(first, last)
+            if day not in taken:
+                taken.add(day)
+                extra.append(day)
+        return (date_task("test", seed=seed) + _date_examples(extra, more))[:n]
+    return _date_examples(days[: sizes["train"]] if split == "train" else days[sizes["train"]:], rng, n)
+
+
+def _date_examples(ordinals: list[int], rng: random.Random, n: int | None = None) -> list[dict]:
     examples = []
-    for ordinal in chosen[:n]:
+    for ordinal in ordinals[:n]:
         d = date.fromordinal(ordinal)
         question = rng.choice(_ASKS).format(rng.choice(_STYLES)(d))
         examples.append({"messages": [{"role": "user", "content": question},

@@ -30,7 +30,7 @@ from .cache import reference_cache
 from .chunked_loss import logits_head
 from .config import ARRConfig, ModelArguments, cache_dir
 from .curvature import adapted_layers, delta_weight, load_or_estimate
-from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, load_sft_examples,
+from .data import (Collator, MixedDataset, ReplayMixSampler, attention_width, load_sft_examples, replay_added,
                    replay_sequences_needed, rows_drawn, token_blocks)
 from .batch import kl_sequences
 from .errors import ARRError, ConfigError
@@ -272,7 +272,8 @@ class ARRTrainer(Trainer):
                         model, tokenizer, needed, args, topk, self.earlier_prompts)
             else:
                 replay = token_blocks(replay_source, tokenizer, args.replay_seq_length, needed, args.seed)
-            sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed)
+            sampler = ReplayMixSampler(len(sft), len(replay), args.global_batch, args.replay_ratio, args.seed,
+                                       added=replay_added(args))
         blocks = None
         if args.laplace_lambda > 0:
             source = curvature_source

@@ -25,6 +25,8 @@ seconds this adds are counted as the cache build). Variants (shipped defaults, a
                  log-probs ref_cache: auto caches once for every later run of the model (recorded here while
                  generating the answers, counted)
   arr_replay_online  the shipped default with the on-line reference on the replay rows (ref_cache: none)
+  arr_added      the shipped default with its replay added on top of the task's rows (replay_mode: add): every
+                 step trains the batch's task rows, as plain LoRA, and about 8/7 replay rows besides
   arr_kl_all     the KL on every position of every row (kl_on: all, the default before), ref_cache: auto
   arr_online     arr_kl_all with the on-line exact reference on every step (ref_cache: none)
   arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
@@ -57,6 +59,7 @@ VARIANTS = {
     "lora": {"beta": 0.0, "replay_ratio": 0.0},
     "arr": {},
     "arr_replay_online": {"ref_cache": "none"},
+    "arr_added": {"replay_mode": "add"},
     "arr_kl_all": _KL_ALL,
     "arr_online": {**_KL_ALL, "ref_cache": "none"},
     "arr_naive": {**_KL_ALL, "ref_cache": "none", "loss_chunk_size": 0},
@@ -122,7 +125,9 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
                                                     target_modules="all-linear"))
         tokens = []  # per micro-batch, in step order (gradient accumulation is 1)
         collate = trainer.data_collator
-        trainer.data_collator = lambda rows: tokens.append(sum(len(r["input_ids"]) for r in rows)) or collate(rows)
+        trainer.data_collator = lambda items: tokens.append(sum(  # (an item with replay added on top is a list)
+            len(r["input_ids"]) for item in items for r in (item if isinstance(item, list) else [item]))
+        ) or collate(items)
         clock = StepClock(warmup_steps, steps)
         trainer.add_callback(clock)
         profiler = StepProfiler(warmup_steps, steps - warmup_steps, profile_file) if profile_file else None

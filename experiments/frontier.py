@@ -1,16 +1,20 @@
 """The learning/forgetting frontier over several tasks and seeds: which objective keeps what the model knew *and*
 learns each task as well as plain LoRA does.
 
-    python -m experiments.frontier [OUTPUT_DIR] [--seeds 42 1 2] [--tasks date topic reverse catalogue]
-                                   [--methods NAME ...] [--docs docs/results]
+    python -m experiments.frontier [OUTPUT_DIR] [--seeds 42 1 2 3 4] [--tasks date topic reverse catalogue]
+                                   [--methods NAME ...] [--workload embedded|epochs3] [--docs docs/results]
 
 For every seed (outer loop, so that a cut-short run still covers every task) and task (experiments/tasks.py) it runs
-`arr compare` on the embedded recipe with the task's data and the methods below, each method's keys pinned so that a
-change of the shipped defaults does not change what a name means. Then, against plain LoRA at the same task, steps
-and seed: forgetting removed = 1 - F / F_lora and task score kept = EM / EM_lora, averaged over seeds with a 95% t
-interval, per task and pooled (the mean over tasks, per seed, then over seeds), the train wall time relative to
-LoRA, and the per-probe deltas. Writes OUTPUT_DIR/frontier.json, frontier.md and frontier.png (and copies them to
---docs when given). Finished runs and evaluations are reused.
+`arr compare` on the embedded recipe with the task's training data and the methods below, each method's keys pinned
+so that a change of the shipped defaults does not change what a name means, and scores the task on its `frontier`
+split (300 held-out items). Then, against plain LoRA at the same task, workload and seed: forgetting removed =
+1 - F / F_lora, task score kept = EM / EM_lora (exact match) and task NLL gain kept = (NLL_before - NLL) /
+(NLL_before - NLL_lora) (the held-out answers' NLL, continuous), averaged over seeds with a 95% t interval and its
+half-width, per task and pooled (the mean over tasks, per seed, then over the seeds that ran every task), the train
+wall time relative to LoRA, and the per-probe deltas (knowledge_mc among them). `default` in frontier.json is the
+method whose keys give the shipped configuration (shipped_default). Writes OUTPUT_DIR/frontier.json, frontier.md and
+frontier.png (and copies them to --docs when given). Finished runs and evaluations are reused. The `epochs3`
+workload (3 epochs of each task's 200 rows instead of the recipe's 24 steps) writes to TASK-epochs3 folders.
 """
 
 from __future__ import annotations
@@ -22,19 +26,28 @@ import statistics
 from pathlib import Path
 
 from arr.compare import compare
+from arr.config import build_config, expand_method, read_config
 from arr.evaluation import EvalArgs
 from arr.plots import draw, draw_front, t_interval
-from experiments.tasks import TASKS
+from arr.resources import DEFAULT_RECIPE
+from arr.train import resolved_config
+from bench.overhead import WORKLOADS
+from experiments.tasks import SIZES, TASKS
 
-# The headline probes and the task at sizes that fit 4 tasks x 3 seeds x 4 methods in about two hours on 2 cores;
-# the multiple-choice probes, which the headline does not use, are skipped (size 0).
-PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=8, drift_tokens=24, knowledge_items=0,
-                   mmlu_items=0, task_items=50)
-_OBJECTIVE = dict(beta=1.0, kl_direction="forward", kl_mask_target=False, replay_weight=1.0, ref_cache="none")
+# The headline probes at the sizes of the earlier frontier; the task on its whole frontier split; knowledge_mc at 385
+# items, a 95% half-width of at most 5 points on its score whatever the score (1.96 * sqrt(0.5 * 0.5 / 385) = 0.050;
+# the base scores 0.54 on these items; the paired delta, which counts only the items that flip, is narrower). MMLU is
+# left out: a 135M model is at chance.
+PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=8, drift_tokens=24, knowledge_items=385,
+                   mmlu_items=0, task_items=SIZES["frontier"])
+_OBJECTIVE = dict(beta=1.0, kl_direction="forward", kl_mask_target=False, replay_weight=1.0, ref_cache="none",
+                  replay_mode="replace")
 _SELF = dict(replay_data="self", self_replay_temperature=0.0)
 _TOP64 = dict(ref_cache="topk", ref_cache_topk=64)  # a reference cache of the top 64 log-probs per position
 # self-generated replay held by the KL alone, at 1/8, the KL on the replay rows only
 _SELF_REPLAY_KL = {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125}
+_DEFAULT = {**_SELF_REPLAY_KL, "kl_mask_target": True, "replay_weight": None, "ref_cache": "auto",
+            "ref_cache_topk": 64, "self_replay_max_new_tokens": 48}
 METHODS = {
     # plain LoRA; the objective keys, which do nothing without KL and replay, pinned as its runs were trained
     "lora": {"method": "lora", "ref_cache": "none", "replay_data": None, "kl_on": "all", "kl_mask_target": False,
@@ -63,9 +76,41 @@ METHODS = {
     # the same as arr_self_replay_kl through a top-64 reference cache of the replay rows (no reference forward in
     # the steps), and that with answers of at most 48 tokens (replay rows a third shorter)
     "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, **_TOP64},
-    "arr_self_replay_kl_top64_a48": {**_SELF_REPLAY_KL, **_TOP64, "self_replay_max_new_tokens": 48},
+    # the shipped default, its keys as the shipped configuration writes them (so shipped_default finds it): the same
+    # run as arr_self_replay_kl_top64 with answers of at most 48 tokens (kl_mask_target does nothing without a KL on
+    # the task's rows, replay_weight null is 0 with self-generated replay, ref_cache auto is the top-64 cache here)
+    "arr_self_replay_kl_top64_a48": _DEFAULT,
+    # candidates around it (issue #28): replay added on top of the task's 8 rows a step instead of in place of one
+    "arr_self_replay_kl_top64_a48_added": {**_DEFAULT, "replay_mode": "add"},
+    # more replay (in place), and a weaker and a stronger KL
+    "arr_self_replay_kl_top64_a48_r25": {**_DEFAULT, "replay_ratio": 0.25},
+    "arr_self_replay_kl_top64_a48_r50": {**_DEFAULT, "replay_ratio": 0.5},
+    "arr_self_replay_kl_top64_a48_b03": {**_DEFAULT, "beta": 0.3},
+    "arr_self_replay_kl_top64_a48_b3": {**_DEFAULT, "beta": 3.0},
+    # a peer's recipe: the defaults of the MER control in IBM's AISteer360 (branch MER,
+    # aisteer360/algorithms/structural_control/mer, by one of the ARR paper's authors; whether the paper used exactly
+    # these is not known): reverse KL over the full vocabulary, beta 0.01, one replay row per task row (on top of
+    # the task's), LoRA r 32 / alpha 64, constant lr 1e-4. Two things ARR's keys cannot say as that code does: its
+    # KL sits at every labelled position, kl_on all also takes the prompts'; its replay data is the user's, here the
+    # packaged Wikipedia replay corpus with its CE.
+    "mer_aisteer360_defaults": {**_OBJECTIVE, "kl_direction": "reverse", "beta": 0.01, "kl_on": "all",
+                                "replay_data": None, "replay_ratio": 0.5, "replay_mode": "add", "lora_r": 32,
+                                "lora_alpha": 64, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
 }
-DEFAULT_METHODS = ("lora", "arr_wiki_all", "arr_wiki_masked", "arr_self_kl_masked")
+DEFAULT_METHODS = ("lora", "arr_self_replay_kl_top64_a48", "arr_self_replay_kl_top64_a48_added",
+                   "mer_aisteer360_defaults")
+
+
+def shipped_default(recipe: Path = DEFAULT_RECIPE) -> str | None:
+    """The METHODS entry whose keys, over `recipe`, give the configuration `recipe` resolves to on every key any
+    entry pins: the shipped default, read from arr/config.py's defaults and the embedded recipe. None when no entry
+    matches, or when several do (their names would mean the same run)."""
+    base = read_config(str(recipe), [])
+    shipped = resolved_config(*build_config(base))
+    keys = sorted({k for m in METHODS.values() for k in expand_method(m)})
+    matches = [name for name, m in METHODS.items()
+               if all(resolved_config(*build_config({**base, **m}))[k] == shipped[k] for k in keys)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
@@ -74,17 +119,22 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
-def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> None:
+def folder(out: Path, task: str, workload: str) -> Path:
+    return out / (task if workload == "embedded" else f"{task}-{workload}")
+
+
+def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], workload: str = "embedded") -> None:
     out = out.resolve()  # the task files' paths are part of each run's config: the same from any working directory
     for seed in seeds:
         for task in tasks:
-            bundled = task == "date"  # the recipe's own task and test split
+            bundled = task == "date"  # the recipe's own task
             data = {} if bundled else {"sft_data": write_jsonl(out / "tasks" / task / "train.jsonl",
                                                                TASKS[task]("train"))}
-            test = None if bundled else write_jsonl(out / "tasks" / task / "test.jsonl", TASKS[task]("test"))
-            print(f"==== seed {seed}, task {task}", flush=True)
-            compare(out / task / f"seed{seed}", overrides={**data, "seed": seed},
-                    methods={m: METHODS[m] for m in methods}, eval_args=EvalArgs(**PROBE_SIZES, task_data=test))
+            test = write_jsonl(out / "tasks" / task / "frontier.jsonl", TASKS[task]("frontier"))
+            print(f"==== seed {seed}, task {task}, workload {workload}", flush=True)
+            compare(folder(out, task, workload) / f"seed{seed}",
+                    overrides={**data, **WORKLOADS[workload], "seed": seed}, methods={m: METHODS[m] for m in methods},
+                    eval_args=EvalArgs(**PROBE_SIZES, task_data=test))
 
 
 def interval(values: list[float]) -> list[float] | None:
@@ -92,62 +142,83 @@ def interval(values: list[float]) -> list[float] | None:
     return list(ci) if ci else None
 
 
-def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> dict:
+def stats(values: list[float]) -> dict:
+    """Mean, 95% t interval and its half-width (None for fewer than two values)."""
+    ci = interval(values)
+    return {"mean": statistics.mean(values), "ci": ci, "half_width": (ci[1] - ci[0]) / 2 if ci else None,
+            "n": len(values)}
+
+
+# What each (task, seed) pair gives against plain LoRA's run of the same pair: the shares of the headline.
+SHARES = ("removed", "kept", "nll_kept", "knowledge_delta")
+
+
+def shares(m: dict, lora: dict) -> dict:
+    before, after, lora_after = m["probes"]["before"], m["probes"]["after"], lora["probes"]["after"]
+    return {"removed": 1 - m["forgetting"] / lora["forgetting"], "kept": m["task_score"] / lora["task_score"],
+            "nll_kept": (before["task_nll"] - after["task_nll"]) / (before["task_nll"] - lora_after["task_nll"]),
+            "knowledge_delta": m["probes"]["delta"].get("knowledge_mc")}
+
+
+def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], workload: str = "embedded") -> dict:
     """frontier.json's content from the results.json of every (task, seed) comparison found in `out`."""
     runs = {}  # (task, seed) -> results["methods"]
     for task in tasks:
         for seed in seeds:
-            path = out / task / f"seed{seed}" / "results.json"
+            path = folder(out, task, workload) / f"seed{seed}" / "results.json"
             if path.is_file():
                 runs[task, seed] = json.loads(path.read_text())["methods"]
-    summary = {"tasks": tasks, "seeds": seeds, "default": None, "probe_sizes": PROBE_SIZES, "methods": {}}
+    summary = {"tasks": tasks, "seeds": seeds, "workload": workload, "default": shipped_default(),
+               "probe_sizes": PROBE_SIZES, "methods": {}}
     for name in methods:
-        per_task, pooled_seeds, walls = {}, {}, []
+        per_task, by_seed, walls = {}, {}, []
         for task in tasks:
-            shares = []
-            for seed in seeds:
-                found = runs.get((task, seed), {})
-                if name in found and "lora" in found:
-                    m, lora = found[name], found["lora"]
-                    shares.append((seed, 1 - m["forgetting"] / lora["forgetting"], m["task_score"] / lora["task_score"],
-                                   m["probes"]["delta"], m["forgetting"], m["task_score"]))
-                    walls.append(m["train_seconds"] / lora["train_seconds"])
-            if not shares:
+            found = [(seed, runs[task, seed]) for seed in seeds if (task, seed) in runs]
+            pairs = [(seed, r[name], shares(r[name], r["lora"])) for seed, r in found if name in r and "lora" in r]
+            if not pairs:
                 continue
-            removed, kept = [s[1] for s in shares], [s[2] for s in shares]
-            per_task[task] = {"removed": statistics.mean(removed), "kept": statistics.mean(kept),
-                              "removed_ci": interval(removed), "kept_ci": interval(kept), "seeds": [s[0] for s in shares],
-                              "forgetting": statistics.mean(s[4] for s in shares),
-                              "task_score": statistics.mean(s[5] for s in shares),
-                              "delta": {p: statistics.mean(s[3][p] for s in shares) for p in shares[0][3]}}
-            for seed, r, k, *_ in shares:
-                pooled_seeds.setdefault(seed, []).append((r, k))
-        complete = [v for v in pooled_seeds.values() if len(v) == len(per_task)]  # seeds that ran every task
-        pooled_removed = [statistics.mean(r for r, _ in v) for v in complete]
-        pooled_kept = [statistics.mean(k for _, k in v) for v in complete]
-        summary["methods"][name] = {
-            "per_task": per_task,
-            "pooled": {"removed": statistics.mean(t["removed"] for t in per_task.values()) if per_task else None,
-                       "kept": statistics.mean(t["kept"] for t in per_task.values()) if per_task else None,
-                       "removed_ci": interval(pooled_removed), "kept_ci": interval(pooled_kept)},
-            "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
+            walls += [m["train_seconds"] / runs[task, seed]["lora"]["train_seconds"] for seed, m, _ in pairs]
+            per_task[task] = {
+                **{k: stats([sh[k] for _, _, sh in pairs]) for k in SHARES if pairs[0][2][k] is not None},
+                "seeds": [seed for seed, _, _ in pairs],
+                "forgetting": statistics.mean(m["forgetting"] for _, m, _ in pairs),
+                "task_score": statistics.mean(m["task_score"] for _, m, _ in pairs),
+                "delta": {p: statistics.mean(m["probes"]["delta"][p] for _, m, _ in pairs)
+                          for p in pairs[0][1]["probes"]["delta"]}}
+            for seed, _, sh in pairs:
+                by_seed.setdefault(seed, []).append(sh)
+        complete = [v for v in by_seed.values() if len(v) == len(per_task)]  # seeds that ran every task
+        pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
+                  for k in SHARES if complete and complete[0][0][k] is not None}
+        summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),
+                                    "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
     return summary
 
 
 def table(summary: dict) -> str:
-    def pct(x, ci=None):
-        return "–" if x is None else f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+    def pct(s: dict | None, signed: bool = False) -> str:
+        if not s:
+            return "–"
+        value = f"{100 * s['mean']:+.1f}" if signed else f"{100 * s['mean']:.1f}%"
+        if not s["ci"]:
+            return value
+        return f"{value} [{100 * s['ci'][0]:.0f}, {100 * s['ci'][1]:.0f}] ±{100 * s['half_width']:.1f}"
 
-    rows = ["| method | task | seeds | forgetting ↓ | task EM ↑ | removed [95% CI] | kept [95% CI] | wall × LoRA |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
+    rows = [f"Workload {summary['workload']}; shipped default: {summary['default']}. Shares of plain LoRA's, mean "
+            "over seeds [95% t interval] ±half-width, in points; pooled: the mean over tasks per seed, over the seeds "
+            "that ran every task.", "",
+            "| method | task | seeds | forgetting ↓ | task EM ↑ | removed | kept (EM) | task-NLL gain kept | "
+            "Δ knowledge_mc (points) | wall × LoRA |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         for task, t in m["per_task"].items():
             rows.append(f"| {name} | {task} | {len(t['seeds'])} | {t['forgetting']:+.4f} | {t['task_score']:.3f} | "
-                        f"{pct(t['removed'], t['removed_ci'])} | {pct(t['kept'], t['kept_ci'])} | |")
+                        f"{pct(t.get('removed'))} | {pct(t.get('kept'))} | {pct(t.get('nll_kept'))} | "
+                        f"{pct(t.get('knowledge_delta'), True)} | |")
         p = m["pooled"]
         wall = "–" if m["wall_ratio"] is None else f"{m['wall_ratio']:.2f}"
-        rows.append(f"| **{name}** | **pooled** | | | | {pct(p['removed'], p['removed_ci'])} | "
-                    f"{pct(p['kept'], p['kept_ci'])} | {wall} |")
+        rows.append(f"| **{name}** | **pooled** | {m['pooled_seeds']} | | | {pct(p.get('removed'))} | "
+                    f"{pct(p.get('kept'))} | {pct(p.get('nll_kept'))} | {pct(p.get('knowledge_delta'), True)} | "
+                    f"{wall} |")
     probes = sorted({p for m in summary["methods"].values() for t in m["per_task"].values() for p in t["delta"]})
     rows += ["", "Per-probe deltas (after − before, mean over seeds):", "",
              "| method | task | " + " | ".join(f"Δ {p}" for p in probes) + " |", "|---|---|" + "---:|" * len(probes)]
@@ -175,12 +246,13 @@ def plot(summary: dict, path: Path) -> None:
         for i, name in enumerate(names):
             m = summary["methods"][name]
             t = m["pooled"] if panel == "pooled" else m["per_task"].get(panel)
-            if not t or t["removed"] is None:
+            if not t or "removed" not in t:
                 continue
-            x, y = 100 * t["removed"], 100 * t["kept"]
+            removed, kept = t["removed"], t["kept"]
+            x, y = 100 * removed["mean"], 100 * kept["mean"]
             point = {"x": x, "y": y,
-                     "xerr": [[x - 100 * t["removed_ci"][0]], [100 * t["removed_ci"][1] - x]] if t["removed_ci"] else None,
-                     "yerr": [[y - 100 * t["kept_ci"][0]], [100 * t["kept_ci"][1] - y]] if t["kept_ci"] else None}
+                     "xerr": [[x - 100 * removed["ci"][0]], [100 * removed["ci"][1] - x]] if removed["ci"] else None,
+                     "yerr": [[y - 100 * kept["ci"][0]], [100 * kept["ci"][1] - y]] if kept["ci"] else None}
             draw(ax, point, plt.cm.tab10(i), "os^DvP*Xh"[i % 9], label=name if panel == panels[0] else None)
             means[name] = (x, y)
         draw_front(ax, means)
@@ -195,7 +267,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].set_ylim(min(all_y + [100]) - 10, max(all_y + [100]) + 10)
     axes[0].set_ylabel("task score kept (% of LoRA)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -204,24 +276,27 @@ def plot(summary: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default="runs/frontier")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    parser.add_argument("--workload", default="embedded", choices=list(WORKLOADS),
+                        help="embedded: the recipe's 24 steps; epochs3: 3 epochs of the task's rows")
     parser.add_argument("--summary-only", action="store_true", help="summarise the runs already in OUTPUT_DIR")
     parser.add_argument("--docs", default=None, help="also copy frontier.json/.md/.png into this folder")
     args = parser.parse_args()
     out = Path(args.out)
     methods = args.methods if "lora" in args.methods else ["lora", *args.methods]
     if not args.summary_only:
-        run(out, args.seeds, args.tasks, methods)
-    summary = summarise(out, args.seeds, args.tasks, methods)
-    (out / "frontier.json").write_text(json.dumps(summary, indent=2))
-    (out / "frontier.md").write_text(table(summary))
-    plot(summary, out / "frontier.png")
+        run(out, args.seeds, args.tasks, methods, args.workload)
+    summary = summarise(out, args.seeds, args.tasks, methods, args.workload)
+    stem = "frontier" if args.workload == "embedded" else f"frontier-{args.workload}"
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{stem}.md").write_text(table(summary))
+    plot(summary, out / f"{stem}.png")
     print(table(summary))
     if args.docs:
-        for name in ("frontier.json", "frontier.md", "frontier.png"):
-            shutil.copy(out / name, Path(args.docs) / name)
+        for suffix in (".json", ".md", ".png"):
+            shutil.copy(out / f"{stem}{suffix}", Path(args.docs) / f"{stem}{suffix}")
 
 
 if __name__ == "__main__":

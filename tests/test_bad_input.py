@@ -84,6 +84,7 @@ CASES = {
     "negative beta": ({}, ["beta=-1"], "beta must be >= 0, got -1"),
     "replay_ratio 1": ({}, ["replay_ratio=1"], "replay_ratio must be in [0, 1), got 1"),
     "negative replay_ratio": ({}, ["replay_ratio=-0.1"], "replay_ratio must be in [0, 1), got -0.1"),
+    "bad replay_mode": ({}, ["replay_mode=both"], "replay_mode must be one of replace, add, got 'both'"),
     "bad kl_on": ({}, ["kl_on=prompt"], "kl_on must be one of all, sft, replay, prompt_and_replay, got 'prompt'"),
     "KL on replay without replay": ({}, ["replay_ratio=0"], "kl_on=replay takes the KL on replay rows, and "
                                     "replay_ratio=0 draws none"),

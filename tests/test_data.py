@@ -114,6 +114,41 @@ def test_replay_ratio_is_exact_and_deterministic(global_batch, ratio):
     assert list(ReplayMixSampler(50, 7, global_batch, ratio, seed=4)) != order[:len(sampler)]
 
 
+@pytest.mark.parametrize("global_batch, ratio, per_step", [(8, 0.125, 8 / 7), (8, 0.5, 8), (6, 0.2, 1.5)])
+def test_added_replay_keeps_every_task_row_of_every_step(global_batch, ratio, per_step):
+    """replay_mode=add: every step draws global_batch task rows, as plain LoRA does, in the same order as plain
+    LoRA's draws of the task, and ratio / (1 - ratio) replay rows per task row on top (exact over the run); replay is
+    still `ratio` of the rows drawn. Replay in place draws fewer task rows a step."""
+    sampler = ReplayMixSampler(n_sft=50, n_replay=7, global_batch=global_batch, ratio=ratio, seed=3, added=True)
+    order = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order += list(sampler)
+    assert len(sampler) == global_batch * -(-50 // global_batch)  # an epoch is plain LoRA's: ceil(50 / g) steps
+    steps = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    rows = [[j for item in step for j in (item if isinstance(item, tuple) else (item,))] for step in steps]
+    task = [[j for j in step if j < 50] for step in rows]
+    replay = [[j for j in step if j >= 50] for step in rows]
+    assert all(len(t) == global_batch for t in task)  # every task row of every step
+    assert all(isinstance(item, int) or item[0] < 50 <= min(item[1:]) for step in steps for item in step)
+    assert all(abs(len(r) - per_step) < 1 for r in replay)
+    for n in range(1, len(steps) + 1):  # cumulative replay count is the rounded exact count
+        assert abs(sum(len(r) for r in replay[:n]) - n * per_step) <= 0.5
+    total_replay = sum(map(len, replay))
+    assert abs(total_replay / (total_replay + sum(map(len, task))) - ratio) < 0.01
+    assert [j for t in task for j in t][:50] == [i for i in list(ReplayMixSampler(50, 7, global_batch, ratio, 3))
+                                                 if i < 50][:50]  # the task's order is the in-place one's
+    in_place = list(ReplayMixSampler(50, 7, global_batch, ratio, seed=3))
+    assert sum(i < 50 for i in in_place[:global_batch * 4]) < 4 * global_batch
+    # MixedDataset gives an item with riders as its rows, and the Collator batches them as rows
+    dataset = MixedDataset([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]} for _ in range(50)],
+                           torch.arange(7 * 4).reshape(7, 4))
+    item = next(i for i in order if isinstance(i, tuple))
+    batch = Collator(0)([dataset[i] for i in steps[0]])
+    assert len(batch["is_replay"]) == len(rows[0]) and batch["is_replay"].sum() == len(replay[0])
+    assert [r["row"] for r in dataset[item]] == list(item)
+
+
 def test_mixed_rows_keep_their_own_loss_mask(tokenizer):
     sft = load_sft_examples([{"prompt": "hi", "completion": "yo"}], tokenizer, 64)
     replay = torch.arange(10, 30).reshape(2, 10)

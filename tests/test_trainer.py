@@ -343,6 +343,27 @@ def test_reference_cache_trains_like_the_online_reference_and_is_invalidated_by_
     assert replay_online_kl[-1] > 0 and replay_cached_kl == pytest.approx(replay_online_kl, rel=1e-4, abs=1e-7)
 
 
+def test_added_replay_trains_every_task_row_of_every_step_with_replay_on_top(llama_dir, tokenizer, tmp_path):
+    """replay_mode=add at 1/4: each step of global batch 8 (2 micro-batches of 4) trains 8 task rows, as plain LoRA,
+    and 8/3 replay rows on top (round(s * 8/3) after s steps); the reference cache's draws count them."""
+    config = ARRConfig(output_dir=str(tmp_path / "out"), beta=0.5, replay_ratio=0.25, replay_mode="add",
+                       replay_seq_length=16, ref_cache="none", **STEPS)
+    trainer = ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(20), processing_class=tokenizer,
+                         replay_dataset=replay_texts(40))
+    seen = []  # (task rows, replay rows) of each micro-batch
+    collate = trainer.data_collator
+    def count(items):
+        rows = [r for item in items for r in (item if isinstance(item, list) else [item])]
+        seen.append((sum(not r["is_replay"] for r in rows), sum(r["is_replay"] for r in rows)))
+        return collate(items)
+    trainer.data_collator = count
+    trainer.train()
+    task, replay = zip(*seen[:8])  # (accelerate's loader reads one micro-batch ahead in the second epoch)
+    assert [task[i] + task[i + 1] for i in range(0, 8, 2)] == [8, 8, 8, 8]
+    assert [replay[i] + replay[i + 1] for i in range(0, 8, 2)] == [3, 2, 3, 3]  # round(8/3 s) - round(8/3 (s-1))
+    assert trainer.ref_cache_info["rows_drawn"] == 11  # kl_on replay (the default): round(4 x 8 / 3) replay rows
+
+
 @pytest.mark.parametrize("epochs,max_steps,extra,mode,drawn,rows", [
     (3, -1, {"kl_on": "all"}, "topk", 72, 18 + 18), (1, -1, {"kl_on": "all"}, "none", 24, 18 + 6),
     (1, 2, {"kl_on": "all"}, "none", 16, 18 + 4),

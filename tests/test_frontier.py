@@ -1,0 +1,72 @@
+"""experiments/frontier.py: the shipped default it names, and the shares it pools."""
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from arr.compare import NOT_RESULT_KEYS
+from arr.config import build_config, read_config
+from arr.resources import DEFAULT_RECIPE, is_heldout_title
+from arr.train import resolved_config
+from experiments.frontier import METHODS, shipped_default, summarise
+from experiments.tasks import TASKS
+
+
+def test_the_named_default_is_the_shipped_configuration_key_for_key():
+    name = shipped_default()
+    assert name in METHODS
+    recipe = read_config(str(DEFAULT_RECIPE), [])
+    shipped, named = resolved_config(*build_config(recipe)), resolved_config(*build_config({**recipe, **METHODS[name]}))
+    assert {k: v for k, v in named.items() if k not in NOT_RESULT_KEYS} == \
+           {k: v for k, v in shipped.items() if k not in NOT_RESULT_KEYS}
+
+
+@pytest.mark.parametrize("change, expected", [("beta: 3.0", "arr_self_replay_kl_top64_a48_b3"),
+                                              ("replay_mode: add", "arr_self_replay_kl_top64_a48_added"),
+                                              ("beta: 0.7", None)])
+def test_a_changed_default_names_its_method_or_none(tmp_path, change, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(DEFAULT_RECIPE.read_text() + change + "\n")
+    assert shipped_default(recipe) == expected
+
+
+def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path):
+    def method(forgetting, em, task_nll, knowledge):
+        return {"forgetting": forgetting, "task_score": em, "train_seconds": 10.0,
+                "probes": {"before": {"task_nll": 2.0}, "after": {"task_nll": task_nll},
+                           "delta": {"knowledge_mc": knowledge}}}
+
+    for seed, arr_em in ((42, 0.45), (1, 0.55)):
+        folder = tmp_path / "date" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"methods": {
+            "lora": method(0.2, 0.5, 1.0, -0.04), "mer_aisteer360_defaults": method(0.05, arr_em, 1.5, -0.01)}}))
+    pooled = summarise(tmp_path, [42, 1], ["date"], ["lora", "mer_aisteer360_defaults"])["methods"][
+        "mer_aisteer360_defaults"]["pooled"]
+    assert pooled["removed"]["mean"] == pytest.approx(0.75) and pooled["removed"]["half_width"] == pytest.approx(0)
+    assert pooled["kept"]["mean"] == pytest.approx(1.0)
+    # kept 0.9 and 1.1 over two seeds: standard deviation 0.1 * sqrt(2), a t interval of 12.706 * 0.1 each side
+    assert pooled["kept"]["half_width"] == pytest.approx(12.706 * 0.1, rel=1e-3)
+    assert pooled["nll_kept"]["mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
+    assert pooled["knowledge_delta"]["mean"] == pytest.approx(-0.01)
+
+
+# sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
+# training runs of every frontier stay the same runs
+SPLITS_BEFORE = {"date": "f2ff5a1b57554673", "topic": "a87daf447a42cd4f", "reverse": "f4ecc8d3143a61d3",
+                 "catalogue": "1b096cd514ee60d5"}
+
+
+@pytest.mark.parametrize("task", SPLITS_BEFORE)
+def test_frontier_split_extends_test_never_meets_train_and_leaves_both_as_they_were(task):
+    split = TASKS[task]
+    train, test, frontier = split("train"), split("test"), split("frontier")
+    assert hashlib.sha256(json.dumps([train, test]).encode()).hexdigest()[:16] == SPLITS_BEFORE[task]
+    assert len(frontier) == 300 and frontier[:100] == test
+    prompts = [json.dumps(r["messages"][0]) for r in frontier]
+    assert len(set(prompts)) == 300 and not set(prompts) & {json.dumps(r["messages"][0]) for r in train}
+    if task in ("topic", "catalogue"):  # articles of the replay split only: no probe's held-out title
+        assert not any(is_heldout_title(t) for t in re.findall(r'"([^"]+)"|Title: ([^\n]+)', "\n".join(
+            r["messages"][0]["content"] for r in frontier)) for t in t if t)
