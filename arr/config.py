@@ -1,5 +1,7 @@
 """Typed configuration. These dataclasses *are* the CLI (as in litgpt and TRL): every field is a YAML key and a
-`key=value` override of `arr train`, and its `help` text is what `arr train --help` prints.
+`key=value` override of `arr train`, and its `help` text is what `arr train --help` prints. Their names, types and
+help are also in arr/keys.json, which `--help` and the argument checks read without torch: after adding or changing
+a field, regenerate it with `python -m arr.keys` (tests/test_cli.py fails until then).
 
 `ARRConfig` extends `transformers.TrainingArguments` the way TRL's `SFTConfig` does, so every Trainer option
 (batch size, learning rate, DeepSpeed/FSDP, checkpointing, ...) is available under its usual name.
