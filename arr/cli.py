@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 from .errors import ARRError, ConfigError
+from .keys import check_values, describe_keys, expand_method, read_config, table, train_help
 
 # Each command's usage, for `arr --help` and the command's own --help. Nothing heavy (torch, transformers) is imported
 # before the arguments are parsed, so that help and argument errors come back at once.
@@ -57,8 +58,6 @@ def wants_help(args: list[str]) -> bool:
 
 def train_command(args: list[str]) -> int:
     if wants_help(args) or "--help-all" in args:
-        from .config import train_help
-
         print(train_help(every_option="--help-all" in args))
         return 0
     flags = {a for a in args if a in ("--resume", "--debug")}
@@ -66,12 +65,14 @@ def train_command(args: list[str]) -> int:
     unknown_flags = [a for a in rest if a.startswith("--")]
     if unknown_flags:
         raise ConfigError(f"unknown flag {unknown_flags[0]!r}; options are key=value (see arr train --help)")
-    from .config import build_config, read_config
-    from .resources import DEFAULT_RECIPE
-
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
     values = read_config(config_path, overrides)
+    check_values(expand_method(values), "train", "config key")  # before torch is imported
+
+    from .config import build_config
+    from .resources import DEFAULT_RECIPE
+
     # The recipe is a demo sized for the bundled task on 2 CPU cores (24 steps at a high constant learning rate):
     # a user's own data gets the defaults --help shows, and the demo says what it changes.
     if config_path is None and values.get("sft_data") is None:
@@ -129,23 +130,17 @@ def eval_command(args: list[str]) -> int:
     from . import run_folder
 
     if wants_help(args):
-        import dataclasses
-
-        from .config import describe_keys
-        from .evaluation import EvalArgs
-
         print(f"usage: arr {COMMANDS['eval']}\n\nkeys (each given as key=value):\n  model_name_or_path (default: the "
-              "run's own base model, from its arr_config.yaml)\n" + describe_keys(dataclasses.fields(EvalArgs)))
+              "run's own base model, from its arr_config.yaml)\n" + describe_keys(table()["eval"]))
         return 0
     rest = [a for a in args if a != "--debug"]
     if not rest or "=" in rest[0]:
         raise ConfigError("arr eval needs a run directory (the output_dir of arr train)")
-    from .config import read_config
-
     run_dir, overrides = Path(rest[0]), read_config(None, rest[1:])
     if not (run_dir / run_folder.ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: no adapter here ({run_folder.ADAPTER_CONFIG} is missing)")
     model_path = overrides.pop("model_name_or_path", None)
+    check_values(overrides, "eval", "eval key")  # before torch is imported
     eval_args = make_eval_args(overrides)
 
     from .cache import write_atomically
@@ -181,7 +176,7 @@ def compare_command(args: list[str]) -> int:
     if wants_help(args):
         print(f"usage: arr {COMMANDS['compare']}")
         return 0
-    from .config import build_config, expand_method, read_config
+    from .config import build_config
     from .resources import DEFAULT_RECIPE
 
     quick = "--quick" in args

@@ -20,9 +20,8 @@ from pathlib import Path
 import yaml
 
 from . import run_folder
-from .config import METHODS as PRESETS
 from .cache import write_atomically
-from .config import build_config, expand_method, read_config
+from .config import build_config
 from .evaluation import (
     EvalArgs,
     evaluate_adapter,
@@ -34,6 +33,7 @@ from .evaluation import (
     run_base_model,
     run_probes,
 )
+from .keys import METHODS as PRESETS, expand_method, read_config
 from .plots import draw, draw_front, mean_point
 from .initial import initial_model
 from .lineage import lineage_scores, recorded_lineage

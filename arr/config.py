@@ -1,5 +1,7 @@
 """Typed configuration. These dataclasses *are* the CLI (as in litgpt and TRL): every field is a YAML key and a
-`key=value` override of `arr train`, and its `help` text is what `arr train --help` prints.
+`key=value` override of `arr train`, and its `help` text is what `arr train --help` prints. Their names, types and
+help are also in arr/keys.json, which `--help` and the argument checks read without torch: after adding or changing
+a field, regenerate it with `python -m arr.keys` (tests/test_cli.py fails until then).
 
 `ARRConfig` extends `transformers.TrainingArguments` the way TRL's `SFTConfig` does, so every Trainer option
 (batch size, learning rate, DeepSpeed/FSDP, checkpointing, ...) is available under its usual name.
@@ -8,12 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
 import re
-import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +23,13 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ARRError, ConfigError
+from .keys import METHODS, check_known_keys, expand_method, read_config  # noqa: F401 (read_config: for callers of arr.config)
 from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
 LINEAGE_REPLAY_MODES = ("prompts", "data", "none")
 REPLAY_MODES = ("replace", "add")
-
-# `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
-# Without replay the KL can only sit on the task's own rows: those presets say so (kl_on: all), so that a beta given
-# beside them means a KL there.
-METHODS = {
-    "lora": {"beta": 0.0, "replay_ratio": 0.0, "kl_on": "all"},  # plain LoRA SFT
-    "kl_only": {"replay_ratio": 0.0, "kl_on": "all"},
-    "replay_only": {"beta": 0.0, "replay_data": None},  # the next-token CE of Wikipedia replay (greedy self-replay
-    # answers would only sharpen the model under a CE alone)
-    "arr": {},  # KL + replay at the shipped defaults
-    "arr_adaptive": {"kl_target": 0.1},  # ARR with beta steered to a KL budget (see kl_target)
-    "laplace": {"beta": 0.0, "replay_ratio": 0.0, "kl_on": "all", "laplace_lambda": 300.0},  # LaLoRA alone
-}
 
 
 def cache_dir() -> Path:
@@ -471,59 +459,6 @@ for the value: lora_target_modules=[q_proj,v_proj], beta=0.05). `method` is shor
 checkpoint in output_dir; --debug shows tracebacks."""
 
 
-# `arr train --help`: ARR's own keys, grouped (every own key is in one group: tested), before the Trainer's.
-HELP_GROUPS = {
-    "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
-                  "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
-    "replay": ("replay_data", "replay_ratio", "replay_mode", "replay_weight", "replay_seq_length",
-               "replay_max_sequences", "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature",
-               "replay_text_field", "replay_split", "replay_config", "padding_free", "lineage_replay",
-               "lineage_replay_share", "skip_missing_lineage"),
-    "Laplace": ("laplace_lambda", "laplace_samples", "laplace_data", "laplace_cache_dir"),
-    "model": ("model_name_or_path", "dtype", "attn_implementation", "load_in_4bit", "load_in_8bit",
-              "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "use_bnb_nested_quant"),
-    "LoRA": ("init_adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
-             "init_lora_weights"),
-    "data": ("sft_data", "sft_format", "max_length", "eval_data"),
-    "run": ("output_dir", "overwrite_output_dir", "eval_after", "learning_rate", "max_steps", "num_train_epochs",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps", "logging_steps",
-            "save_merged_model"),
-    "watching forgetting": ("probe_steps", "forgetting_budget"),
-}
-METHOD_HELP = "A preset of objective keys (keys given beside it win): " + ", ".join(METHODS) + "."
-
-
-def train_help(every_option: bool = False) -> str:
-    """`arr train --help`: each group's keys with their defaults and meanings, then (with `every_option`) every
-    Trainer option, as HfArgumentParser prints them."""
-    fields = {f.name: f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls) if f.init}
-    lines = ["usage: arr train [CONFIG.yaml] [key=value ...] [--resume] [--debug] [--help-all]", "",
-             "Every key is a YAML key of CONFIG.yaml and a key=value override (YAML syntax for the value)."]
-    for group, keys in HELP_GROUPS.items():
-        lines += ["", f"{group}:"]
-        for key in keys:
-            if key == "method":
-                lines += ["  method (default: none)", textwrap.fill(METHOD_HELP, 116, initial_indent=" " * 6,
-                                                                       subsequent_indent=" " * 6)]
-                continue
-            lines.append(describe_keys([fields[key]]))
-    if not every_option:
-        lines += ["", "Every transformers.TrainingArguments option works too (ARRConfig extends it): "
-                      "arr train --help-all lists them all."]
-        return "\n".join(lines)
-    return "\n".join(lines) + "\n\nall options:\n" + dataclass_parser().format_help()
-
-
-def describe_keys(fields) -> str:
-    """`  key (default: value)` and the key's help, wrapped, for each dataclass field: the lines of a --help."""
-    lines = []
-    for f in fields:
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines += [f"  {f.name} (default: {default})", textwrap.fill(f.metadata.get("help", ""), 116,
-                                                                    initial_indent=" " * 6, subsequent_indent=" " * 6)]
-    return "\n".join(lines)
-
-
 def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str = "config key",
                      epilog: str | None = TRAIN_EPILOG) -> HfArgumentParser:
     """The typed parser of `classes` (their fields are the keys; their help is what --help prints)."""
@@ -534,56 +469,6 @@ def dataclass_parser(classes=CONFIG_CLASSES, prog: str = "arr train", kind: str 
 
     parser.error = error
     return parser
-
-
-def read_config(path: str | None, overrides: list[str]) -> dict:
-    """The keys of a YAML config with key=value overrides on top. A `method` among the overrides outranks the
-    file's keys with its preset (and the overrides beside it outrank the preset)."""
-    values = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of key: value")
-    given = {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} is not key=value")
-        if not raw.strip():
-            raise ConfigError(f"override {override!r} gives no value")
-        try:
-            given[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            given[key.strip()] = raw
-    if "method" in given:
-        return {**expand_method(values), **expand_method(given)}
-    return {**values, **given}
-
-
-def check_known_keys(values: dict, classes, kind: str) -> None:
-    """Refuse a key that is no field of `classes`, suggesting the nearest known one."""
-    known = {f.name for c in classes for f in dataclasses.fields(c) if f.init}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown {kind} {key!r}{hint}")
-
-
-def expand_method(values: dict) -> dict:
-    """Replace a `method` key by the keys it stands for (see METHODS); explicit keys win."""
-    values = dict(values)
-    method = values.pop("method", None)
-    if method is None:
-        return values
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return {**METHODS[method], **values}
 
 
 def build_config(values: dict):
@@ -620,8 +505,8 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     """Instances of `classes` from a flat mapping of their fields: one path for `arr train`, `arr eval` and
     `arr compare`. An unknown key is refused with the nearest known one suggested; values are parsed by their
     field types; every error is one line naming the key."""
-    check_known_keys(values, classes, kind)
     fields = {f.name: f for c in classes for f in dataclasses.fields(c) if f.init}
+    check_known_keys(values, list(fields), kind)
     types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}  # (the parser rewrites f.type)
     for key, value in values.items():  # what the parser would pass on to fail later, or to mean something else
         takes_none = fields[key].default is None or type(None) in typing.get_args(types[key])

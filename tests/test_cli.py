@@ -122,7 +122,8 @@ def test_help_explains_every_option():
 
     from transformers import TrainingArguments
 
-    from arr.config import HELP_GROUPS, ARRConfig, DataArguments, ModelArguments
+    from arr.config import ARRConfig, DataArguments, ModelArguments
+    from arr.keys import HELP_GROUPS
 
     env = {**os.environ, "COLUMNS": "200"}
     top = subprocess.run([sys.executable, "-m", "arr", "--help"], capture_output=True, text=True, env=env)
@@ -180,7 +181,7 @@ def test_a_method_on_the_command_line_outranks_the_config_file(tmp_path):
 def test_the_defaults_a_run_uses_are_the_ones_help_shows(tmp_path, capsys, monkeypatch):
     """The embedded recipe (a demo sized for the bundled task) applies only with neither a config nor sft_data, and
     says what it sets; a user's own data, or an empty config, gets the defaults arr train --help lists."""
-    from arr.config import train_help
+    from arr.keys import train_help
     from arr.errors import ARRError
 
     used = []
@@ -223,12 +224,55 @@ def test_compare_and_eval_help(capsys):
     assert "--heldout_docs" not in out and "--" not in out.split("keys (each given as key=value):")[1]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["compare", "--help"], ["nope"], ["train", "--fast"], ["eval"],
-                                  ["eval", "beta=1"]])
-def test_help_and_argument_errors_import_nothing_heavy(args):
-    """They come back at once: the command parses its arguments before importing torch or transformers."""
+@pytest.mark.parametrize("args, error", [
+    (["--help"], None), (["compare", "--help"], None), (["train", "--help"], None), (["eval", "--help"], None),
+    (["nope"], "unknown command 'nope'"), (["train", "--fast"], "unknown flag '--fast'"),
+    (["eval"], "arr eval needs a run directory"), (["eval", "beta=1"], "arr eval needs a run directory"),
+    (["train", "beta"], "beta: no such config file"), (["train", "beta=1", "lr"], "override 'lr' is not key=value"),
+    (["train", "no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["train", "learning_rat=0.1"], "unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
+    (["train", "beta=abc"], "config key beta: invalid float value: 'abc'"),
+    (["train", "lora_r=four"], "config key lora_r: invalid int value: 'four'"),
+    (["train", "use_dora=maybe"], "config key use_dora: Truthy value expected: got maybe"),
+    (["train", "method=ewc"], "method must be one of lora"),
+    (["train", "{run}/c.yaml", "beta=0.1"], "unknown config key 'bta'; did you mean 'beta'?"),
+    (["eval", "{run}", "heldout_doc=3"], "unknown eval key 'heldout_doc'; did you mean 'heldout_docs'?"),
+    (["eval", "{run}", "chat_items=many"], "eval key chat_items: invalid int value: 'many'"),
+])
+def test_help_and_argument_errors_import_nothing_heavy(tmp_path, args, error):
+    """They come back at once: the command checks its arguments against keys.json before importing torch or
+    transformers, with the one-line error of the full parsing."""
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "c.yaml").write_text("bta: 0.5\n")
     code = ("import sys; from arr.cli import main; code = main(sys.argv[1:]); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)); sys.exit(code)")
+    args = [a.format(run=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
-    assert proc.returncode == (0 if "--help" in args else 2)
+    assert proc.returncode == (0 if error is None else 2)
+    assert error is None or f"arr: error: {error}" in proc.stderr, proc.stderr
+
+
+def test_keys_json_is_the_live_dataclasses():
+    from arr.keys import REGENERATE, key_table, table
+
+    assert table() == key_table(), f"arr/keys.json is stale: regenerate it with `{REGENERATE}`"
+
+
+@pytest.mark.parametrize("command, values", [
+    ("train", {"beta": "abc"}), ("train", {"lora_r": "four"}), ("train", {"lora_r": 1.5}),
+    ("train", {"use_dora": "maybe"}), ("train", {"bf16": 2}), ("train", {"max_steps": True}),
+    ("train", {"learning_rat": 0.1}), ("eval", {"chat_items": "many"}), ("eval", {"heldout_doc": 3}),
+])
+def test_the_cheap_checks_say_what_the_full_parsing_says(command, values):
+    from arr.config import CONFIG_CLASSES, parse_dataclasses
+    from arr.errors import ConfigError
+    from arr.evaluation import EvalArgs
+    from arr.keys import check_values
+
+    kind = {"train": "config key", "eval": "eval key"}[command]
+    with pytest.raises(ConfigError) as cheap:
+        check_values(values, command, kind)
+    with pytest.raises(ConfigError) as full:
+        parse_dataclasses(values, CONFIG_CLASSES if command == "train" else (EvalArgs,), kind)
+    assert str(cheap.value) == str(full.value)
