@@ -69,6 +69,11 @@ def recorded_lineage(run_dir: str | Path) -> list[dict]:
     return config.get(LINEAGE, [])
 
 
+def has_training_data(entry: dict) -> bool:
+    """Whether an earlier run's training examples can be read: its file, or the bundled date task."""
+    return entry["sft_data"] is not None or "missing" not in entry
+
+
 def has_task(entry: dict) -> bool:
     """Whether an earlier run's task can be scored: held-out data, or the bundled date task."""
     return entry["task_data"] is not None or (entry["sft_data"] is None and "missing" not in entry)
@@ -79,7 +84,7 @@ def earlier_prompts(chain: list[dict]) -> list[list[dict]]:
     from .evaluation import task_examples
 
     per_task = [[turns for turns, _ in task_examples(entry["sft_data"], None, split="train")]
-                for entry in chain if not (entry["sft_data"] is None and "missing" in entry)]
+                for entry in chain if has_training_data(entry)]
     return [task[i] for i in range(max(map(len, per_task), default=0)) for task in per_task if i < len(task)]
 
 

@@ -25,7 +25,7 @@ from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, report_args, task_examples
 from .initial import load_model, load_tokenizer, save_adapter, with_adapter
-from .lineage import LINEAGE, earlier_prompts, lineage_scores, read_lineage
+from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
 from .self_replay import SELF, read_prompts
 from .trainer import LOSS_PART_NAMES, ARRTrainer
@@ -175,7 +175,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     chain = read_lineage(model_args.init_adapter, config.skip_missing_lineage)
     prompts = earlier_prompts(chain) if chain and config.lineage_replay == "prompts" else None
     if chain and config.lineage_replay == "data":  # rehearsal: a share of the earlier tasks' own examples
-        earlier = [ex for entry in chain if entry["sft_data"] is not None or "missing" not in entry
+        earlier = [ex for entry in chain if has_training_data(entry)
                    for ex in load_sft_examples(entry["sft_data"] or resources.date_task("train"), tokenizer,
                                                config.max_length, entry["sft_format"])]
         sft = sft + random.Random(config.seed).sample(earlier, min(len(earlier),
