@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from .errors import ARRError, ConfigError
-from .keys import check_values, describe_keys, expand_method, read_config, table, train_help
+from .keys import DEFAULT_RECIPE, check_values, describe_keys, expand_method, read_config, table, train_help
 
 # Each command's usage, for `arr --help` and the command's own --help. Nothing heavy (torch, transformers) is imported
 # before the arguments are parsed, so that help and argument errors come back at once.
@@ -71,7 +71,6 @@ def train_command(args: list[str]) -> int:
     check_values(expand_method(values), "train", "config key")  # before torch is imported
 
     from .config import build_config
-    from .resources import DEFAULT_RECIPE
 
     # The recipe is a demo sized for the bundled task on 2 CPU cores (24 steps at a high constant learning rate):
     # a user's own data gets the defaults --help shows, and the demo says what it changes.
@@ -176,9 +175,6 @@ def compare_command(args: list[str]) -> int:
     if wants_help(args):
         print(f"usage: arr {COMMANDS['compare']}")
         return 0
-    from .config import build_config
-    from .resources import DEFAULT_RECIPE
-
     quick = "--quick" in args
     rest = [a for a in args if a not in ("--quick", "--debug")]
     methods = None
@@ -196,7 +192,12 @@ def compare_command(args: list[str]) -> int:
     out_dir = overrides.pop("output_dir", "runs/compare")
     eval_keys = {k.removeprefix("eval."): overrides.pop(k) for k in list(overrides) if k.startswith("eval.")}
     base = {**read_config(config_path, []), **overrides}
-    for keys in (methods or {"": {}}).values():  # fail fast on a bad key or value
+    for keys in (methods or {"": {}}).values():  # fail fast on a bad key or value, at once where the table tells
+        check_values(expand_method({**base, **expand_method(keys)}), "train", "config key")
+    check_values(eval_keys, "eval", "eval key")
+    from .config import build_config
+
+    for keys in (methods or {"": {}}).values():
         build_config({**base, **expand_method(keys)})
 
     from .compare import QUICK, compare

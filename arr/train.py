@@ -220,6 +220,15 @@ def trained_parts(trainer: ARRTrainer) -> list[str]:
     return [name for name in LOSS_PART_NAMES if weights[name] > 0]
 
 
+def mean_loss(parts_history: list[dict]) -> float | None:
+    """The mean loss over the run's steps, from the logged means over each logging window (the Trainer's own
+    train_loss covers only the steps of its last train() call, so a resumed run would misreport it)."""
+    if not parts_history:
+        return None
+    steps = [h["step"] for h in parts_history]
+    return sum(h["loss"] * (step - before) for h, step, before in zip(parts_history, steps, [0, *steps])) / steps[-1]
+
+
 def save_run(trainer: ARRTrainer, seconds: float | None = None, model_args: ModelArguments | None = None,
              data_args: DataArguments | None = None, lineage: list[dict] | None = None) -> dict:
     """Write OUTPUT_DIR/{adapter files, tokenizer, arr_config.yaml, metrics.json} and, unless `eval_after: none`,
@@ -243,7 +252,7 @@ def save_run(trainer: ARRTrainer, seconds: float | None = None, model_args: Mode
         "train_seconds": round(seconds, 2),
         "peak_mem_mb": peak_memory_mb(),
         "global_steps": trainer.state.global_step,
-        "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+        "train_loss": mean_loss(parts_history),
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate

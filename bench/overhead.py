@@ -97,7 +97,7 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     import torch
     from peft import LoraConfig
     from arr import ARRConfig, ARRTrainer, DataArguments, resources
-    from arr.compare import DEFAULT_RECIPE, read_config
+    from arr.keys import DEFAULT_RECIPE, read_config
     from arr.config import ModelArguments
     from arr.initial import is_quantized, load_model, load_tokenizer
 

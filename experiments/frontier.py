@@ -29,7 +29,7 @@ from arr.compare import compare
 from arr.config import build_config, expand_method, read_config
 from arr.evaluation import EvalArgs
 from arr.plots import draw, draw_front, t_interval
-from arr.resources import DEFAULT_RECIPE
+from arr.keys import DEFAULT_RECIPE
 from arr.train import resolved_config
 from bench.overhead import WORKLOADS
 from experiments.tasks import SIZES, TASKS

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from arr.cli import main
+from arr.keys import read_config
 from conftest import replay_texts, sft_records, write_jsonl
 
 
@@ -164,6 +165,15 @@ def test_method_presets_expand_and_explicit_keys_win():
     assert (replay_only.beta, data.replay_data) == (0.0, None)  # Wikipedia's next-token CE, not self-replay's
 
 
+def test_a_choice_on_the_command_line_is_the_word_given():
+    """YAML reads `no` as false: `save_strategy=no`, as the Trainer's docs write it, must still mean "no"."""
+    from arr.config import build_config
+
+    values = read_config(None, ["save_strategy=no", "beta=no"])
+    assert values == {"save_strategy": "no", "beta": False}
+    assert build_config({"save_strategy": "no"})[2].save_strategy == "no"
+
+
 def test_a_method_on_the_command_line_outranks_the_config_file(tmp_path):
     from arr.config import build_config, read_config
 
@@ -238,12 +248,19 @@ def test_compare_and_eval_help(capsys):
     (["train", "{run}/c.yaml", "beta=0.1"], "unknown config key 'bta'; did you mean 'beta'?"),
     (["eval", "{run}", "heldout_doc=3"], "unknown eval key 'heldout_doc'; did you mean 'heldout_docs'?"),
     (["eval", "{run}", "chat_items=many"], "eval key chat_items: invalid int value: 'many'"),
+    (["train", "kl_on=bad"], "config key kl_on must be one of all, sft, replay, prompt_and_replay, got 'bad'"),
+    (["train", "lr_scheduler_type=x"], "config key lr_scheduler_type must be one of linear, cosine,"),
+    (["train", "{run}/no.yaml"], "config key save_strategy must be one of no, steps, epoch, best, got False: YAML "
+                                 "reads an unquoted no"),
+    (["compare", "kl_on=bad"], "config key kl_on must be one of all"), (["compare", "betta=1"], "unknown config key 'betta'"),
+    (["compare", "eval.chat_items=many"], "eval key chat_items: invalid int value: 'many'"),
 ])
 def test_help_and_argument_errors_import_nothing_heavy(tmp_path, args, error):
     """They come back at once: the command checks its arguments against keys.json before importing torch or
     transformers, with the one-line error of the full parsing."""
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "c.yaml").write_text("bta: 0.5\n")
+    (tmp_path / "no.yaml").write_text("save_strategy: no\n")
     code = ("import sys; from arr.cli import main; code = main(sys.argv[1:]); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)); sys.exit(code)")
     args = [a.format(run=tmp_path) for a in args]
@@ -263,6 +280,7 @@ def test_keys_json_is_the_live_dataclasses():
     ("train", {"beta": "abc"}), ("train", {"lora_r": "four"}), ("train", {"lora_r": 1.5}),
     ("train", {"use_dora": "maybe"}), ("train", {"bf16": 2}), ("train", {"max_steps": True}),
     ("train", {"learning_rat": 0.1}), ("eval", {"chat_items": "many"}), ("eval", {"heldout_doc": 3}),
+    ("train", {"kl_on": "bad"}), ("train", {"lr_scheduler_type": "x"}), ("train", {"sft_format": "csv"}),
 ])
 def test_the_cheap_checks_say_what_the_full_parsing_says(command, values):
     from arr.config import CONFIG_CLASSES, parse_dataclasses

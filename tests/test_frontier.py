@@ -8,7 +8,8 @@ import pytest
 
 from arr.compare import NOT_RESULT_KEYS
 from arr.config import build_config, read_config
-from arr.resources import DEFAULT_RECIPE, is_heldout_title
+from arr.keys import DEFAULT_RECIPE
+from arr.resources import is_heldout_title
 from arr.train import resolved_config
 from experiments.frontier import METHODS, shipped_default, summarise
 from experiments.tasks import TASKS

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from arr.cli import main
-from arr.train import StopOnSignal
+from arr.train import StopOnSignal, mean_loss
 from conftest import sft_records, write_jsonl
 
 SCRIPT = textwrap.dedent("""
@@ -90,15 +90,18 @@ def stop_config(tmp_path_factory, llama_dir):
 
 
 def finished(out: Path):
-    history = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    return history["history"], load_file(out / "adapter_model.safetensors")
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    return metrics, load_file(out / "adapter_model.safetensors")
 
 
 def assert_same_run(got, expected):
-    (history, adapter), (want_history, want_adapter) = got, expected
+    (metrics, adapter), (want_metrics, want_adapter) = got, expected
+    history, want_history = metrics["history"], want_metrics["history"]
     assert [h["step"] for h in history] == [h["step"] for h in want_history] == [1, 2, 3]
     for h, want in zip(history, want_history):
         assert h == pytest.approx(want, abs=1e-6), (h, want)
+    assert metrics["train_loss"] == pytest.approx(want_metrics["train_loss"], abs=1e-6)
+    assert metrics["train_loss"] == pytest.approx(sum(h["loss"] for h in want_history) / 3, abs=1e-6)
     assert max((adapter[k] - want_adapter[k]).abs().max().item() for k in want_adapter) <= 1e-6
 
 
@@ -149,3 +152,10 @@ def test_resuming_a_checkpoint_at_max_steps_trains_no_further_step(stop_config, 
                  "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["global_steps"] == 3
     assert_same_run(finished(out), finished(stop_config.parent / "full"))
+
+
+def test_the_run_mean_loss_weights_each_logged_window_by_its_steps():
+    """Logged every 2 steps over 5: windows of 2, 2 and 1 step."""
+    history = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0}, {"step": 5, "loss": 4.0}]
+    assert mean_loss(history) == pytest.approx((2 * 1.0 + 2 * 2.0 + 4.0) / 5)
+    assert mean_loss([]) is None
