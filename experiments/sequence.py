@@ -1,7 +1,7 @@
 """One fine-tune after another: what a sequence of tasks does to the earlier ones, per method.
 
     python -m experiments.sequence [OUTPUT_DIR] [--seeds 42 1 2] [--tasks date topic reverse] [--methods ...]
-                                   [--task-items 50] [--docs docs/results]
+                                   [--task-items 50] [--knowledge-items 385] [--docs docs/results]
 
 Each task is learned at the embedded recipe's steps from the previous task's adapter (`init_adapter`), in the
 order given. The default order goes from the task plain LoRA learns most exactly (date) to the one that needs the
@@ -66,9 +66,15 @@ def train(run_dir: Path, keys: dict) -> dict:
     return json.loads((run_dir / run_folder.METRICS).read_text())
 
 
-def scores(run_dir: Path, tests: list[str], items: int, general: bool) -> tuple[list[float], dict | None]:
+def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) -> tuple[list[float], dict | None]:
     """The run's adapter on the original base (its lineage's adapters are not loaded: π₀ is the base): exact match on
-    each held-out file, and with `general` the general probes' before/after (evaluation.evaluate_adapter)."""
+    each held-out file, and with `general` (probe sizes) the general probes' before/after
+    (evaluation.evaluate_adapter). Kept in the run folder, so that a rerun reads them back."""
+    saved = run_dir / "sequence_scores.json"
+    settings = {"tests": tests, "items": items, "general": general}
+    if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+        found = json.loads(saved.read_text())
+        return found["row"], found["report"]
     from arr.config import ModelArguments
     from arr.evaluation import EvalArgs, evaluate_adapter, run_base_model, task_scores
     from arr.initial import load_tokenizer, load_trained
@@ -77,12 +83,15 @@ def scores(run_dir: Path, tests: list[str], items: int, general: bool) -> tuple[
     model = load_trained(ModelArguments(), base, run_dir).eval()
     tokenizer = load_tokenizer(str(run_dir))
     row = [task_scores(model, tokenizer, test, items, 16)["task_em"] for test in tests]
-    report = evaluate_adapter(model, tokenizer, EvalArgs(**{**PROBE_SIZES, "task_items": 0}),
+    report = evaluate_adapter(model, tokenizer, EvalArgs(**{**general, "task_items": 0}),
                               cache_before=True) if general else None
+    saved.write_text(json.dumps({"settings": settings, "row": row, "report": report}))
     return row, report
 
 
-def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items: int) -> dict:
+def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items: int, general: dict,
+        finished=lambda results: None) -> dict:
+    """Every method's sequence at every seed; `finished(results)` after each (method, seed)."""
     out = out.resolve()
     files = {task: task_files(out, task) for task in tasks}
     tests = [files[t][1] for t in tasks]
@@ -96,7 +105,7 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items
                 data = write_jsonl(out / "tasks" / "joint.jsonl", mixed)
                 metrics = train(folder / "joint", {**METHODS[method], "seed": seed, "sft_data": data,
                                                    "max_steps": 24 * len(tasks)})
-                row, report = scores(folder / "joint", tests, items, general=True)
+                row, report = scores(folder / "joint", tests, items, general)
                 R, seconds = [row], metrics["train_seconds"]
                 last = folder / "joint"
             else:
@@ -105,12 +114,13 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items
                     keys = {**METHODS[method], "seed": seed, "init_adapter": str(previous) if previous else None,
                             **({"sft_data": files[task][0]} if files[task][0] else {})}
                     seconds += train(run_dir, keys)["train_seconds"]
-                    row, report = scores(run_dir, tests[: i + 1], items, general=i == len(tasks) - 1)
+                    row, report = scores(run_dir, tests[: i + 1], items, general if i == len(tasks) - 1 else None)
                     R.append(row)
                     previous = last = run_dir
             print(f"== seed {seed}, {method}: R = {R}, forgetting {report['forgetting']:+.4f}", flush=True)
             results.setdefault(method, {})[seed] = {"R": R, "forgetting": report["forgetting"], "seconds": seconds,
                                                     "delta": report["delta"], "run": str(last)}
+            finished(results)
     return results
 
 
@@ -118,14 +128,14 @@ def bwt(R: list[list[float]]) -> float | None:
     return statistics.mean(R[-1][j] - R[j][j] for j in range(len(R) - 1)) if len(R) > 1 else None
 
 
-def summarise(results: dict, tasks: list[str], seeds: list[int], items: int) -> dict:
+def summarise(results: dict, tasks: list[str], seeds: list[int], items: int, probe_sizes: dict = PROBE_SIZES) -> dict:
     def with_ci(values):
         values = [v for v in values if v is not None]
         return (statistics.mean(values) if values else None), t_interval(values)
 
     from arr.config import ARRConfig
 
-    summary = {"tasks": tasks, "seeds": seeds, "task_items": items, "probe_sizes": PROBE_SIZES,
+    summary = {"tasks": tasks, "seeds": seeds, "task_items": items, "probe_sizes": probe_sizes,
                "default": "arr_lineage" if ARRConfig().lineage_replay == "prompts" else "arr", "methods": {}}
     lora = results.get("lora", {})
     for method, per_seed in results.items():
@@ -205,15 +215,23 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["date", "topic", "reverse"], choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--task-items", type=int, default=50)
+    parser.add_argument("--knowledge-items", type=int, default=PROBE_SIZES["knowledge_items"],
+                        help="knowledge_mc's questions among the general probes after the last task (0: none)")
     parser.add_argument("--docs", default=None, help="also copy sequence.json/.md/.png into this folder")
     args = parser.parse_args()
     out = Path(args.out)
     methods = args.methods if "lora" in args.methods else ["lora", *args.methods]
-    summary = summarise(run(out, args.seeds, args.tasks, methods, args.task_items), args.tasks, args.seeds,
-                        args.task_items)
-    (out / "sequence.json").write_text(json.dumps(summary, indent=2))
-    (out / "sequence.md").write_text(table(summary))
-    plot(summary, out / "sequence.png")
+    general = {**PROBE_SIZES, "knowledge_items": args.knowledge_items}
+
+    def write(results):  # after every (method, seed), so that a stopped sweep leaves what it measured
+        summary = summarise(results, args.tasks, sorted({s for r in results.values() for s in r}), args.task_items,
+                            general)
+        (out / "sequence.json").write_text(json.dumps(summary, indent=2))
+        (out / "sequence.md").write_text(table(summary))
+        plot(summary, out / "sequence.png")
+        return summary
+
+    summary = write(run(out, args.seeds, args.tasks, methods, args.task_items, general, write))
     print(table(summary))
     if args.docs:
         for name in ("sequence.json", "sequence.md", "sequence.png"):
