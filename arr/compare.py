@@ -41,8 +41,8 @@ from .keys import DEFAULT_RECIPE
 from .train import resolved_config
 
 METHODS = {name: {"method": name} for name in PRESETS}  # every preset of config.py, under its own name
-OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "replay_data", "replay_ratio", "kl_target",
-                  "laplace_lambda")
+OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "replay_data", "replay_ratio", "replay_mode",
+                  "kl_target", "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
 # moves beta off its start, so it repeats ARR). Its run time is in docs/RESULTS.md.
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
