@@ -163,7 +163,7 @@ def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_trainin
 @pytest.mark.parametrize("keys, expected", [
     (["load_in_4bit=true", "save_merged_model=true"], "config key save_merged_model: a quantized base"),
     (["load_in_4bit=true", "load_in_8bit=true"], "config keys load_in_4bit and load_in_8bit: choose one"),
-    (["load_in_4bit=true", "bnb_4bit_quant_type=nf3"], "config key bnb_4bit_quant_type must be nf4 or fp4"),
+    (["load_in_4bit=true", "bnb_4bit_quant_type=nf3"], "config key bnb_4bit_quant_type must be one of nf4, fp4"),
     (["load_in_4bit=true", "init_lora_weights=pissa"], "rewrites the base weights, which a quantized base cannot"),
     (["load_in_4bit=true", "method=laplace"], "laplace_lambda > 0 on a quantized base"),
 ])
