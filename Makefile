@@ -23,11 +23,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 train: venv
 	$(VENV)/bin/arr train $(ARGS)
 
+# One test file per worker process, one worker per core (pytest-xdist), each torch on one thread: most tests wait on
+# child processes or Python imports, which one thread per core overlaps.
+TEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
+
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
