@@ -294,12 +294,11 @@ def initial_head(head: torch.nn.Module) -> torch.nn.Module:
 def tensor_digest(named_tensors, digest=None):
     """A hash of tensors that changes with any fine-tune or checkpoint swap, cheap even for a 7B model: each
     tensor's name, shape, float64 sum and a strided sample (not every byte). The dtype is left out, so that the
-    float32 copies PEFT's k-bit preparation makes of a bf16 model's norms hash as the originals do. The sum
-    accumulates in float64 without a float64 copy of the tensor (4 GB for an 8B model's embedding)."""
+    float32 copies PEFT's k-bit preparation makes of a bf16 model's norms hash as the originals do."""
     digest = digest or hashlib.sha256()
     for name, tensor in named_tensors:
         tensor = tensor.detach()
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.sum(dtype=torch.float64).item():.10e}".encode())
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.double().sum().item():.10e}".encode())
         digest.update(tensor.flatten()[::4099].float().cpu().numpy().tobytes())
     return digest
 

@@ -158,13 +158,12 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
         if not raw.strip():
             raise ConfigError(f"override {override!r} gives no value")
         key = key.strip()
-        if "choices" in table()["train"].get(key, {}):  # the word itself: YAML would read save_strategy=no as false
-            given[key] = raw.strip()
-            continue
         try:
             given[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
             given[key] = raw
+        if isinstance(given[key], bool) and "choices" in table()["train"].get(key, {}):
+            given[key] = raw.strip()  # the word: YAML reads save_strategy=no as false
     if "method" in given:
         return {**expand_method(values), **expand_method(given)}
     return {**values, **given}

@@ -220,9 +220,15 @@ def trained_parts(trainer: ARRTrainer) -> list[str]:
     return [name for name in LOSS_PART_NAMES if weights[name] > 0]
 
 
+def run_loss(trainer: ARRTrainer, history: list[dict], parts_history: list[dict]) -> float | None:
+    """The mean loss over the run's steps: the Trainer's own train_loss, unless the run was resumed, whose
+    train_loss covers only the steps since; then the logged windows' (exact at logging_steps 1, the default)."""
+    own = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
+    return own if trainer.started_at_step == 0 or not parts_history else mean_loss(parts_history)
+
+
 def mean_loss(parts_history: list[dict]) -> float | None:
-    """The mean loss over the run's steps, from the logged means over each logging window (the Trainer's own
-    train_loss covers only the steps of its last train() call, so a resumed run would misreport it)."""
+    """The mean loss over the logged steps, each logged mean weighted by the steps of its window."""
     if not parts_history:
         return None
     steps = [h["step"] for h in parts_history]
@@ -252,7 +258,7 @@ def save_run(trainer: ARRTrainer, seconds: float | None = None, model_args: Mode
         "train_seconds": round(seconds, 2),
         "peak_mem_mb": peak_memory_mb(),
         "global_steps": trainer.state.global_step,
-        "train_loss": mean_loss(parts_history),
+        "train_loss": run_loss(trainer, history, parts_history),
         "replay_sequences": len(trainer.train_dataset.replay),
         "sft_examples": len(trainer.train_dataset.sft),
         "curvature": trainer.curvature_info,  # key, cache_hit, seconds of the Laplace curvature estimate

@@ -86,7 +86,7 @@ class StepChecks(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._part_sums.zero_()
-        self.trainer._part_steps_logged = state.global_step
+        self.trainer._part_steps_logged = self.trainer.started_at_step = state.global_step
         self.params = [(n, p) for n, p in self.trainer.model.named_parameters() if p.requires_grad]
         if 0 < state.max_steps <= state.global_step:
             raise RunComplete
@@ -221,7 +221,7 @@ class ARRTrainer(Trainer):
         # compute_loss normalises by the token counts of the whole optimizer step (see _get_num_items_in_batch).
         self.loss_is_scaled_for_ga = True
         self._part_sums = torch.zeros(len(LOSS_PART_NAMES))
-        self._part_steps_logged = 0
+        self._part_steps_logged = self.started_at_step = 0  # started_at_step: the global step train() began at
 
     def save_run(self, seconds: float | None = None, model_args=None, data_args=None) -> dict:
         """After `train()`: the run folder `arr train` writes, in `args.output_dir`: the adapter and tokenizer,

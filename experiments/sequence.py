@@ -24,6 +24,7 @@ general forgetting in the title); finished runs are reused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 
 from arr import run_folder
+from arr.cache import write_atomically
 from arr.plots import t_interval
 from experiments.frontier import PROBE_SIZES, write_jsonl
 from experiments.tasks import TASKS
@@ -71,7 +73,8 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     each held-out file, and with `general` (probe sizes) the general probes' before/after
     (evaluation.evaluate_adapter). Kept in the run folder, so that a rerun reads them back."""
     saved = run_dir / "sequence_scores.json"
-    settings = {"tests": tests, "items": items, "general": general}
+    adapter = hashlib.sha256((run_dir / "adapter_model.safetensors").read_bytes()).hexdigest()  # a retrained run
+    settings = {"tests": tests, "items": items, "general": general, "adapter": adapter}
     if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
         found = json.loads(saved.read_text())
         return found["row"], found["report"]
@@ -85,7 +88,8 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     row = [task_scores(model, tokenizer, test, items, 16)["task_em"] for test in tests]
     report = evaluate_adapter(model, tokenizer, EvalArgs(**{**general, "task_items": 0}),
                               cache_before=True) if general else None
-    saved.write_text(json.dumps({"settings": settings, "row": row, "report": report}))
+    text = json.dumps({"settings": settings, "row": row, "report": report})
+    write_atomically(saved, lambda tmp: tmp.write_text(text))
     return row, report
 
 

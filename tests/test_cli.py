@@ -169,8 +169,8 @@ def test_a_choice_on_the_command_line_is_the_word_given():
     """YAML reads `no` as false: `save_strategy=no`, as the Trainer's docs write it, must still mean "no"."""
     from arr.config import build_config
 
-    values = read_config(None, ["save_strategy=no", "beta=no"])
-    assert values == {"save_strategy": "no", "beta": False}
+    values = read_config(None, ["save_strategy=no", "beta=no", "kl_on='all'", 'eval_after="none"'])
+    assert values == {"save_strategy": "no", "beta": False, "kl_on": "all", "eval_after": "none"}
     assert build_config({"save_strategy": "no"})[2].save_strategy == "no"
 
 
