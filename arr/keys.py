@@ -93,8 +93,8 @@ def key_table() -> dict:
                 types = [t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None)]
                 kind = types[0].__name__ if len(types) == 1 and types[0] in (int, float, bool, str) else "other"
                 out[f.name] = {"type": kind}
-                if field_choices(f.name, hints[f.name]):
-                    out[f.name]["choices"] = field_choices(f.name, hints[f.name])
+                if choices := field_choices(f.name, hints[f.name]):
+                    out[f.name]["choices"] = choices
                 if f.name in shown:
                     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     out[f.name].update(default=str(default), help=f.metadata.get("help", ""))
