@@ -121,16 +121,21 @@ def knowledge_questions(n: int, seed: int) -> list[tuple[str, list[str], int]]:
 
 def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
     """(prompt ending in 'The answer is (', index of the right letter) from lm-eval's packaged few-shot samples."""
+    return random.Random(seed).sample(all_mmlu_questions(), min(n, len(all_mmlu_questions())))
+
+
+@cache  # before and after, and every method of a compare, draw from the same 57 parsed files
+def all_mmlu_questions() -> list[tuple[str, int]]:
     folder = resources.package_file(LM_EVAL_PACKAGE, "mmlu/flan_cot_fewshot/_mmlu.yaml").parent
     items = []
     for path in sorted(folder.glob("mmlu_*.yaml")):
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = read_yaml(path)
         for sample in spec["fewshot_config"]["samples"]:
             answer = re.search(r"answer is \(([ABCD])\)", sample["target"])
             if answer:
                 items.append((f"{spec['description']}\n\nQ: {sample['question'].strip()}\nA: The answer is (",
                               "ABCD".index(answer.group(1))))
-    return random.Random(seed).sample(items, min(n, len(items)))
+    return items
 
 
 def task_examples(path: str | None, n: int | None, split: str = "test") -> list[tuple[list[dict], str]]:
@@ -149,13 +154,23 @@ def task_examples(path: str | None, n: int | None, split: str = "test") -> list[
 
 
 def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
+    return random.Random(seed).sample(all_chat_exchanges(), min(n, len(all_chat_exchanges())))
+
+
+@cache
+def all_chat_exchanges() -> list[tuple[str, str]]:
     folder = resources.package_file(CHAT_PACKAGE, "english/greetings.yml").parent
     pairs = []
     for path in sorted(folder.glob("*.yml")):
-        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+        for conversation in read_yaml(path).get("conversations", []):
             if len(conversation) >= 2 and all(isinstance(t, str) and t.strip() for t in conversation[:2]):
                 pairs.append((conversation[0].strip(), conversation[1].strip()))
-    return random.Random(seed).sample(pairs, min(n, len(pairs)))
+    return pairs
+
+
+def read_yaml(path: Path):
+    """A packaged data file, parsed by libyaml where PyYAML was built with it (about 10x the pure-Python parser)."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 # --------------------------------------------------------------------------------------------- scoring core

@@ -43,6 +43,7 @@ SELF_REPLAY_ASKS = ("What is {}?", "Tell me about {}.", "Write two sentences abo
                     "Describe {} in one paragraph.")
 
 
+@cache  # listing a distribution's files costs about a second
 def package_file(package: str, suffix: str) -> Path:
     """A data file shipped inside an installed distribution, found without importing the package."""
     try:
