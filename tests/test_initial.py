@@ -195,3 +195,17 @@ def test_qlora_on_smollm2_runs_the_default_objective_and_its_report(tmp_path, ca
     model, _ = load_run(out)  # raises if the rebuilt π₀'s fingerprint differs
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     assert os.path.getsize(out / "adapter_model.safetensors") > 0
+
+
+def test_the_fingerprint_sums_a_long_tensor_a_chunk_at_a_time_to_the_same_digits(monkeypatch):
+    """No float64 copy of a whole tensor (4 GB for an 8B model's embedding), and the digest recorded by a one-call
+    sum (earlier runs' metrics.json) is the same."""
+    from arr import initial
+    from bench.overhead import AllocationPeak
+
+    weights = torch.randn(2**22, generator=torch.Generator().manual_seed(0))  # 16 MB; 32 MB as float64
+    whole = initial.tensor_digest([("w", weights)]).hexdigest()
+    monkeypatch.setattr(initial, "SUM_CHUNK", 2**16)
+    recorder = AllocationPeak()
+    chunked = initial.tensor_digest([("w", weights)]).hexdigest()
+    assert recorder.stop() < 2 and chunked == whole
