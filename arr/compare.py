@@ -33,7 +33,7 @@ from .evaluation import (
     run_base_model,
     run_probes,
 )
-from .keys import METHODS as PRESETS, expand_method, read_config
+from .keys import METHODS as PRESETS, as_config, expand_method, read_config
 from .plots import draw, draw_front, mean_point
 from .initial import initial_model
 from .lineage import lineage_scores, recorded_lineage
@@ -74,7 +74,7 @@ def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
     reused). Keys in NOT_RESULT_KEYS may differ, and a key added to the config since has to hold its default."""
     if not run_folder.is_finished(run_dir):
         return False
-    ran = {**defaults, **yaml.safe_load((run_dir / run_folder.CONFIG).read_text())}
+    ran = {**defaults, **as_config(yaml.safe_load((run_dir / run_folder.CONFIG).read_text()))}
     return all(ran.get(k) == v for k, v in wanted.items() if k not in NOT_RESULT_KEYS)
 
 

@@ -7,6 +7,7 @@ checks go on to the full typed parsing (arr.config.parse_dataclasses).
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .lineage import LINEAGE
 
 KEYS_FILE = Path(__file__).with_name("keys.json")
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"  # `arr train` with no config and no sft_data
@@ -150,6 +152,7 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config must be a mapping of key: value")
+        values = as_config(values)
     given = {}
     for override in overrides:
         key, sep, raw = override.partition("=")
@@ -167,6 +170,26 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     if "method" in given:
         return {**expand_method(values), **expand_method(given)}
     return {**values, **given}
+
+
+# LoRA keys that an init_adapter's own config decides (a given value that differs from it is refused), with their
+# names in PEFT's LoraConfig
+ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules",
+                "use_rslora": "use_rslora", "use_dora": "use_dora"}
+
+
+def as_config(recorded: dict) -> dict:
+    """A run's resolved keys (its arr_config.yaml) as config keys that train it again; any other config passes
+    unchanged. Left out: the lineage, and with init_adapter the LoRA keys, which that adapter's own config decides
+    (both are read again from init_adapter). An accelerator_config that arr_config.yaml files written before
+    2026-12-05 hold as the object's repr, AcceleratorConfig(split_batches=False, ...), becomes its mapping."""
+    left_out = {LINEAGE, *ADAPTER_KEYS} if recorded.get("init_adapter") else {LINEAGE}
+    values = {k: v for k, v in recorded.items() if k not in left_out}
+    accelerator = values.get("accelerator_config")
+    if isinstance(accelerator, str) and accelerator.startswith("AcceleratorConfig("):
+        call = ast.parse(accelerator, mode="eval").body
+        values["accelerator_config"] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    return values
 
 
 def expand_method(values: dict) -> dict:

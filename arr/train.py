@@ -25,6 +25,7 @@ from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, report_args, task_examples
 from .initial import load_model, load_tokenizer, save_adapter, with_adapter
+from .keys import as_config
 from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
 from .self_replay import SELF, read_prompts
@@ -68,10 +69,14 @@ def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tok
 
 
 def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
-    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return json.loads(json.dumps(
+    """Every key of a run as resolved, in the form a config file takes back (`arr train RUN/arr_config.yaml`), with
+    the `*_token` keys left out, so that no secret is written into a run folder (and, with init_adapter, the LoRA
+    keys that adapter decides: keys.as_config)."""
+    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if f.init and not f.name.endswith("_token")}
+    return as_config(json.loads(json.dumps(
         {**dataclasses.asdict(model_args), **(dataclasses.asdict(data_args) if data_args else {}), **training},
-        default=str))
+        default=lambda value: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value))))
 
 
 def peak_memory_mb() -> float:

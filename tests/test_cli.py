@@ -294,3 +294,17 @@ def test_the_cheap_checks_say_what_the_full_parsing_says(command, values):
     with pytest.raises(ConfigError) as full:
         parse_dataclasses(values, CONFIG_CLASSES if command == "train" else (EvalArgs,), kind)
     assert str(cheap.value) == str(full.value)
+
+
+def test_a_run_record_is_a_config_again_and_holds_no_secret(tmp_path):
+    from arr.config import build_config
+    from arr.train import resolved_config
+
+    record = resolved_config(*build_config({"output_dir": str(tmp_path), "hub_token": "hf_secret", "seed": 7}))
+    assert "hub_token" not in record and "hf_secret" not in json.dumps(record)
+    assert resolved_config(*build_config(record)) == record
+    # arr_config.yaml as written before 2026-12-05: the accelerator config as its repr, which no parser took back
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**record, "accelerator_config": (
+        "AcceleratorConfig(split_batches=False, dispatch_batches=None, even_batches=True, use_seedable_sampler=True, "
+        "non_blocking=False, gradient_accumulation_kwargs=None, use_configured_state=False)"), "lineage": []}))
+    assert read_config(str(tmp_path / "old.yaml"), []) == record

@@ -5,7 +5,9 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from arr.cli import main
 from conftest import assert_one_error_line, chat, write_jsonl
@@ -58,6 +60,13 @@ def test_a_sequence_records_its_lineage_scores_every_earlier_task_and_replays_th
     assert main(["eval", str(c), "heldout_docs=2", "chat_items=2", "drift_prompts=2", "knowledge_items=0",
                  "mmlu_items=0", "task_items=4"]) == 0
     assert "Backward transfer" in capsys.readouterr().out
+
+    # C's arr_config.yaml is a config again: it trains C once more, its lineage read anew from init_adapter
+    d = tmp_path / "D"
+    assert main(["train", str(c / "arr_config.yaml"), f"output_dir={d}", "eval_after=none"]) == 0
+    assert yaml.safe_load((d / "arr_config.yaml").read_text())["lineage"] == lineage
+    trained = [load_file(run / "adapter_model.safetensors") for run in (c, d)]
+    assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
 def test_lineage_refusals(recipe, tasks, tmp_path, capsys):
