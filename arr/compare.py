@@ -24,20 +24,17 @@ from .cache import write_atomically
 from .config import build_config
 from .evaluation import (
     EvalArgs,
+    before_values,
     evaluate_adapter,
     format_table,
     headline_forgetting,
-    initial_drift_answers,
     load_run,
     reusable_evaluation,
     run_base_model,
-    run_probes,
 )
-from .keys import METHODS as PRESETS, as_config, expand_method, read_config
+from .keys import DEFAULT_RECIPE, METHODS as PRESETS, as_config, expand_method, read_config
 from .plots import draw, draw_front, mean_point
-from .initial import initial_model
 from .lineage import lineage_scores, recorded_lineage
-from .keys import DEFAULT_RECIPE
 from .train import resolved_config
 
 METHODS = {name: {"method": name} for name in PRESETS}  # every preset of config.py, under its own name
@@ -109,10 +106,10 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
         else:
             print(f"== {name}: evaluating", flush=True)
             model, tokenizer = load_run(run_dir, base_model)
-            if drift_answers is None:  # the initial model's, shared by every method
-                with initial_model(model):
-                    before = before or run_probes(model.eval(), tokenizer, eval_args)
-                    drift_answers = initial_drift_answers(model, tokenizer, eval_args)
+            if drift_answers is None:  # the initial model's, shared by every method and kept in $ARR_CACHE for
+                # every later comparison on the same initial model (a frontier's other tasks and seeds)
+                cached, drift_answers = before_values(model, tokenizer, eval_args, cache=True)
+                before = before or cached
             probes = {**evaluate_adapter(model, tokenizer, eval_args, before, drift_answers), "base_model": base_model}
             chain = recorded_lineage(run_dir)  # compared on top of earlier runs: their tasks too
             if chain:

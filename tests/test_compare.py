@@ -23,7 +23,8 @@ def tiny_config(tmp_path, llama_dir):
     return config
 
 
-def test_compare_writes_results_table_and_plot(tmp_path, llama_dir):
+def test_compare_writes_results_table_and_plot(tmp_path, llama_dir, monkeypatch):
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     results = compare(tmp_path / "cmp", tiny_config(tmp_path, llama_dir), {"learning_rate": 0.01}, eval_args=SMALL)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -63,7 +64,8 @@ def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
     assert "did you mean 'heldout_docs'" in capsys.readouterr().err
 
 
-def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsys):
+def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsys, monkeypatch):
+    monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     config = tiny_config(tmp_path, llama_dir)
     methods = {"lora": {"beta": 0.0, "replay_ratio": 0.0}}
     first = compare(tmp_path / "cmp", config, {}, methods, SMALL)
@@ -84,6 +86,15 @@ def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsy
     out = capsys.readouterr().out
     assert "== lora: training" in out and "== lora: evaluating" in out  # and its old evaluation is not read
     assert changed["methods"]["lora"]["probes"]["after"] != first["methods"]["lora"]["probes"]["after"]
+    # another comparison on the same initial model (a frontier's next task or seed) reads its "before" from the cache
+    import arr.evaluation
+
+    scored, run_probe = [], arr.evaluation.run_probe
+    monkeypatch.setattr(arr.evaluation, "run_probe",
+                        lambda name, *args, **kwargs: scored.append(name) or run_probe(name, *args, **kwargs))
+    other = compare(tmp_path / "cmp2", config, {"learning_rate": 0.02}, methods, SMALL)
+    assert sorted(scored) == sorted(arr.evaluation.probes_that_run(SMALL)) != []  # the "after" half only
+    assert other["methods"]["lora"]["probes"]["before"] == changed["methods"]["lora"]["probes"]["before"]
 
 
 def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
