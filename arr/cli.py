@@ -25,6 +25,8 @@ COMMANDS = {
         Fine-tune. With neither a config nor sft_data: the embedded default recipe (arr/recipes/default.yaml),
         SmolLM2-135M-Instruct on the bundled date task, whose settings it prints; otherwise the defaults that
         `arr train --help` lists, with ARR's keys explained (`--help-all`: every Trainer option too).
+        eval.KEY=VALUE sizes a probe of the report after training (arr eval --help lists them), e.g. a
+        smaller eval.knowledge_items on a slow machine.
         e.g.  arr train my.yaml sft_data=my_task.jsonl beta=0.5 output_dir=runs/my-task""",
     "eval": """eval RUN_DIR [key=value ...] [--debug]
         What did the run forget and learn? General-capability probes with the adapter off (before) and on
@@ -68,7 +70,14 @@ def train_command(args: list[str]) -> int:
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
     values = read_config(config_path, overrides)
+    report_sizes = eval_keys(values)
     check_values(expand_method(values), "train", "config key")  # before torch is imported
+    check_values(report_sizes, "eval", "eval key")
+    if report_sizes and values.get("eval_after") == "none":
+        raise ConfigError(f"eval key {next(iter(report_sizes))}: eval.* keys size the report after training, and "
+                          "eval_after=none runs none")
+    if "task_data" in report_sizes:
+        raise ConfigError("eval key task_data: the report's held-out task examples are the config key eval_data")
 
     from .config import build_config
 
@@ -80,12 +89,14 @@ def train_command(args: list[str]) -> int:
               f"sets {', '.join(f'{k}={v}' for k, v in recipe.items())}; other keys are as arr train --help lists",
               flush=True)
         values = read_config(str(DEFAULT_RECIPE), overrides)
+        eval_keys(values)
     model_args, data_args, config = build_config(values)
+    report_sizes = {k: getattr(make_eval_args(report_sizes), k) for k in report_sizes}  # typed
 
     from .train import Interrupted, run
 
     try:
-        metrics = run(model_args, data_args, config, resume="--resume" in flags)
+        metrics = run(model_args, data_args, config, resume="--resume" in flags, report_sizes=report_sizes)
     except Interrupted as e:
         resume = shlex.join(["arr", "train", *(a for a in args if a != "--resume"), "--resume"])
         print(f"arr: {e}; resume with: {resume}", file=sys.stderr)
@@ -94,6 +105,11 @@ def train_command(args: list[str]) -> int:
         return 0
     print(closing_lines(metrics, config.output_dir))
     return 0
+
+
+def eval_keys(values: dict) -> dict:
+    """The eval.KEY=VALUE entries of `values`, taken out and without their prefix."""
+    return {k.removeprefix("eval."): values.pop(k) for k in list(values) if k.startswith("eval.")}
 
 
 def closing_lines(metrics: dict, out: str) -> str:
@@ -190,11 +206,11 @@ def compare_command(args: list[str]) -> int:
     config_path = rest.pop(0) if rest and "=" not in rest[0] else str(DEFAULT_RECIPE)
     overrides = read_config(None, rest)
     out_dir = overrides.pop("output_dir", "runs/compare")
-    eval_keys = {k.removeprefix("eval."): overrides.pop(k) for k in list(overrides) if k.startswith("eval.")}
+    probe_keys = eval_keys(overrides)
     base = {**read_config(config_path, []), **overrides}
     for keys in (methods or {"": {}}).values():  # fail fast on a bad key or value, at once where the table tells
         check_values(expand_method({**base, **expand_method(keys)}), "train", "config key")
-    check_values(eval_keys, "eval", "eval key")
+    check_values(probe_keys, "eval", "eval key")
     from .config import build_config
 
     for keys in (methods or {"": {}}).values():
@@ -203,9 +219,9 @@ def compare_command(args: list[str]) -> int:
     from .compare import QUICK, compare
 
     if quick:
-        overrides, eval_keys = {**QUICK["train"], **overrides}, {**QUICK["eval"], **eval_keys}
+        overrides, probe_keys = {**QUICK["train"], **overrides}, {**QUICK["eval"], **probe_keys}
         methods = methods or QUICK["methods"]
-    compare(out_dir, config_path, overrides, methods, make_eval_args(eval_keys))
+    compare(out_dir, config_path, overrides, methods, make_eval_args(probe_keys))
     print(f"wrote {out_dir}/results.json, results.md, results.png")
     return 0
 

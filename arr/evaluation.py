@@ -442,11 +442,14 @@ EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=385, mmlu_items=0, 
               "full": {}}
 
 
-def report_args(task_data: str | None = None, eval_after: str = "quick", bundled_task: bool = False) -> EvalArgs:
-    """The probes of the report after training at `eval_after`'s sizes: the task's held-out examples from
-    `task_data`, or the bundled date task's test split with `bundled_task`, else no task score."""
+def report_args(task_data: str | None = None, eval_after: str = "quick", bundled_task: bool = False,
+                sizes: dict | None = None) -> EvalArgs:
+    """The probes of the report after training at `eval_after`'s sizes, with `sizes` (EvalArgs keys) on top: the
+    task's held-out examples from `task_data`, or the bundled date task's test split with `bundled_task`, else no
+    task score."""
     has_task = task_data is not None or bundled_task
-    return EvalArgs(**{**EVAL_AFTER[eval_after], "task_data": task_data, **({} if has_task else {"task_items": 0})})
+    return EvalArgs(**{**EVAL_AFTER[eval_after], **(sizes or {}), "task_data": task_data,
+                       **({} if has_task else {"task_items": 0})})
 
 
 def initial_drift_answers(initial_model, tokenizer, args: EvalArgs) -> list[list[int]]:

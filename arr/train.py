@@ -155,8 +155,10 @@ def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: boo
             run_folder.check_writable(key, folder)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False) -> dict:
+def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool = False,
+        report_sizes: dict | None = None) -> dict:
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics.
+    `report_sizes`: EvalArgs sizes that replace eval_after's for the report (and probe_steps' rounds).
     Raises Interrupted when Ctrl-C or SIGTERM stopped it (a checkpoint is left to resume from)."""
     check_inputs(data_args, config, model_args.model_name_or_path is None, resume)
     folder = nullcontext()
@@ -164,10 +166,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
         folder = run_folder.claimed(config.output_dir, resume, config.overwrite_output_dir,
                                     lock=config.process_index == 0)
     with folder:
-        return _run(model_args, data_args, config, resume)
+        return _run(model_args, data_args, config, resume, report_sizes or {})
 
 
-def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool) -> dict:
+def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool,
+         report_sizes: dict) -> dict:
     tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
         data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
 
@@ -197,7 +200,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
         model = with_adapter(model, init_adapter=model_args.init_adapter,
                              gradient_checkpointing=config.gradient_checkpointing)
     eval_args = report_args(data_args.eval_data, "full" if config.eval_after == "full" else "quick",
-                            bundled_task=data_args.sft_data is None)
+                            bundled_task=data_args.sft_data is None, sizes=report_sizes)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts,
                          eval_args=eval_args)

@@ -97,12 +97,14 @@ def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, ca
     assert code == 0 and "(the report in" not in out
     assert json.loads((files["out"] / "eval.json").read_text())["base_model"] == saved_base(files["out"])
 
-    held_out_2 = write_jsonl(tmp_path / "test2.jsonl", sft_records(30)[20:])  # another task file: its task alone
-    code, out, err = run_cli(capsys, "train", files["config"], f"eval_data={held_out_2}", "overwrite_output_dir=true")
+    # another task file and another knowledge_mc size (eval.KEY=VALUE): those two probes alone are scored anew
+    held_out_2 = write_jsonl(tmp_path / "test2.jsonl", sft_records(30)[20:])
+    code, out, err = run_cli(capsys, "train", files["config"], f"eval_data={held_out_2}", "eval.knowledge_items=7",
+                             "overwrite_output_dir=true")
     assert code == 0, err
-    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 6
-    assert json.loads((files["out"] / "eval.json").read_text())["before"]["heldout_nll"] == report["before"][
-        "heldout_nll"]
+    assert len(list((tmp_path / "cache" / "eval_before").iterdir())) == 7
+    again = json.loads((files["out"] / "eval.json").read_text())
+    assert again["before"]["heldout_nll"] == report["before"]["heldout_nll"] and again["items"]["knowledge_mc"] == 7
 
     code, out, err = run_cli(capsys, "train", files["config"], "eval_after=none", "overwrite_output_dir=true")
     assert code == 0 and "task_em" not in out and not (files["out"] / "eval.json").exists()
@@ -254,6 +256,11 @@ def test_compare_and_eval_help(capsys):
                                  "reads an unquoted no"),
     (["compare", "kl_on=bad"], "config key kl_on must be one of all"), (["compare", "betta=1"], "unknown config key 'betta'"),
     (["compare", "eval.chat_items=many"], "eval key chat_items: invalid int value: 'many'"),
+    (["train", "eval.knowledge_item=3"], "unknown eval key 'knowledge_item'; did you mean 'knowledge_items'?"),
+    (["train", "eval_after=none", "eval.chat_items=3"], "eval key chat_items: eval.* keys size the report after "
+                                                        "training, and eval_after=none runs none"),
+    (["train", "eval.task_data=x.jsonl"], "eval key task_data: the report's held-out task examples are the config "
+                                          "key eval_data"),
 ])
 def test_help_and_argument_errors_import_nothing_heavy(tmp_path, args, error):
     """They come back at once: the command checks its arguments against keys.json before importing torch or
