@@ -39,11 +39,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from .errors import ConfigError
-from .keys import ADAPTER_KEYS
 
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")
 INITIAL_ADAPTER = "arr_initial"  # the frozen snapshot of the starting adapter, when it is not a no-op
 ADAPTER_CONFIG = "adapter_config.json"
+# LoRA keys that an init_adapter's own config decides (a given value that differs from it is refused)
+ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules",
+                "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
 
 # ------------------------------------------------------------------------------------------------------- loading

@@ -172,19 +172,12 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     return {**values, **given}
 
 
-# LoRA keys that an init_adapter's own config decides (a given value that differs from it is refused), with their
-# names in PEFT's LoraConfig
-ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules",
-                "use_rslora": "use_rslora", "use_dora": "use_dora"}
-
-
 def as_config(recorded: dict) -> dict:
     """A run's resolved keys (its arr_config.yaml) as config keys that train it again; any other config passes
-    unchanged. Left out: the lineage, and with init_adapter the LoRA keys, which that adapter's own config decides
-    (both are read again from init_adapter). An accelerator_config that arr_config.yaml files written before
-    2026-12-05 hold as the object's repr, AcceleratorConfig(split_batches=False, ...), becomes its mapping."""
-    left_out = {LINEAGE, *ADAPTER_KEYS} if recorded.get("init_adapter") else {LINEAGE}
-    values = {k: v for k, v in recorded.items() if k not in left_out}
+    unchanged. Its lineage is left out (init_adapter reads it again), and an accelerator_config that arr_config.yaml
+    files written before 2026-12-05 hold as the object's repr, AcceleratorConfig(split_batches=False, ...), becomes
+    its mapping."""
+    values = {k: v for k, v in recorded.items() if k != LINEAGE}
     accelerator = values.get("accelerator_config")
     if isinstance(accelerator, str) and accelerator.startswith("AcceleratorConfig("):
         call = ast.parse(accelerator, mode="eval").body

@@ -24,8 +24,7 @@ from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, report_args, task_examples
-from .initial import load_model, load_tokenizer, save_adapter, with_adapter
-from .keys import as_config
+from .initial import ADAPTER_KEYS, load_model, load_tokenizer, read_adapter_config, save_adapter, with_adapter
 from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
 from .self_replay import SELF, read_prompts
@@ -70,13 +69,19 @@ def load_tokenizer_and_model(model_args: ModelArguments, before_model=lambda tok
 
 def resolved_config(model_args, data_args, config: ARRConfig) -> dict:
     """Every key of a run as resolved, in the form a config file takes back (`arr train RUN/arr_config.yaml`), with
-    the `*_token` keys left out, so that no secret is written into a run folder (and, with init_adapter, the LoRA
-    keys that adapter decides: keys.as_config)."""
+    the `*_token` keys left out, so that no secret is written into a run folder. With init_adapter, its LoRA keys
+    are that adapter's own, as training applied them (initial.check_adapter_keys)."""
     training = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                 if f.init and not f.name.endswith("_token")}
-    return as_config(json.loads(json.dumps(
+    record = json.loads(json.dumps(
         {**dataclasses.asdict(model_args), **(dataclasses.asdict(data_args) if data_args else {}), **training},
-        default=lambda value: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value))))
+        default=lambda value: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)))
+    if model_args.init_adapter is not None:
+        adapter = read_adapter_config(model_args.init_adapter)
+        for key, name in ADAPTER_KEYS.items():
+            if adapter.get(name) is not None:
+                record[key] = sorted(adapter[name]) if isinstance(adapter[name], list) else adapter[name]
+    return record
 
 
 def peak_memory_mb() -> float:
