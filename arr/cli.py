@@ -73,9 +73,9 @@ def train_command(args: list[str]) -> int:
     report_sizes = eval_keys(values)
     check_values(expand_method(values), "train", "config key")  # before torch is imported
     check_values(report_sizes, "eval", "eval key")
-    if report_sizes and values.get("eval_after") == "none":
-        raise ConfigError(f"eval key {next(iter(report_sizes))}: eval.* keys size the report after training, and "
-                          "eval_after=none runs none")
+    if report_sizes and values.get("eval_after") == "none" and not values.get("probe_steps"):
+        raise ConfigError(f"eval key {next(iter(report_sizes))}: eval.* keys size the report after training and the "
+                          "probe_steps rounds, and eval_after=none with no probe_steps runs neither")
     if "task_data" in report_sizes:
         raise ConfigError("eval key task_data: the report's held-out task examples are the config key eval_data")
 
@@ -91,7 +91,8 @@ def train_command(args: list[str]) -> int:
         values = read_config(str(DEFAULT_RECIPE), overrides)
         eval_keys(values)
     model_args, data_args, config = build_config(values)
-    report_sizes = {k: getattr(make_eval_args(report_sizes), k) for k in report_sizes}  # typed
+    typed = make_eval_args(report_sizes)
+    report_sizes = {k: getattr(typed, k) for k in report_sizes}
 
     from .train import Interrupted, run
 

@@ -28,10 +28,13 @@ from .evaluation import (
     evaluate_adapter,
     format_table,
     headline_forgetting,
+    initial_drift_answers,
     load_run,
+    probes_that_run,
     reusable_evaluation,
     run_base_model,
 )
+from .initial import initial_model
 from .keys import DEFAULT_RECIPE, METHODS as PRESETS, as_config, expand_method, read_config
 from .plots import draw, draw_front, mean_point
 from .lineage import lineage_scores, recorded_lineage
@@ -106,10 +109,12 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
         else:
             print(f"== {name}: evaluating", flush=True)
             model, tokenizer = load_run(run_dir, base_model)
-            if drift_answers is None:  # the initial model's, shared by every method and kept in $ARR_CACHE for
-                # every later comparison on the same initial model (a frontier's other tasks and seeds)
-                cached, drift_answers = before_values(model, tokenizer, eval_args, cache=True)
-                before = before or cached
+            if before is None:  # the initial model's, shared by every method and kept in $ARR_CACHE for every
+                # later comparison on the same initial model (a frontier's other tasks and seeds)
+                before, drift_answers = before_values(model, tokenizer, eval_args, cache=True)
+            elif drift_answers is None and "behaviour_kl" in probes_that_run(eval_args):  # (before: a saved one)
+                with initial_model(model):
+                    drift_answers = initial_drift_answers(model, tokenizer, eval_args)
             probes = {**evaluate_adapter(model, tokenizer, eval_args, before, drift_answers), "base_model": base_model}
             chain = recorded_lineage(run_dir)  # compared on top of earlier runs: their tasks too
             if chain:

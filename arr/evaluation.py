@@ -125,7 +125,7 @@ def mmlu_questions(n: int, seed: int) -> list[tuple[str, int]]:
 
 
 @cache  # before and after, and every method of a compare, draw from the same 57 parsed files
-def all_mmlu_questions() -> list[tuple[str, int]]:
+def all_mmlu_questions() -> tuple[tuple[str, int], ...]:
     folder = resources.package_file(LM_EVAL_PACKAGE, "mmlu/flan_cot_fewshot/_mmlu.yaml").parent
     items = []
     for path in sorted(folder.glob("mmlu_*.yaml")):
@@ -135,7 +135,7 @@ def all_mmlu_questions() -> list[tuple[str, int]]:
             if answer:
                 items.append((f"{spec['description']}\n\nQ: {sample['question'].strip()}\nA: The answer is (",
                               "ABCD".index(answer.group(1))))
-    return items
+    return tuple(items)
 
 
 def task_examples(path: str | None, n: int | None, split: str = "test") -> list[tuple[list[dict], str]]:
@@ -158,14 +158,15 @@ def chat_exchanges(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 @cache
-def all_chat_exchanges() -> list[tuple[str, str]]:
+def all_chat_exchanges() -> tuple[tuple[str, str], ...]:
+    """The first two turns of every chatterbot English conversation whose two turns are non-empty text."""
     folder = resources.package_file(CHAT_PACKAGE, "english/greetings.yml").parent
     pairs = []
     for path in sorted(folder.glob("*.yml")):
         for conversation in read_yaml(path).get("conversations", []):
             if len(conversation) >= 2 and all(isinstance(t, str) and t.strip() for t in conversation[:2]):
                 pairs.append((conversation[0].strip(), conversation[1].strip()))
-    return pairs
+    return tuple(pairs)
 
 
 def read_yaml(path: Path):
@@ -444,12 +445,12 @@ EVAL_AFTER = {"quick": dict(heldout_docs=12, knowledge_items=385, mmlu_items=0, 
 
 def report_args(task_data: str | None = None, eval_after: str = "quick", bundled_task: bool = False,
                 sizes: dict | None = None) -> EvalArgs:
-    """The probes of the report after training at `eval_after`'s sizes, with `sizes` (EvalArgs keys) on top: the
-    task's held-out examples from `task_data`, or the bundled date task's test split with `bundled_task`, else no
-    task score."""
+    """The probes of the report after training at `eval_after`'s sizes (quick ones for the probe_steps rounds of a
+    run with eval_after none), with `sizes` (EvalArgs keys) on top: the task's held-out examples from `task_data`,
+    or the bundled date task's test split with `bundled_task`, else no task score."""
     has_task = task_data is not None or bundled_task
-    return EvalArgs(**{**EVAL_AFTER[eval_after], **(sizes or {}), "task_data": task_data,
-                       **({} if has_task else {"task_items": 0})})
+    preset = EVAL_AFTER["full" if eval_after == "full" else "quick"]
+    return EvalArgs(**{**preset, **(sizes or {}), "task_data": task_data, **({} if has_task else {"task_items": 0})})
 
 
 def initial_drift_answers(initial_model, tokenizer, args: EvalArgs) -> list[list[int]]:

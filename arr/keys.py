@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from . import run_folder
 from .errors import ConfigError
 from .lineage import LINEAGE
 
@@ -120,8 +121,10 @@ def train_help(every_option: bool = False) -> str:
     """`arr train --help`: each group's keys with their defaults and meanings, then (with `every_option`) every
     Trainer option, as HfArgumentParser prints them."""
     rows = table()["train"]
-    lines = ["usage: arr train [CONFIG.yaml] [key=value ...] [--resume] [--debug] [--help-all]", "",
-             "Every key is a YAML key of CONFIG.yaml and a key=value override (YAML syntax for the value)."]
+    lines = ["usage: arr train [CONFIG.yaml] [key=value ...] [eval.KEY=VALUE ...] [--resume] [--debug] [--help-all]",
+             "", "Every key is a YAML key of CONFIG.yaml and a key=value override (YAML syntax for the value). "
+             "eval.KEY=VALUE, on the command line, sizes a probe of the report after training (arr eval --help lists "
+             "the keys)."]
     for group, keys in HELP_GROUPS.items():
         lines += ["", f"{group}:"]
         for key in keys:
@@ -152,7 +155,11 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config must be a mapping of key: value")
-        values = as_config(values)
+        probe_key = next((k for k in values if str(k).startswith("eval.")), None)
+        if probe_key is not None:
+            raise ConfigError(f"{path}: {probe_key} is an eval key; give eval.* keys on the command line")
+        if is_run_record(Path(path)):
+            values = as_config(values)
     given = {}
     for override in overrides:
         key, sep, raw = override.partition("=")
@@ -172,16 +179,24 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     return {**values, **given}
 
 
+def is_run_record(path: Path) -> bool:
+    """Whether `path` is the arr_config.yaml of a run folder (beside its adapter)."""
+    return path.name == run_folder.CONFIG and (path.parent / run_folder.ADAPTER_CONFIG).is_file()
+
+
 def as_config(recorded: dict) -> dict:
-    """A run's resolved keys (its arr_config.yaml) as config keys that train it again; any other config passes
-    unchanged. Its lineage is left out (init_adapter reads it again), and an accelerator_config that arr_config.yaml
-    files written before 2026-12-05 hold as the object's repr, AcceleratorConfig(split_batches=False, ...), becomes
-    its mapping."""
-    values = {k: v for k, v in recorded.items() if k != LINEAGE}
+    """A run's resolved keys (its arr_config.yaml) as config keys that train it again. Left out: its lineage
+    (init_adapter reads it again) and overwrite_output_dir (a rerun replaces no finished run unless asked). An
+    accelerator_config that arr_config.yaml files written before 2026-12-05 hold as the object's repr,
+    AcceleratorConfig(split_batches=False, ...), becomes its mapping."""
+    values = {k: v for k, v in recorded.items() if k not in (LINEAGE, "overwrite_output_dir")}
     accelerator = values.get("accelerator_config")
     if isinstance(accelerator, str) and accelerator.startswith("AcceleratorConfig("):
-        call = ast.parse(accelerator, mode="eval").body
-        values["accelerator_config"] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        try:
+            call = ast.parse(accelerator, mode="eval").body
+            values["accelerator_config"] = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        except (SyntaxError, ValueError, AttributeError):
+            raise ConfigError(f"config key accelerator_config: cannot read {accelerator!r}") from None
     return values
 
 

@@ -23,7 +23,7 @@ from . import resources, run_folder
 from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
-from .evaluation import EVAL_AFTER, EvalArgs, evaluate_adapter, report_args, task_examples
+from .evaluation import EvalArgs, evaluate_adapter, report_args, task_examples
 from .initial import ADAPTER_KEYS, load_model, load_tokenizer, read_adapter_config, save_adapter, with_adapter
 from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
@@ -139,13 +139,15 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
 
-def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: bool, resume: bool) -> None:
+def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: bool, resume: bool,
+                 report_sizes: dict) -> None:
     """What the run will read and where it will write, checked before anything is loaded or written, so that a bad
     one fails now and not after the training (the SFT data is read, tokenized, as the model loads)."""
     if resume:
         run_folder.check_resumable(config.output_dir)
-    if data_args.eval_data is not None and config.eval_after != "none":
-        task_examples(data_args.eval_data, EVAL_AFTER[config.eval_after].get("task_items", EvalArgs.task_items))
+    if data_args.eval_data is not None and (config.eval_after != "none" or config.probe_steps):
+        task_examples(data_args.eval_data, report_args(data_args.eval_data, config.eval_after,
+                                                       sizes=report_sizes).task_items)
     self_replay = config.uses_replay and data_args.replay_data == SELF
     if self_replay and config.self_replay_prompts is not None:
         read_prompts(config.self_replay_prompts)
@@ -165,7 +167,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics.
     `report_sizes`: EvalArgs sizes that replace eval_after's for the report (and probe_steps' rounds).
     Raises Interrupted when Ctrl-C or SIGTERM stopped it (a checkpoint is left to resume from)."""
-    check_inputs(data_args, config, model_args.model_name_or_path is None, resume)
+    check_inputs(data_args, config, model_args.model_name_or_path is None, resume, report_sizes or {})
     folder = nullcontext()
     if config.local_process_index == 0:  # one process per machine makes the folder; the main one locks it
         folder = run_folder.claimed(config.output_dir, resume, config.overwrite_output_dir,
@@ -204,8 +206,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     else:
         model = with_adapter(model, init_adapter=model_args.init_adapter,
                              gradient_checkpointing=config.gradient_checkpointing)
-    eval_args = report_args(data_args.eval_data, "full" if config.eval_after == "full" else "quick",
-                            bundled_task=data_args.sft_data is None, sizes=report_sizes)
+    eval_args = report_args(data_args.eval_data, config.eval_after, bundled_task=data_args.sft_data is None,
+                            sizes=report_sizes)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts,
                          eval_args=eval_args)

@@ -197,7 +197,7 @@ class ARRTrainer(Trainer):
         if args.kl_target is not None:
             self.add_callback(AdaptiveKL(args.beta, args.kl_target, args.kl_adapt_rate))
         self.add_callback(StepChecks(self))
-        self.eval_args = eval_args or report_args(eval_after="full" if args.eval_after == "full" else "quick")
+        self.eval_args = eval_args or report_args(eval_after=args.eval_after)
         # FSDP and DeepSpeed shard the LM head and gather it only inside their own forward: use full logits there.
         self.sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.initial.snapshot is not None and (self.sharded or args.laplace_lambda > 0):

@@ -122,6 +122,9 @@ CASES = {
     "eval_data truncated": ({"e.jsonl": GOOD + GOOD[:12]}, ["eval_data={tmp}/e.jsonl"], "e.jsonl:2: invalid JSON"),
     "eval_data without an answer": ({"e.jsonl": '{"messages": [{"role": "user", "content": "x"}]}\n'},
                                     ["eval_data={tmp}/e.jsonl"], "e.jsonl:1: no assistant turn"),
+    "eval_data bad past the quick report's 24 items": (
+        {"e.jsonl": GOOD * 30 + '{"messages": [{"role": "user", "content": "x"}]}\n'},
+        ["eval_data={tmp}/e.jsonl", "eval.task_items=40"], "e.jsonl:31: no assistant turn"),
     "self-replay prompts binary": ({"p.txt": BINARY}, ["replay_data=self", "self_replay_prompts={tmp}/p.txt"],
                                    "p.txt:2: not valid UTF-8"),
     "self-replay prompts a folder": ({}, ["replay_data=self", "self_replay_prompts={tmp}"],

@@ -258,9 +258,13 @@ def test_compare_and_eval_help(capsys):
     (["compare", "eval.chat_items=many"], "eval key chat_items: invalid int value: 'many'"),
     (["train", "eval.knowledge_item=3"], "unknown eval key 'knowledge_item'; did you mean 'knowledge_items'?"),
     (["train", "eval_after=none", "eval.chat_items=3"], "eval key chat_items: eval.* keys size the report after "
-                                                        "training, and eval_after=none runs none"),
+                                                        "training and the probe_steps rounds, and eval_after=none "
+                                                        "with no probe_steps runs neither"),
     (["train", "eval.task_data=x.jsonl"], "eval key task_data: the report's held-out task examples are the config "
                                           "key eval_data"),
+    (["train", "eval_after=none", "probe_steps=2", "eval.chat_items=x"], "eval key chat_items: invalid int value"),
+    (["train", "{run}/eval.yaml"], "{run}/eval.yaml: eval.chat_items is an eval key; give eval.* keys on the command "
+                                   "line"),
 ])
 def test_help_and_argument_errors_import_nothing_heavy(tmp_path, args, error):
     """They come back at once: the command checks its arguments against keys.json before importing torch or
@@ -268,13 +272,14 @@ def test_help_and_argument_errors_import_nothing_heavy(tmp_path, args, error):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "c.yaml").write_text("bta: 0.5\n")
     (tmp_path / "no.yaml").write_text("save_strategy: no\n")
+    (tmp_path / "eval.yaml").write_text("eval.chat_items: 3\n")
     code = ("import sys; from arr.cli import main; code = main(sys.argv[1:]); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)); sys.exit(code)")
     args = [a.format(run=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
     assert proc.returncode == (0 if error is None else 2)
-    assert error is None or f"arr: error: {error}" in proc.stderr, proc.stderr
+    assert error is None or f"arr: error: {error.format(run=tmp_path)}" in proc.stderr, proc.stderr
 
 
 def test_keys_json_is_the_live_dataclasses():
@@ -310,8 +315,16 @@ def test_a_run_record_is_a_config_again_and_holds_no_secret(tmp_path):
     record = resolved_config(*build_config({"output_dir": str(tmp_path), "hub_token": "hf_secret", "seed": 7}))
     assert "hub_token" not in record and "hf_secret" not in json.dumps(record)
     assert resolved_config(*build_config(record)) == record
-    # arr_config.yaml as written before 2026-12-05: the accelerator config as its repr, which no parser took back
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**record, "accelerator_config": (
-        "AcceleratorConfig(split_batches=False, dispatch_batches=None, even_batches=True, use_seedable_sampler=True, "
-        "non_blocking=False, gradient_accumulation_kwargs=None, use_configured_state=False)"), "lineage": []}))
-    assert read_config(str(tmp_path / "old.yaml"), []) == record
+    # a run folder's arr_config.yaml as written before 2026-12-05: the accelerator config as its repr, which no
+    # parser took back; its lineage and overwrite_output_dir are not keys for a rerun
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "arr_config.yaml").write_text(yaml.safe_dump({**record, "overwrite_output_dir": True, "lineage": [], (
+        "accelerator_config"): "AcceleratorConfig(split_batches=False, dispatch_batches=None, even_batches=True, "
+        "use_seedable_sampler=True, non_blocking=False, gradient_accumulation_kwargs=None, use_configured_state=False)"}))
+    assert read_config(str(run / "arr_config.yaml"), []) == {k: v for k, v in record.items()
+                                                             if k != "overwrite_output_dir"}
+    # any other YAML is read as written: a lineage key there is an unknown key
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"seed": 1, "lineage": []}))
+    assert read_config(str(tmp_path / "mine.yaml"), []) == {"seed": 1, "lineage": []}
