@@ -13,7 +13,7 @@ def test_overhead_quick_prints_every_variant_and_workload_and_ends_with_the_json
     """The benchmark's own plumbing (child processes, workloads, the cache build counted, the top-k error check, the
     JSON line), on the tiny model."""
     proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--variants", "arr_topk", "--steps", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[1:3] for line in lines[:-1]] == [[w, v] for w in ("embedded", "epochs3")
@@ -44,7 +44,7 @@ def test_allocation_peak_is_the_most_torch_held_at_once():
 
 def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
     proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--memory", "--workloads", "embedded",
-                           "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     peaks = [line for line in lines if "allocated peak" in line]

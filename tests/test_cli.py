@@ -198,7 +198,7 @@ def test_the_defaults_a_run_uses_are_the_ones_help_shows(tmp_path, capsys, monke
 
     used = []
 
-    def stop_before_training(model_args, data_args, config, resume=False):
+    def stop_before_training(model_args, data_args, config, resume=False, report_sizes=None):
         used.append(config)
         raise ARRError("stopped before training")
 
