@@ -5,8 +5,9 @@
 
 Each task is learned from the previous task's adapter (`init_adapter`), in the order given, by `arr train` as a
 user runs it: the bundled date task by the embedded recipe (24 steps of 8 at learning rate 1e-3), any other task from
-its training file at the defaults for one's own data (3 epochs, learning rate 2e-4; 75 steps for 200 rows). The default order goes from the task plain LoRA learns most exactly (date) to the one that needs the
-most drift from the initial model (reverse), so that each later task has room to overwrite the earlier ones.
+its training file at the defaults for one's own data (3 epochs, learning rate 2e-4; 75 steps for 200 rows). The
+default order goes from the task plain LoRA learns most exactly (date) to the one that needs the most drift from the
+initial model (reverse), so that each later task has room to overwrite the earlier ones.
 Methods (keys pinned, as in experiments/frontier.py):
   lora          plain LoRA, sequentially
   arr           the shipped ARR default with no earlier-task replay (lineage_replay: none)
@@ -76,8 +77,8 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     saved = run_dir / "sequence_scores.json"
     adapter = hashlib.sha256((run_dir / "adapter_model.safetensors").read_bytes()).hexdigest()  # a retrained run
     settings = {"tests": tests, "items": items, "general": general, "adapter": adapter}
-    if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
-        found = json.loads(saved.read_text())
+    found = json.loads(saved.read_text()) if saved.is_file() else {}
+    if found.get("settings") == settings:
         return found["row"], found["report"]
     from arr.config import ModelArguments
     from arr.evaluation import EvalArgs, evaluate_adapter, run_base_model, task_scores
