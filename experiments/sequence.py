@@ -13,8 +13,8 @@ Methods (keys pinned, as in experiments/frontier.py):
   arr           the shipped ARR default with no earlier-task replay (lineage_replay: none)
   arr_lineage   the shipped default with π₀'s answers to the earlier tasks' prompts in its replay
                 (lineage_replay: prompts, half the replay rows)
-  joint         plain LoRA on all tasks' training data mixed, for as many steps as the sequence: the upper bound of
-                what can be kept
+  joint         plain LoRA on all tasks' training data mixed, for as many optimizer steps as plain LoRA's whole
+                sequence at the same seed, at the defaults for one's own data: the upper bound of what can be kept
 Per method and seed: R[i][j] = task j's exact match on its first --task-items held-out items after training task i
 (j <= i; the joint run's one row after it trained), BWT = the mean over earlier tasks j of R[last][j] - R[j][j],
 plasticity R[j][j] against LoRA's, the general forgetting after the last task against the original base (the
@@ -95,6 +95,16 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     return row, report
 
 
+def lora_steps(out: Path, seed: int, tasks: list[str]) -> int:
+    """The optimizer steps of plain LoRA's whole sequence at `seed`: what joint LoRA trains, so that it sees as many
+    updates as the sequence it bounds."""
+    stages = [out / "lora" / f"seed{seed}" / f"{i}_{task}" for i, task in enumerate(tasks)]
+    if not all(run_folder.is_finished(stage) for stage in stages):
+        raise SystemExit(f"joint trains as many steps as plain LoRA's sequence at seed {seed}, which is not finished "
+                         "in this folder: run it first (--methods lora joint)")
+    return sum(json.loads((stage / run_folder.METRICS).read_text())["global_steps"] for stage in stages)
+
+
 def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items: int, general: dict,
         finished=lambda results: None) -> dict:
     """Every method's sequence at every seed; `finished(results)` after each (method, seed)."""
@@ -110,7 +120,7 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items
                 mixed = [r for t in tasks for r in TASKS[t]("train")]
                 data = write_jsonl(out / "tasks" / "joint.jsonl", mixed)
                 metrics = train(folder / "joint", {**METHODS[method], "seed": seed, "sft_data": data,
-                                                   "max_steps": 24 * len(tasks)})
+                                                   "max_steps": lora_steps(out, seed, tasks)})
                 row, report = scores(folder / "joint", tests, items, general)
                 R, seconds = [row], metrics["train_seconds"]
                 last = folder / "joint"

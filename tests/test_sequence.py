@@ -1,8 +1,11 @@
 """experiments/sequence.py's summary: BWT, what a method removes of LoRA's, plasticity, and the JSON shape."""
 
+import json
+
 import pytest
 
-from experiments.sequence import bwt, plot, summarise, table
+from arr import run_folder
+from experiments.sequence import bwt, lora_steps, plot, summarise, table
 
 
 def test_sequence_summary_pairs_each_method_with_lora_per_seed(tmp_path):
@@ -23,3 +26,18 @@ def test_sequence_summary_pairs_each_method_with_lora_per_seed(tmp_path):
     assert "| arr |" in table(summary)
     plot(summary, tmp_path / "sequence.png")
     assert (tmp_path / "sequence.png").stat().st_size > 10_000
+
+
+def test_joint_trains_as_many_steps_as_loras_whole_sequence(tmp_path):
+    tasks = ["date", "topic"]
+    for i, (task, steps) in enumerate(zip(tasks, (24, 75))):
+        stage = tmp_path / "lora" / "seed1" / f"{i}_{task}"
+        stage.mkdir(parents=True)
+        for name in (run_folder.ADAPTER_CONFIG, run_folder.CONFIG):
+            (stage / name).write_text("{}")
+        if steps != 75:  # the last stage unfinished first
+            (stage / run_folder.METRICS).write_text(json.dumps({"global_steps": steps}))
+    with pytest.raises(SystemExit, match="plain LoRA's sequence at seed 1, which is not finished"):
+        lora_steps(tmp_path, 1, tasks)
+    (stage / run_folder.METRICS).write_text(json.dumps({"global_steps": 75}))
+    assert lora_steps(tmp_path, 1, tasks) == 99
