@@ -1,7 +1,14 @@
+import contextlib
+import io
 import json
+import subprocess
+import sys
+import types
 
+import pytest
 import yaml
 
+import arr.compare
 from arr.cli import main
 from arr.compare import compare
 from arr.evaluation import EvalArgs
@@ -23,7 +30,21 @@ def tiny_config(tmp_path, llama_dir):
     return config
 
 
-def test_compare_writes_results_table_and_plot(tmp_path, llama_dir, monkeypatch):
+@pytest.fixture
+def train_in_process(monkeypatch):
+    """compare's `arr train` command runs in this process, not as a child that imports the stack again for every
+    method (test_lineage's compare runs it as a child process)."""
+    def run(command, **kwargs):
+        assert command[:3] == [sys.executable, "-m", "arr"]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(command[3:])
+        return subprocess.CompletedProcess(command, code, printed.getvalue(), "")
+
+    monkeypatch.setattr(arr.compare, "subprocess", types.SimpleNamespace(run=run))
+
+
+def test_compare_writes_results_table_and_plot(tmp_path, llama_dir, monkeypatch, train_in_process):
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     results = compare(tmp_path / "cmp", tiny_config(tmp_path, llama_dir), {"learning_rate": 0.01}, eval_args=SMALL)
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
@@ -64,7 +85,7 @@ def test_eval_command_prints_before_after_delta(tmp_path, llama_dir, capsys):
     assert "did you mean 'heldout_docs'" in capsys.readouterr().err
 
 
-def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsys, monkeypatch):
+def test_compare_reuses_finished_runs_and_evaluations(tmp_path, llama_dir, capsys, monkeypatch, train_in_process):
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     config = tiny_config(tmp_path, llama_dir)
     methods = {"lora": {"beta": 0.0, "replay_ratio": 0.0}}
