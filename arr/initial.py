@@ -50,11 +50,9 @@ ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_target_modules"
 
 # ------------------------------------------------------------------------------------------------------- loading
 
-def torch_dtype(name: str, key: str = "dtype"):
-    dtype = name if name == "auto" else getattr(torch, str(name), None)
-    if not isinstance(dtype, (str, torch.dtype)):
-        raise ConfigError(f"config key {key}: unknown dtype {name!r}")
-    return dtype
+def torch_dtype(name: str):
+    """The torch dtype a dtype key names ("auto" as it is): ModelArguments has refused an unknown name."""
+    return name if name == "auto" else getattr(torch, name)
 
 
 def quantization_config(args):
@@ -66,7 +64,7 @@ def quantization_config(args):
     compute = args.bnb_4bit_compute_dtype or (args.dtype if args.dtype != "auto" else "float32")
     return BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
                               bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-                              bnb_4bit_compute_dtype=torch_dtype(compute, "bnb_4bit_compute_dtype"),
+                              bnb_4bit_compute_dtype=torch_dtype(compute),
                               bnb_4bit_use_double_quant=args.use_bnb_nested_quant)
 
 

@@ -140,14 +140,13 @@ class StopOnSignal(TrainerCallback):
 
 
 def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: bool, resume: bool,
-                 report_sizes: dict) -> None:
+                 eval_args: EvalArgs) -> None:
     """What the run will read and where it will write, checked before anything is loaded or written, so that a bad
     one fails now and not after the training (the SFT data is read, tokenized, as the model loads)."""
     if resume:
         run_folder.check_resumable(config.output_dir)
     if data_args.eval_data is not None and (config.eval_after != "none" or config.probe_steps):
-        task_examples(data_args.eval_data, report_args(data_args.eval_data, config.eval_after,
-                                                       sizes=report_sizes).task_items)
+        task_examples(data_args.eval_data, eval_args.task_items)
     self_replay = config.uses_replay and data_args.replay_data == SELF
     if self_replay and config.self_replay_prompts is not None:
         read_prompts(config.self_replay_prompts)
@@ -167,17 +166,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig,
     """Fine-tune with ARR and write OUTPUT_DIR/{adapter files, arr_config.yaml, metrics.json}. Returns the metrics.
     `report_sizes`: EvalArgs sizes that replace eval_after's for the report (and probe_steps' rounds).
     Raises Interrupted when Ctrl-C or SIGTERM stopped it (a checkpoint is left to resume from)."""
-    check_inputs(data_args, config, model_args.model_name_or_path is None, resume, report_sizes or {})
+    eval_args = report_args(data_args.eval_data, config.eval_after, bundled_task=data_args.sft_data is None,
+                            sizes=report_sizes or {})
+    check_inputs(data_args, config, model_args.model_name_or_path is None, resume, eval_args)
     folder = nullcontext()
     if config.local_process_index == 0:  # one process per machine makes the folder; the main one locks it
         folder = run_folder.claimed(config.output_dir, resume, config.overwrite_output_dir,
                                     lock=config.process_index == 0)
     with folder:
-        return _run(model_args, data_args, config, resume, report_sizes or {})
+        return _run(model_args, data_args, config, resume, eval_args)
 
 
 def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig, resume: bool,
-         report_sizes: dict) -> dict:
+         eval_args: EvalArgs) -> dict:
     tokenizer, model, sft = load_tokenizer_and_model(model_args, lambda tokenizer: load_sft_examples(
         data_args.sft_data or resources.date_task("train"), tokenizer, config.max_length, data_args.sft_format))
 
@@ -206,8 +207,6 @@ def _run(model_args: ModelArguments, data_args: DataArguments, config: ARRConfig
     else:
         model = with_adapter(model, init_adapter=model_args.init_adapter,
                              gradient_checkpointing=config.gradient_checkpointing)
-    eval_args = report_args(data_args.eval_data, config.eval_after, bundled_task=data_args.sft_data is None,
-                            sizes=report_sizes)
     trainer = ARRTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          replay_dataset=replay, curvature_dataset=surrogate, earlier_prompts=prompts,
                          eval_args=eval_args)
