@@ -119,8 +119,12 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items
             if method == "joint":
                 mixed = [r for t in tasks for r in TASKS[t]("train")]
                 data = write_jsonl(out / "tasks" / "joint.jsonl", mixed)
+                steps = lora_steps(out, seed, tasks)
                 metrics = train(folder / "joint", {**METHODS[method], "seed": seed, "sft_data": data,
-                                                   "max_steps": lora_steps(out, seed, tasks)})
+                                                   "max_steps": steps})
+                if metrics["global_steps"] != steps:  # a finished run is reused, and one of other steps is no bound
+                    raise SystemExit(f"{folder / 'joint'} holds a finished joint run of {metrics['global_steps']} "
+                                     f"steps, not plain LoRA's {steps}: move it aside to retrain it")
                 row, report = scores(folder / "joint", tests, items, general)
                 R, seconds = [row], metrics["train_seconds"]
                 last = folder / "joint"
@@ -229,14 +233,15 @@ def main() -> None:
     parser.add_argument("out", nargs="?", default="runs/sequence")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["date", "topic", "reverse"], choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="run in this order, lora always (joint trains as many steps as its sequence)")
     parser.add_argument("--task-items", type=int, default=50)
     parser.add_argument("--knowledge-items", type=int, default=PROBE_SIZES["knowledge_items"],
                         help="knowledge_mc's questions among the general probes after the last task (0: none)")
     parser.add_argument("--docs", default=None, help="also copy sequence.json/.md/.png into this folder")
     args = parser.parse_args()
     out = Path(args.out)
-    methods = args.methods if "lora" in args.methods else ["lora", *args.methods]
+    methods = [m for m in METHODS if m in args.methods or m == "lora"]  # LoRA first: joint trains its steps
     general = {**PROBE_SIZES, "knowledge_items": args.knowledge_items}
 
     def write(results):  # after every (method, seed), so that a stopped sweep leaves what it measured

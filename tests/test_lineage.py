@@ -108,4 +108,5 @@ def test_compare_on_top_of_an_earlier_run_scores_its_task(recipe, tasks, tmp_pat
     for method in ("lora", "arr"):
         lineage = results["methods"][method]["probes"]["lineage"]
         assert [r["run"] for r in lineage["tasks"]] == [str(a)] and "bwt" in results["methods"][method]
+        assert results["methods"][method]["peak_mem_mb"] > 100  # the child process's own peak RSS
         assert lineage["tasks"][0]["before"] == results["methods"]["lora"]["probes"]["lineage"]["tasks"][0]["before"]
