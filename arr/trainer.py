@@ -36,8 +36,8 @@ from .batch import kl_sequences
 from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
-from .initial import INITIAL_ADAPTER, InitialModel, fingerprint, initial_head, is_quantized, load_model, load_tokenizer, \
-    save_adapter, with_adapter
+from .initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_head, is_quantized,
+                      load_model, load_tokenizer, save_adapter, with_adapter)
 from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
 from .watch import ForgettingWatch
@@ -117,7 +117,7 @@ def check_packing(model: torch.nn.Module) -> None:
     finally:
         model.train(was_training)
     change = ((alone - packed).abs().mean() / alone.abs().mean().clamp(min=1e-6)).item()
-    if change > (1e-3 if model.dtype == torch.float32 else 2e-2):
+    if change > (1e-3 if computes_in_float32(model) else 2e-2):
         raise ARRError(f"padding_free: {type(model).__name__} does not keep packed sequences apart (its logits move "
                        f"by {change:.1%} with a sequence packed before); set padding_free: false")
 
@@ -142,7 +142,7 @@ def check_head(model: torch.nn.Module) -> None:
         model.train(was_training)
     ours = logits_head(model)(captured[0]).float()
     change = ((ours - logits).abs().max() / logits.abs().max().clamp(min=1e-6)).item()
-    if change > (1e-4 if logits.dtype == torch.float32 and model.dtype == torch.float32 else 2e-2):
+    if change > (1e-4 if logits.dtype == torch.float32 and computes_in_float32(model) else 2e-2):
         raise ARRError(f"loss_chunk_size: {type(model).__name__}'s logits are not its LM head on the final hidden "
                        f"states (they differ by {change:.1%}: a logit scale in its own forward); set loss_chunk_size: "
                        "0 to compute the loss from the model's own logits")
