@@ -72,6 +72,20 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def quantization_keys(model) -> dict:
+    """The ModelArguments keys that load a bitsandbytes-quantized model as it was loaded ({} for another model): what
+    quantization_config built, read back from the model's own config."""
+    if not is_quantized(model):
+        return {}
+    quantization = model.config.quantization_config
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    if not quantization.get("load_in_4bit"):
+        return {"load_in_8bit": True}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quantization["bnb_4bit_quant_type"],
+            "bnb_4bit_compute_dtype": str(quantization["bnb_4bit_compute_dtype"]).removeprefix("torch."),
+            "use_bnb_nested_quant": bool(quantization["bnb_4bit_use_double_quant"])}
+
+
 def computes_in_float32(model) -> bool:
     """Whether the model's matmuls run in float32: for a quantized base its compute dtype, not `model.dtype`, which
     prepare_model_for_kbit_training makes float32 by upcasting the unquantized weights (8-bit layers compute in

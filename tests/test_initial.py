@@ -152,6 +152,27 @@ def test_smollm2_in_4bit_computing_in_bf16_passes_the_packing_and_head_checks():
     check_head(model)
 
 
+def test_a_qlora_run_from_python_records_how_arr_eval_rebuilds_its_initial_model(llama_dir, tokenizer, tmp_path):
+    """A 4-bit base loaded in bf16 by transformers itself, trained through ARRTrainer and saved with save_run: its
+    arr_config.yaml says how it was loaded (not the float32 that prepare_model_for_kbit_training leaves), so arr eval
+    rebuilds the same quantized π₀ (load_run checks its fingerprint)."""
+    from transformers import BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+    config = ARRConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                       replay_seq_length=16, report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
+    trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
+                         replay_dataset=replay_texts(20), peft_config=LoraConfig(**LORA))
+    trainer.train()
+    trainer.save_run()
+    recorded = yaml.safe_load((tmp_path / "run" / "arr_config.yaml").read_text())
+    assert {k: recorded[k] for k in ("dtype", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype")} == {
+        "dtype": "bfloat16", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
+    model, _ = load_run(tmp_path / "run")
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+
 def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_training_saves_a_loadable_adapter(
         llama_dir, tokenizer, tmp_path):
     model = quantized_peft(llama_dir)
