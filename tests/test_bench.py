@@ -12,23 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_overhead_quick_prints_every_variant_and_workload_and_ends_with_the_json_ratios():
     """The benchmark's own plumbing (child processes, workloads, the cache build counted, the top-k error check, the
     JSON line), on the tiny model."""
-    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--variants", "arr_topk", "--steps", "3"],
+    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--variants", "arr_topk", "--steps", "3",
+                           "--workloads", "embedded"],  # (epochs3: the memory test below)
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert [line.split()[1:3] for line in lines[:-1]] == [[w, v] for w in ("embedded", "epochs3")
-                                                          for v in ("lora", "arr", "arr_topk")]
-    embedded_arr, epochs3_arr = lines[1], lines[4]
+    assert [line.split()[1:3] for line in lines[:-1]] == [["embedded", v] for v in ("lora", "arr", "arr_topk")]
     # the default caches the self-generated replay rows' reference in every run (a folder of its own) and counts it
-    assert "of 24 steps" in embedded_arr and "cache built" in embedded_arr and "earlier run" in embedded_arr
-    assert "of 87 steps" in epochs3_arr and "cache built" in epochs3_arr
+    assert "of 24 steps" in lines[1] and "cache built" in lines[1] and "earlier run" in lines[1]
     assert "top-k KL error" in lines[2] and "cache built" in lines[2]
     result = json.loads(lines[-1])
-    assert result["model"] == "tiny" and result["path"] == "arr"
-    assert set(result["workloads"]) == {"embedded", "epochs3"}
+    assert result["model"] == "tiny" and result["path"] == "arr" and set(result["workloads"]) == {"embedded"}
     assert result["wall_ratio"] == result["workloads"]["embedded"]["wall_ratio"] > 0.5
-    assert all(0.9 < w["peak_mem_ratio"] < 2 for w in result["workloads"].values())
-    assert all(0.5 < w["wall_ratio_cache_reused"] < w["wall_ratio"] for w in result["workloads"].values())
+    assert 0.9 < result["peak_mem_ratio"] < 2 and 0.5 < result["wall_ratio_cache_reused"] < result["wall_ratio"]
 
 
 def test_allocation_peak_is_the_most_torch_held_at_once():
@@ -43,10 +39,13 @@ def test_allocation_peak_is_the_most_torch_held_at_once():
 
 
 def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
-    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--memory", "--workloads", "embedded",
+    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--memory", "--workloads", "epochs3",
                            "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
+    timed = [line for line in lines if "timed" in line]
+    # 3 epochs of the recipe's 200 rows: 75 steps of 8 task rows, 87 with one row in 8 replay, whose cache is built
+    assert "of 75 steps" in timed[0] and "of 87 steps" in timed[1] and "cache built" in timed[1]
     peaks = [line for line in lines if "allocated peak" in line]
     assert [line.split()[2] for line in peaks] == ["lora", "arr"] and "x1.000" in peaks[0]
     ratio = json.loads(lines[-1])["alloc_peak_ratio"]
