@@ -79,11 +79,12 @@ def quantization_keys(model) -> dict:
         return {}
     quantization = model.config.quantization_config
     quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
-    if not quantization.get("load_in_4bit"):
-        return {"load_in_8bit": True}
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": quantization["bnb_4bit_quant_type"],
-            "bnb_4bit_compute_dtype": str(quantization["bnb_4bit_compute_dtype"]).removeprefix("torch."),
-            "use_bnb_nested_quant": bool(quantization["bnb_4bit_use_double_quant"])}
+    four_bit = bool(quantization.get("load_in_4bit"))
+    # the 4-bit keys of an 8-bit model too: its fingerprint hashes the whole quantization config
+    return {"load_in_4bit": four_bit, "load_in_8bit": not four_bit,
+            "bnb_4bit_quant_type": quantization.get("bnb_4bit_quant_type", "fp4"),
+            "bnb_4bit_compute_dtype": str(quantization.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch."),
+            "use_bnb_nested_quant": bool(quantization.get("bnb_4bit_use_double_quant"))}
 
 
 def computes_in_float32(model) -> bool:

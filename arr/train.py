@@ -24,8 +24,8 @@ from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, evaluate_adapter, report_args, task_examples
-from .initial import (ADAPTER_KEYS, load_model, load_tokenizer, quantization_keys, read_adapter_config, save_adapter,
-                      with_adapter)
+from .initial import (ADAPTER_KEYS, is_quantized, load_model, load_tokenizer, quantization_keys, read_adapter_config,
+                      save_adapter, with_adapter)
 from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
 from .self_replay import SELF, read_prompts
@@ -317,11 +317,12 @@ def save_run(trainer: ARRTrainer, seconds: float | None = None, model_args: Mode
 
 def model_arguments(peft_model) -> ModelArguments:
     """The ModelArguments a PEFT model stands for (a run started from Python has none of its own), so that arr eval
-    rebuilds the same initial model: its quantization, and the dtype it was loaded in (config.dtype; a quantized
-    model's own dtype is float32 after prepare_model_for_kbit_training upcasts its other weights)."""
+    rebuilds the same initial model: its dtype, and for a quantized model its quantization and the dtype it was
+    loaded in (config.dtype: prepare_model_for_kbit_training upcasts its other weights to float32; bitsandbytes
+    models refuse .to(dtype), which leaves config.dtype stale on others)."""
     lora = peft_model.peft_config[peft_model.active_adapter]
     targets = lora.target_modules
-    dtype = getattr(peft_model.config, "dtype", None) or peft_model.dtype
+    dtype = (getattr(peft_model.config, "dtype", None) if is_quantized(peft_model) else None) or peft_model.dtype
     return ModelArguments(
         model_name_or_path=lora.base_model_name_or_path, dtype=str(dtype).removeprefix("torch."),
         **quantization_keys(peft_model),

@@ -9,9 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_overhead_quick_prints_every_variant_and_workload_and_ends_with_the_json_ratios():
-    """The benchmark's own plumbing (child processes, workloads, the cache build counted, the top-k error check, the
-    JSON line), on the tiny model."""
+def test_overhead_quick_prints_every_variant_and_ends_with_the_json_ratios():
+    """The benchmark's own plumbing (child processes, the cache build counted, the top-k error check, the JSON line),
+    on the tiny model's embedded workload."""
     proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--variants", "arr_topk", "--steps", "3",
                            "--workloads", "embedded"],  # (epochs3: the memory test below)
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -39,6 +39,7 @@ def test_allocation_peak_is_the_most_torch_held_at_once():
 
 
 def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
+    """--memory's allocation runs beside the timed ones, on the epochs3 workload."""
     proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--quick", "--memory", "--workloads", "epochs3",
                            "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -48,6 +49,9 @@ def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
     assert "of 75 steps" in timed[0] and "of 87 steps" in timed[1] and "cache built" in timed[1]
     peaks = [line for line in lines if "allocated peak" in line]
     assert [line.split()[2] for line in peaks] == ["lora", "arr"] and "x1.000" in peaks[0]
-    ratio = json.loads(lines[-1])["alloc_peak_ratio"]
+    result = json.loads(lines[-1])
+    assert set(result["workloads"]) == {"epochs3"} and 0.9 < result["peak_mem_ratio"] < 2
+    assert 0.5 < result["wall_ratio_cache_reused"] < result["wall_ratio"]
+    ratio = result["alloc_peak_ratio"]
     mb = [float(line.split("allocated peak")[1].split()[0]) for line in peaks]
     assert ratio == pytest.approx(mb[1] / mb[0], rel=0.05) and ratio > 1  # (printed MB are rounded)

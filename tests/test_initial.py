@@ -134,7 +134,8 @@ def quantized_peft(llama_dir, seed=0):
 
 def test_a_4bit_base_computing_in_bf16_is_held_to_bf16s_rounding(llama_dir):
     """prepare_model_for_kbit_training upcasts the unquantized weights, so a 4-bit base that computes in bf16 (the
-    usual QLoRA) reports float32: the packing and LM-head checks take their tolerance from the compute dtype."""
+    usual QLoRA) reports float32: computes_in_float32, which the packing and LM-head checks take their tolerance
+    from, reads the compute dtype (the checks themselves: the SmolLM2 test below)."""
     bf16 = with_adapter(load_model(ModelArguments(load_in_4bit=True, dtype="bfloat16"), str(llama_dir)),
                         LoraConfig(**LORA))
     assert bf16.dtype == torch.float32 and not computes_in_float32(bf16)
@@ -152,14 +153,20 @@ def test_smollm2_in_4bit_computing_in_bf16_passes_the_packing_and_head_checks():
     check_head(model)
 
 
-def test_a_qlora_run_from_python_records_how_arr_eval_rebuilds_its_initial_model(llama_dir, tokenizer, tmp_path):
-    """A 4-bit base loaded in bf16 by transformers itself, trained through ARRTrainer and saved with save_run: its
-    arr_config.yaml says how it was loaded (not the float32 that prepare_model_for_kbit_training leaves), so arr eval
-    rebuilds the same quantized π₀ (load_run checks its fingerprint)."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_run_from_python_records_how_arr_eval_rebuilds_its_initial_model(llama_dir, tokenizer, tmp_path,
+                                                                                     bits):
+    """A base quantized by transformers itself (4 bits loaded in bf16, or 8 bits), trained through ARRTrainer and
+    saved with save_run: its arr_config.yaml says how it was loaded (not the float32 that
+    prepare_model_for_kbit_training leaves), so arr eval rebuilds the same quantized π₀ (load_run checks its
+    fingerprint, which hashes the whole quantization config)."""
     from transformers import BitsAndBytesConfig
 
-    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+    quantization, dtype = ((BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16), "bfloat16") if bits == 4
+                           else (BitsAndBytesConfig(load_in_8bit=True), "float32"))
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype),
+                                                quantization_config=quantization)
     config = ARRConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
                        replay_seq_length=16, report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
     trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
@@ -167,10 +174,12 @@ def test_a_qlora_run_from_python_records_how_arr_eval_rebuilds_its_initial_model
     trainer.train()
     trainer.save_run()
     recorded = yaml.safe_load((tmp_path / "run" / "arr_config.yaml").read_text())
-    assert {k: recorded[k] for k in ("dtype", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype")} == {
-        "dtype": "bfloat16", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
+    assert (recorded["dtype"], recorded["load_in_4bit"], recorded["load_in_8bit"]) == (dtype, bits == 4, bits == 8)
+    if bits == 4:
+        assert (recorded["bnb_4bit_quant_type"], recorded["bnb_4bit_compute_dtype"]) == ("nf4", "bfloat16")
     model, _ = load_run(tmp_path / "run")
-    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
 
 
 def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_training_saves_a_loadable_adapter(
