@@ -91,13 +91,9 @@ def computes_in_float32(model) -> bool:
     """Whether the model's matmuls run in float32: for a quantized base its compute dtype, not `model.dtype`, which
     prepare_model_for_kbit_training makes float32 by upcasting the unquantized weights (8-bit layers compute in
     float16)."""
-    if getattr(model, "is_loaded_in_8bit", False):
-        return False
-    if getattr(model, "is_loaded_in_4bit", False):
-        quantization = model.config.quantization_config
-        compute = (quantization.get("bnb_4bit_compute_dtype") if isinstance(quantization, dict)
-                   else quantization.bnb_4bit_compute_dtype)
-        return compute in (torch.float32, "float32")
+    quantization = quantization_keys(model)
+    if quantization:
+        return quantization["load_in_4bit"] and quantization["bnb_4bit_compute_dtype"] == "float32"
     return model.dtype == torch.float32
 
 

@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["date", "topic", "reverse"], choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="run in this order, lora always (joint trains as many steps as its sequence)")
+                        help="which to run; they run in the order listed in choices, lora always and first (joint "
+                             "trains as many steps as its sequence)")
     parser.add_argument("--task-items", type=int, default=50)
     parser.add_argument("--knowledge-items", type=int, default=PROBE_SIZES["knowledge_items"],
                         help="knowledge_mc's questions among the general probes after the last task (0: none)")
