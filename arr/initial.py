@@ -30,6 +30,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft import (PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training,
@@ -85,6 +86,23 @@ def quantization_keys(model) -> dict:
             "bnb_4bit_quant_type": quantization.get("bnb_4bit_quant_type", "fp4"),
             "bnb_4bit_compute_dtype": str(quantization.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch."),
             "use_bnb_nested_quant": bool(quantization.get("bnb_4bit_use_double_quant"))}
+
+
+def recordable_quantization_keys(model) -> dict:
+    """quantization_keys(model), refused with one line when they would rebuild another quantization: a model
+    quantized from Python with bitsandbytes settings that have no key (llm_int8_threshold, bnb_4bit_quant_storage,
+    skip modules, ...), which arr eval could not rebuild."""
+    keys = quantization_keys(model)
+    if not keys:
+        return keys
+    quantization = model.config.quantization_config
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    rebuilt = quantization_config(SimpleNamespace(**keys, dtype="auto")).to_dict()
+    if other := {k: v for k, v in quantization.items() if rebuilt.get(k) != v}:
+        raise ConfigError(f"the base's bitsandbytes settings {other} have no arr key (only {', '.join(keys)}), so "
+                          "arr eval could not rebuild it; save the adapter with trainer.save_model(DIR), or quantize "
+                          "the base with those keys alone")
+    return keys
 
 
 def computes_in_float32(model) -> bool:

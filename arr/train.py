@@ -24,8 +24,8 @@ from .config import ARRConfig, DataArguments, ModelArguments, cache_dir
 from .data import load_sft_examples, stream_replay_texts
 from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, evaluate_adapter, report_args, task_examples
-from .initial import (ADAPTER_KEYS, is_quantized, load_model, load_tokenizer, quantization_keys, read_adapter_config,
-                      save_adapter, with_adapter)
+from .initial import (ADAPTER_KEYS, is_quantized, load_model, load_tokenizer, read_adapter_config,
+                      recordable_quantization_keys, save_adapter, with_adapter)
 from .lineage import LINEAGE, earlier_prompts, has_training_data, lineage_scores, read_lineage
 from .plots import draw_report
 from .self_replay import SELF, read_prompts
@@ -325,7 +325,7 @@ def model_arguments(peft_model) -> ModelArguments:
     dtype = (getattr(peft_model.config, "dtype", None) if is_quantized(peft_model) else None) or peft_model.dtype
     return ModelArguments(
         model_name_or_path=lora.base_model_name_or_path, dtype=str(dtype).removeprefix("torch."),
-        **quantization_keys(peft_model),
+        **recordable_quantization_keys(peft_model),
         lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets), use_rslora=lora.use_rslora,
         use_dora=bool(lora.use_dora), init_lora_weights=str(lora.init_lora_weights).lower())

@@ -182,6 +182,23 @@ def test_a_quantized_run_from_python_records_how_arr_eval_rebuilds_its_initial_m
     assert type(layer).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
 
 
+def test_a_quantization_no_key_can_rebuild_is_refused_by_save_run_with_nothing_written(llama_dir, tokenizer, tmp_path):
+    """An 8-bit base with its own outlier threshold: arr eval would rebuild it at the default threshold and refuse
+    the run as changed weights, so save_run names the setting and writes nothing."""
+    from transformers import BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0))
+    config = ARRConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                       replay_seq_length=16, report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
+    trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
+                         replay_dataset=replay_texts(20), peft_config=LoraConfig(**LORA))
+    trainer.train()
+    with pytest.raises(ConfigError, match=r"settings \{'llm_int8_threshold': 5.0\} have no arr key"):
+        trainer.save_run()
+    assert not (tmp_path / "run" / "arr_config.yaml").exists()
+
+
 def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_training_saves_a_loadable_adapter(
         llama_dir, tokenizer, tmp_path):
     model = quantized_peft(llama_dir)
