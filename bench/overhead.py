@@ -91,9 +91,12 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     per step of the trainer's labelled regions (arr/...) into the result. `loss_chunk_size` replaces the shipped one
     in every variant that uses the chunked loss. `replay_seq_length` is the embedded recipe's (64, about the length
     of its SFT rows) unless given; `padding_free` False pads every batch in every variant. With `allocations` the
-    run is recorded by AllocationPeak instead and returns {"alloc_peak_mb"} alone. `model_keys`: ModelArguments keys
+    run is recorded by AllocationPeak instead and returns its allocated peaks alone: the run's, the model's loading's
+    and the rest's ({"alloc_peak_mb", "load_peak_mb", "train_peak_mb"}). `model_keys`: ModelArguments keys
     for loading a real model (dtype, load_in_4bit, ...; --dtype and --load-in-4bit), as `arr train` loads it."""
-    recorder = AllocationPeak() if allocations else None  # from before the model loads: all that the run allocates
+    if allocations:  # from before the model loads: all that the run allocates, on this one thread
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    recorder = AllocationPeak() if allocations else None
     import torch
     from peft import LoraConfig
     from arr import ARRConfig, ARRTrainer, DataArguments, resources
@@ -109,6 +112,9 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
     else:
         path = str(resources.default_model_path() if model_name == "smollm2" else model_name)
         tokenizer, model = load_tokenizer(path), load_model(ModelArguments(**(model_keys or {})), path)
+    if recorder:
+        recorder.mark()  # loaded: on a GPU, loading reads the checkpoint through host memory, so the GPU's peak is
+        # the second phase's
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_length = {"max_steps": read_config(str(DEFAULT_RECIPE), [])["max_steps"], **WORKLOADS[workload]}
     with tempfile.TemporaryDirectory() as out:
@@ -135,7 +141,9 @@ def train_variant(model_name: str, variant: str, workload: str, steps: int, batc
             trainer.add_callback(profiler)
         trainer.train()
         if recorder:
-            return {"alloc_peak_mb": recorder.stop()}
+            peak = recorder.stop()
+            return {"alloc_peak_mb": peak, "load_peak_mb": recorder.phase_peaks[0],
+                    "train_peak_mb": recorder.phase_peaks[1]}
         result = {"seconds": clock.seconds, "timed_steps": clock.timed_steps, "run_steps": trainer.state.max_steps,
                   "tokens": sum(tokens[warmup_steps:steps]), "peak_mem_mb": peak_mb(),
                   "cache_seconds": trainer.ref_cache_info.get("seconds", 0.0),
@@ -157,25 +165,41 @@ class AllocationPeak:
     """The most bytes torch holds allocated on the CPU between its creation and `stop()`, from the profiler's record
     of every allocation and free: torch has no CPU counterpart of torch.cuda.max_memory_allocated, and peak RSS also
     counts freed memory the C allocator keeps, which moves by 5-10% between identical runs on this machine. The
-    profiler slows the run, so the bench records it in a run of its own."""
+    profiler slows the run, so the bench records it in a run of its own. It sees the thread that creates it only, so
+    the bench loads models without transformers' loader threads. `mark()` splits the record in two: `stop()` then also
+    sets `phase_peaks`, the most held before the mark and from it on, each counting all that is held."""
+
+    MARK = "bench/allocation-phase"
 
     def __init__(self):
         import torch
 
         self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         self.profiler.__enter__()
+        self.phase_peaks = None
+
+    def mark(self) -> None:
+        import torch
+
+        with torch.profiler.record_function(self.MARK):
+            pass
 
     def stop(self) -> float:
         import torch
 
         self.profiler.__exit__(None, None, None)
-        records = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
+        events = list(self.profiler.profiler.kineto_results.events())
+        marks = [e.start_ns() for e in events if e.name() == self.MARK]
+        records = sorted((e.start_ns(), e.nbytes()) for e in events
                          if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-        held = peak = 0
-        for _, nbytes in records:  # + allocated, - freed
+        held, phases = 0, [0, 0]
+        for start, nbytes in records:  # + allocated, - freed
             held += nbytes
-            peak = max(peak, held)
-        return peak / 2**20
+            phase = bool(marks) and start >= marks[0]
+            phases[phase] = max(phases[phase], held)
+        if marks:
+            self.phase_peaks = [peak / 2**20 for peak in phases]
+        return max(phases) / 2**20
 
 
 class StepClock(TrainerCallback):
@@ -385,11 +409,12 @@ def main() -> None:
                     for region, ms in r.get("regions_ms", {}).items():
                         print(f"{'':12s}   {region:24s} {ms:8.1f} ms/step (host)", flush=True)
                     if args.memory and repeat == 0:  # deterministic: once
-                        mb = run_variant(model, variant, workload, steps, args, repeat, allocations=True)
-                        mb = allocated[model, workload, variant] = mb["alloc_peak_mb"]
+                        peaks = run_variant(model, variant, workload, steps, args, repeat, allocations=True)
+                        mb = allocated[model, workload, variant] = peaks["alloc_peak_mb"]
                         print(f"{Path(model).name:12s} {workload:9s} {variant:17s} allocated peak {mb:9.1f} MB "
-                              f"x{mb / allocated[model, workload, 'lora']:.3f} (torch's CPU allocations over the run)",
-                              flush=True)
+                              f"x{mb / allocated[model, workload, 'lora']:.3f} (torch's CPU allocations over the run; "
+                              f"loading the model {peaks['load_peak_mb']:.1f} MB, then {peaks['train_peak_mb']:.1f} "
+                              "MB)", flush=True)
             if args.repeats > 1:
                 for variant in variants[1:]:
                     walls, peaks, reused = (sorted(column) for column in zip(*ratios[model, workload, variant]))

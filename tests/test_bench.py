@@ -34,8 +34,12 @@ def test_allocation_peak_is_the_most_torch_held_at_once():
     a, b = torch.ones(2**20), torch.ones(2**21)  # 4 MB and 8 MB held together
     del a, b
     c = torch.ones(2**20)
+    recorder.mark()  # c, 4 MB, is held across the mark
+    d = torch.ones(2**20)
     assert 12 <= recorder.stop() < 12.5
-    del c
+    before, after = recorder.phase_peaks
+    assert 12 <= before < 12.5 and 8 <= after < 8.5
+    del c, d
 
 
 def test_overhead_memory_prints_each_runs_allocated_peak_and_its_ratio():
