@@ -51,6 +51,9 @@ def check_choices(obj) -> None:
             check_choice("config key", f.name, getattr(obj, f.name), CHOICES[f.name])
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default's folder in the cache (resources)
+
+
 def cache_dir() -> Path:
     """Root of ARR's caches (converted models, curvature estimates): $ARR_CACHE, default ~/.cache/arr."""
     return Path(os.environ.get("ARR_CACHE", Path.home() / ".cache" / "arr"))
@@ -485,7 +488,7 @@ def build_config(values: dict):
         raise ConfigError("config key save_merged_model: a quantized base (load_in_4bit/load_in_8bit) cannot take the "
                           "adapter merged in exactly; save the adapter and merge it into the unquantized base")
     if model_args.init_adapter is not None:
-        from .initial import check_adapter_keys
+        from .initial import check_adapter_keys, read_adapter_config
 
         if "init_lora_weights" in values and str(values["init_lora_weights"]).lower() != "true":
             raise ConfigError("config key init_lora_weights: init_adapter's weights are where training starts; leave "
@@ -499,6 +502,14 @@ def build_config(values: dict):
                                   f"{trained_on or 'the embedded default'!r}, not on "
                                   f"{model_args.model_name_or_path or 'the embedded default'!r}; set "
                                   "model_name_or_path to its base")
+        else:  # a PEFT folder names its base; by the last path part, so a hub id and a local copy of it agree
+            made_for = read_adapter_config(model_args.init_adapter).get("base_model_name_or_path")
+            base = model_args.model_name_or_path or DEFAULT_MODEL_NAME
+            if made_for and Path(made_for).name.lower() != Path(base).name.lower():
+                raise ConfigError(f"config key init_adapter: {model_args.init_adapter!r} was made for {made_for!r} "
+                                  f"(its adapter_config.json's base_model_name_or_path), not {base!r}; set "
+                                  "model_name_or_path to its base, or correct base_model_name_or_path if it names "
+                                  "this model")
         from .lineage import read_lineage
 
         # a moved task file or a cycle, found before anything is written

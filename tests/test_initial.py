@@ -95,13 +95,17 @@ def other_base_adapter(tmp_path, tokenizer) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing", "not an adapter", "another base", "another run's base", "rank", "targets",
-                                  "init"])
+@pytest.mark.parametrize("case", ["missing", "not an adapter", "another base", "another run's base",
+                                  "another PEFT base", "rank", "targets", "init"])
 def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsys, tokenizer, case):
     first = tmp_path / "A"
-    if case in ("rank", "targets", "init"):
+    if case in ("rank", "targets", "init", "another PEFT base"):
         get_peft_model(AutoModelForCausalLM.from_pretrained(yaml.safe_load(open(recipe))["model_name_or_path"]),
                        LoraConfig(**LORA)).save_pretrained(first)
+    if case == "another PEFT base":  # same shapes: only the name PEFT recorded tells the bases apart
+        adapter_config = json.loads((first / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = "org/another-model"
+        (first / "adapter_config.json").write_text(json.dumps(adapter_config))
     elif case == "not an adapter":
         first.mkdir()
     elif case == "another base":
@@ -114,6 +118,7 @@ def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsy
         "not an adapter": ([], "holds no PEFT adapter (adapter_config.json is missing"),
         "another base": ([], "does not fit this base model"),
         "another run's base": ([], "/.', not on '"),
+        "another PEFT base": ([], "was made for 'org/another-model' (its adapter_config.json's"),
         "rank": (["lora_r=8"], "config key lora_r=8 does not match init_adapter"),
         "targets": (["lora_target_modules=[q_proj]"], "config key lora_target_modules='q_proj' does not match"),
         "init": (["init_lora_weights=pissa"], "config key init_lora_weights: init_adapter's weights"),
