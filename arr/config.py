@@ -17,7 +17,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 import yaml
@@ -52,6 +52,16 @@ def check_choices(obj) -> None:
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default's folder in the cache (resources)
+
+
+def model_name(name_or_path: str) -> str:
+    """A model's name from its hub id or a path to it, so that "org/Name", a local copy in ".../Name" and the hub
+    cache's ".../models--org--Name/snapshots/<commit>" agree ("" when a path names no folder)."""
+    path = PureWindowsPath(name_or_path)  # (either slash)
+    if Path(name_or_path).is_dir():
+        path = PureWindowsPath(Path(name_or_path).resolve())
+    cached = [part for part in path.parts if part.startswith("models--")]
+    return (cached[-1].split("--")[-1] if cached else path.name).lower()
 
 
 def cache_dir() -> Path:
@@ -502,12 +512,13 @@ def build_config(values: dict):
                                   f"{trained_on or 'the embedded default'!r}, not on "
                                   f"{model_args.model_name_or_path or 'the embedded default'!r}; set "
                                   "model_name_or_path to its base")
-        else:  # a PEFT folder names its base; by the last path part, so a hub id and a local copy of it agree
+        else:  # a PEFT folder names its base, as a hub id or a path: compared by model_name
             made_for = read_adapter_config(model_args.init_adapter).get("base_model_name_or_path")
             base = model_args.model_name_or_path or DEFAULT_MODEL_NAME
-            if made_for and Path(made_for).name.lower() != Path(base).name.lower():
+            if made_for and model_name(made_for) and model_name(base) and model_name(made_for) != model_name(base):
                 raise ConfigError(f"config key init_adapter: {model_args.init_adapter!r} was made for {made_for!r} "
-                                  f"(its adapter_config.json's base_model_name_or_path), not {base!r}; set "
+                                  f"(its adapter_config.json's base_model_name_or_path), not "
+                                  f"{model_args.model_name_or_path or 'the embedded default'!r}; set "
                                   "model_name_or_path to its base, or correct base_model_name_or_path if it names "
                                   "this model")
         from .lineage import read_lineage

@@ -93,7 +93,8 @@ def recordable_quantization_keys(model) -> dict:
     quantized from Python with bitsandbytes settings that have no key (llm_int8_threshold, bnb_4bit_quant_storage,
     skip modules, ...), which arr eval could not rebuild."""
     keys = quantization_keys(model)
-    if not keys:
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not keys or getattr(quantizer, "pre_quantized", False):  # a quantized checkpoint reloads with its own config
         return keys
     quantization = model.config.quantization_config
     quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()

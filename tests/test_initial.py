@@ -15,7 +15,7 @@ from arr.config import ARRConfig, ModelArguments
 from arr.errors import ConfigError
 from arr.evaluation import load_run
 from arr.initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_model, load_model,
-                         with_adapter)
+                         recordable_quantization_keys, with_adapter)
 from arr.trainer import ARRTrainer, check_head, check_packing
 from bench.tiny import tiny_model
 from conftest import assert_one_error_line, replay_texts, sft_records
@@ -130,6 +130,17 @@ def test_bad_init_adapter_is_one_line_and_writes_nothing(recipe, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("path", ["/models/Qwen2.5-1.5B-Instruct/", "C:\\models\\Qwen2.5-1.5B-Instruct",
+                                  "/hub/models--Qwen--Qwen2.5-1.5B-Instruct/snapshots/0a1b2c"])
+def test_a_base_named_by_a_path_is_the_same_model_as_its_hub_id(path):
+    """init_adapter's base check: a local copy, a Windows path and the hub cache's snapshot folder of a model all
+    name the model of its hub id; "." names the folder it stands for."""
+    from arr.config import model_name
+
+    assert model_name(path) == model_name("Qwen/Qwen2.5-1.5B-Instruct") == "qwen2.5-1.5b-instruct"
+    assert model_name(".") == os.path.basename(os.getcwd()).lower()
+
+
 # ---------------------------------------------------------------------------------------------------------- QLoRA
 
 def quantized_peft(llama_dir, seed=0):
@@ -202,6 +213,13 @@ def test_a_quantization_no_key_can_rebuild_is_refused_by_save_run_with_nothing_w
     with pytest.raises(ConfigError, match=r"settings \{'llm_int8_threshold': 5.0\} have no arr key"):
         trainer.save_run()
     assert not (tmp_path / "run" / "arr_config.yaml").exists()
+
+    # a checkpoint saved quantized reloads with its own settings, whatever keys load it: recordable as it is
+    AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=5.0)).save_pretrained(tmp_path / "quantized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
+    assert reloaded.config.quantization_config.llm_int8_threshold == 5.0
+    assert recordable_quantization_keys(reloaded)["load_in_8bit"]
 
 
 def test_qlora_reference_is_the_quantized_model_with_the_adapter_off_and_training_saves_a_loadable_adapter(
