@@ -514,8 +514,9 @@ def build_config(values: dict):
                                   "model_name_or_path to its base")
         else:  # a PEFT folder names its base, as a hub id or a path: compared by model_name
             made_for = read_adapter_config(model_args.init_adapter).get("base_model_name_or_path")
-            base = model_args.model_name_or_path or DEFAULT_MODEL_NAME
-            if made_for and model_name(made_for) and model_name(base) and model_name(made_for) != model_name(base):
+            theirs = model_name(made_for) if made_for else ""
+            ours = model_name(model_args.model_name_or_path or DEFAULT_MODEL_NAME)
+            if theirs and ours and theirs != ours:
                 raise ConfigError(f"config key init_adapter: {model_args.init_adapter!r} was made for {made_for!r} "
                                   f"(its adapter_config.json's base_model_name_or_path), not "
                                   f"{model_args.model_name_or_path or 'the embedded default'!r}; set "

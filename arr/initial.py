@@ -73,13 +73,19 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def quantization_settings(model) -> dict | None:
+    """The model's quantization config as a dict (transformers holds an object, or a dict once reloaded), None when
+    it has none."""
+    quantization = getattr(model.config, "quantization_config", None)
+    return quantization if quantization is None or isinstance(quantization, dict) else quantization.to_dict()
+
+
 def quantization_keys(model) -> dict:
     """The ModelArguments keys that load a bitsandbytes-quantized model as it was loaded ({} for another model): what
     quantization_config built, read back from the model's own config."""
     if not is_quantized(model):
         return {}
-    quantization = model.config.quantization_config
-    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    quantization = quantization_settings(model)
     four_bit = bool(quantization.get("load_in_4bit"))
     # the 4-bit keys of an 8-bit model too: its fingerprint hashes the whole quantization config
     return {"load_in_4bit": four_bit, "load_in_8bit": not four_bit,
@@ -96,10 +102,8 @@ def recordable_quantization_keys(model) -> dict:
     quantizer = getattr(model, "hf_quantizer", None)
     if not keys or getattr(quantizer, "pre_quantized", False):  # a quantized checkpoint reloads with its own config
         return keys
-    quantization = model.config.quantization_config
-    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
     rebuilt = quantization_config(SimpleNamespace(**keys, dtype="auto")).to_dict()
-    if other := {k: v for k, v in quantization.items() if rebuilt.get(k) != v}:
+    if other := {k: v for k, v in quantization_settings(model).items() if rebuilt.get(k) != v}:
         raise ConfigError(f"the base's bitsandbytes settings {other} have no arr key (only {', '.join(keys)}), so "
                           "arr eval could not rebuild it; save the adapter with trainer.save_model(DIR), or quantize "
                           "the base with those keys alone")
@@ -357,9 +361,8 @@ def fingerprint(peft_model: PeftModel):
     without changing the stored weights."""
     trained = f".{peft_model.active_adapter}."
     digest = tensor_digest((n, p) for n, p in peft_model.named_parameters() if not ("lora_" in n and trained in n))
-    quantization = getattr(peft_model.config, "quantization_config", None)
+    quantization = quantization_settings(peft_model)
     if quantization is not None:
-        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
         digest.update(json.dumps(quantization, sort_keys=True, default=str).encode())
     return digest
 

@@ -169,6 +169,16 @@ def test_smollm2_in_4bit_computing_in_bf16_passes_the_packing_and_head_checks():
     check_head(model)
 
 
+def trained_one_step(base, tokenizer, output_dir) -> ARRTrainer:
+    """ARRTrainer on `base` from Python, as the README shows it, after one step (no report)."""
+    config = ARRConfig(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=4, replay_seq_length=16,
+                       report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
+    trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
+                         replay_dataset=replay_texts(20), peft_config=LoraConfig(**LORA))
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_quantized_run_from_python_records_how_arr_eval_rebuilds_its_initial_model(llama_dir, tokenizer, tmp_path,
                                                                                      bits):
@@ -183,11 +193,7 @@ def test_a_quantized_run_from_python_records_how_arr_eval_rebuilds_its_initial_m
                            else (BitsAndBytesConfig(load_in_8bit=True), "float32"))
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype),
                                                 quantization_config=quantization)
-    config = ARRConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
-                       replay_seq_length=16, report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
-    trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
-                         replay_dataset=replay_texts(20), peft_config=LoraConfig(**LORA))
-    trainer.train()
+    trainer = trained_one_step(base, tokenizer, tmp_path / "run")
     trainer.save_run()
     recorded = yaml.safe_load((tmp_path / "run" / "arr_config.yaml").read_text())
     assert (recorded["dtype"], recorded["load_in_4bit"], recorded["load_in_8bit"]) == (dtype, bits == 4, bits == 8)
@@ -205,11 +211,7 @@ def test_a_quantization_no_key_can_rebuild_is_refused_by_save_run_with_nothing_w
 
     base = AutoModelForCausalLM.from_pretrained(
         llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0))
-    config = ARRConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
-                       replay_seq_length=16, report_to=[], disable_tqdm=True, eval_after="none", save_strategy="no")
-    trainer = ARRTrainer(base, config, train_dataset=sft_records(8), processing_class=tokenizer,
-                         replay_dataset=replay_texts(20), peft_config=LoraConfig(**LORA))
-    trainer.train()
+    trainer = trained_one_step(base, tokenizer, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"settings \{'llm_int8_threshold': 5.0\} have no arr key"):
         trainer.save_run()
     assert not (tmp_path / "run" / "arr_config.yaml").exists()
