@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterable
 from functools import partial
 
@@ -37,7 +38,7 @@ from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
 from .initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_head, is_quantized,
-                      load_model, load_tokenizer, save_adapter, with_adapter)
+                      load_model, load_tokenizer, recordable_quantization_keys, save_adapter, with_adapter)
 from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
 from .watch import ForgettingWatch
@@ -177,6 +178,10 @@ class ARRTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         model, processing_class = self._prepare_model(model, processing_class, peft_config, args)
+        try:  # said now, not after training: save_run refuses such a base, trainer.save_model does not
+            recordable_quantization_keys(model)
+        except ConfigError as error:
+            warnings.warn(f"save_run() will refuse this run: {error}", stacklevel=2)
         self.initial = InitialModel(model)  # π₀, switched to for the reference forward of every step
         self.initial_model_info = {"kind": self.initial.kind, "fingerprint": fingerprint(model).hexdigest()[:32]}
         self.self_replay_info, self.self_replay_reference = {}, None

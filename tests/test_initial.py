@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -193,7 +194,10 @@ def test_a_quantized_run_from_python_records_how_arr_eval_rebuilds_its_initial_m
                            else (BitsAndBytesConfig(load_in_8bit=True), "float32"))
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype),
                                                 quantization_config=quantization)
-    trainer = trained_one_step(base, tokenizer, tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trained_one_step(base, tokenizer, tmp_path / "run")
+    assert not [w for w in caught if "save_run() will refuse" in str(w.message)]
     trainer.save_run()
     recorded = yaml.safe_load((tmp_path / "run" / "arr_config.yaml").read_text())
     assert (recorded["dtype"], recorded["load_in_4bit"], recorded["load_in_8bit"]) == (dtype, bits == 4, bits == 8)
@@ -211,7 +215,8 @@ def test_a_quantization_no_key_can_rebuild_is_refused_by_save_run_with_nothing_w
 
     base = AutoModelForCausalLM.from_pretrained(
         llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0))
-    trainer = trained_one_step(base, tokenizer, tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"save_run\(\) will refuse this run: .*'llm_int8_threshold': 5.0"):
+        trainer = trained_one_step(base, tokenizer, tmp_path / "run")  # told before training
     with pytest.raises(ConfigError, match=r"settings \{'llm_int8_threshold': 5.0\} have no arr key"):
         trainer.save_run()
     assert not (tmp_path / "run" / "arr_config.yaml").exists()
