@@ -154,14 +154,15 @@ def kl_and_target(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forwar
 
 
 @torch.no_grad()
-def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, masked, weights, reference, direction, track):
-    """One chunk: the three loss sums (sft NLL, KL, replay NLL) and, when `track`, the gradient of the weighted loss
+def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, kl_task, masked, weights, reference, direction,
+                               track):
+    """One chunk: the four loss sums (sft NLL, KL, task KL, replay NLL) and, when `track`, the gradient of the weighted loss
     on the chunk's logits. `logp` holds the chunk's float32 logits and is overwritten; `reference()` gives the
     reference at the chunk's KL positions (None: no KL here). With every position under an unmasked KL, at most three
     [chunk, V] tensors exist at a time (reverse KL briefly a fourth)."""
     logp = log_softmax_float(logp)
     nll = -logp.gather(1, targets[:, None]).squeeze(1)
-    kl_sum, kl_grad, p = nll.new_zeros(()), None, None
+    kl_sum, kl_task_sum, kl_grad, p = nll.new_zeros(()), nll.new_zeros(()), None, None
     kl_rows = kl.nonzero().squeeze(1)
     every_row = len(kl_rows) == len(kl)
     ref = reference() if reference is not None else None
@@ -175,16 +176,17 @@ def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, masked, weights, 
             ref = reference_without_target(ref, kl_targets, rows_masked)
         values, target = kl_and_target(model_logp, ref, direction)
         del ref  # kl_and_target wrote over an exact reference; its memory goes now
-        kl_sum = values.sum()
+        on_task = kl_task[kl_rows]
+        kl_sum, kl_task_sum = values[~on_task].sum(), values[on_task].sum()
         if track:  # weight * (p - t) on the KL rows, written over t
             p_kl = logp.exp_() if aliased else model_logp.exp_()
-            kl_grad = target.neg_().add_(p_kl).mul_(weights[1])
+            kl_grad = target.neg_().add_(p_kl).mul_(torch.where(on_task, weights[2], weights[1])[:, None])
             p = p_kl if aliased else None
             del p_kl, model_logp
-    sums = torch.stack([(nll * sft).sum(), kl_sum, (nll * replay).sum()])
+    sums = torch.stack([(nll * sft).sum(), kl_sum, kl_task_sum, (nll * replay).sum()])
     if not track:
         return sums, None
-    ce_weight = sft * weights[0] + replay * weights[2]
+    ce_weight = sft * weights[0] + replay * weights[3]
     p = logp.exp_() if p is None else p
     grad = p.mul_(ce_weight[:, None]).scatter_add_(1, targets[:, None], -ce_weight[:, None])
     if kl_grad is not None:
@@ -193,20 +195,21 @@ def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, masked, weights, 
 
 
 def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targets: torch.Tensor, sft: torch.Tensor,
-                       replay: torch.Tensor, kl: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor,
+                       replay: torch.Tensor, kl: torch.Tensor, kl_task: torch.Tensor, masked: torch.Tensor,
+                       weights: torch.Tensor,
                        reference: Callable[[int, int], RefLogprobs] | None, direction: str, chunk_size: int):
     """Loss sums and gradients over n selected positions.
 
     inputs: [n, H] final hidden states (then `head` maps them to logits) or [n, V] logits (head None);
-    targets: [n] next-token labels (any valid id where no CE is taken); sft, replay, kl, masked: [n] bools, which
-    terms each position takes (masked: its KL leaves the label out); weights: [3] the factors of the sft CE, KL and
-    replay CE sums in the loss; reference(a, b): the reference log-probs of the KL positions a..b-1 in order.
-    Returns the [3] sums and a term of value 0 whose gradient is the weighted loss's (None when nothing is tracked)."""
+    targets: [n] next-token labels (any valid id where no CE is taken); sft, replay, kl, kl_task, masked: [n] bools,
+    which terms each position takes (kl_task: its KL is summed apart, as the task KL; masked: its KL leaves the label
+    out); weights: [4] the factors of the sft CE, KL, task KL and replay CE sums in the loss; reference(a, b): the
+    reference log-probs of the KL positions a..b-1 in order. Returns the [4] sums and a term of value 0 whose gradient is the weighted loss's (None when nothing is tracked)."""
     head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
     track = torch.is_grad_enabled() and (inputs.requires_grad or bool(head_params))
     input_grad = torch.zeros_like(inputs) if track and inputs.requires_grad else None
     param_grads = [torch.zeros_like(p) for p in head_params]
-    sums = inputs.new_zeros(3, dtype=torch.float32)
+    sums = inputs.new_zeros(4, dtype=torch.float32)
     chunk_size, kl_done = chunk_size or max(1, len(inputs)), 0
     # the KL positions in chunks of their own, in order: there the KL reads the chunk's log-probs in place (unless
     # Mask-the-Target masks some), where a chunk that mixed them with CE-only positions would copy its KL rows out
@@ -225,8 +228,8 @@ def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targe
             with torch.set_grad_enabled(track):
                 logits = head(h)
         chunk, logit_grad = _chunk_sums_and_logit_grad(logits if head is None else logits.detach(), targets[part],
-                                                       sft[part], replay[part], kl[part], masked[part], weights,
-                                                       chunk_reference, direction, track)
+                                                       sft[part], replay[part], kl[part], kl_task[part],
+                                                       masked[part], weights, chunk_reference, direction, track)
         sums, kl_done = sums + chunk, kl_end
         if track and head is None:  # (index_copy_: an indexed assignment would not cast to bf16 logits)
             input_grad.index_copy_(0, part, logit_grad.to(input_grad.dtype))

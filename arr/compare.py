@@ -41,8 +41,8 @@ from .lineage import lineage_scores, recorded_lineage
 from .train import resolved_config
 
 METHODS = {name: {"method": name} for name in PRESETS}  # every preset of config.py, under its own name
-OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "replay_data", "replay_ratio", "replay_mode",
-                  "kl_target", "laplace_lambda")
+OBJECTIVE_KEYS = ("beta", "kl_on", "kl_direction", "kl_mask_target", "task_kl_beta", "replay_data", "replay_ratio",
+                  "replay_mode", "kl_target", "laplace_lambda")
 # --quick: 8 steps of 4 sequences, small probes, and the adaptive method left out (in 8 steps its controller barely
 # moves beta off its start, so it repeats ARR). Its run time is in docs/RESULTS.md.
 QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
@@ -147,7 +147,7 @@ def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
     """Which method a configuration is, and the knob that sets how hard it holds the model (for the curves).
     `setting` holds the RUN_KEYS in which the run differs from the comparison's own; they name a family of their own."""
     suffix = f" ({', '.join(RUN_KEYS[k].format(v) for k, v in setting.items())})" if setting else ""
-    kl_on, replay_on = objective["beta"] > 0, objective["replay_ratio"] > 0
+    kl_on, replay_on = objective["beta"] > 0 or bool(objective.get("task_kl_beta")), objective["replay_ratio"] > 0
     if objective["laplace_lambda"] > 0:
         family = "laplace" + "+kl" * kl_on + "+replay" * replay_on
         return {"family": family + suffix, "strength": ("laplace_lambda", objective["laplace_lambda"])}

@@ -234,6 +234,13 @@ class ARRConfig(TrainingArguments):
                           "of both distributions (renormalised), so the KL keeps the initial model's preferences "
                           "among the alternatives without pulling against the CE. Other positions keep the full KL."},
     )
+    task_kl_beta: float | None = field(
+        default=None,
+        metadata={"help": "A weight of its own for the KL on the task's rows (e.g. a small one for Mask-the-Target "
+                          "there beside the replay rows' KL at beta); the KL is then split by the kind of row, each "
+                          "part averaged over its own positions: beta * KL_replay + task_kl_beta * KL_task. Needs "
+                          "kl_on all or prompt_and_replay. Unset: one KL over every position kl_on places, at beta."},
+    )
     kl_direction: str = field(
         default="forward",
         metadata={"help": "'forward' = KL(initial || trained), mass-covering distillation; 'reverse' = "
@@ -430,6 +437,12 @@ def check_objective(cfg) -> None:
     if cfg.beta > 0 and cfg.kl_on == "replay" and cfg.replay_ratio == 0:
         raise ConfigError("config key kl_on=replay takes the KL on replay rows, and replay_ratio=0 draws none: set "
                           "kl_on=all for a KL on the task's own rows, replay_ratio > 0, or beta=0")
+    if cfg.task_kl_beta is not None and not cfg.task_kl_beta >= 0:
+        raise ConfigError(f"config key task_kl_beta must be >= 0, got {cfg.task_kl_beta}")
+    if cfg.task_kl_beta is not None and cfg.kl_on not in ("all", "prompt_and_replay"):
+        raise ConfigError(f"config key task_kl_beta weighs the KL on the task's rows apart from the replay rows', and "
+                          f"kl_on={cfg.kl_on} takes it on one kind of row: set kl_on=all or kl_on=prompt_and_replay, "
+                          "or leave task_kl_beta unset")
     if cfg.replay_weight is not None and not cfg.replay_weight >= 0:
         raise ConfigError(f"config key replay_weight must be >= 0, got {cfg.replay_weight}")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -39,8 +39,8 @@ METHODS = {
 
 # `arr train --help`: ARR's own keys, grouped (every own key is in one group: tested), before the Trainer's.
 HELP_GROUPS = {
-    "objective": ("method", "beta", "kl_on", "kl_mask_target", "kl_direction", "kl_target", "kl_adapt_rate",
-                  "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
+    "objective": ("method", "beta", "kl_on", "kl_mask_target", "task_kl_beta", "kl_direction", "kl_target",
+                  "kl_adapt_rate", "loss_chunk_size", "ref_cache", "ref_cache_topk", "ref_cache_dir"),
     "replay": ("replay_data", "replay_ratio", "replay_mode", "replay_weight", "replay_seq_length",
                "replay_max_sequences", "self_replay_prompts", "self_replay_max_new_tokens", "self_replay_temperature",
                "replay_text_field", "replay_split", "replay_config", "padding_free", "lineage_replay",

@@ -2,6 +2,11 @@ r"""The ARR objective, whole.
 
     loss = CE_sft + beta * KL + replay_weight * CE_replay + laplace_lambda / 2 * sum_l sum(F_l * dW_l^2)
 
+or, with `task_kl_beta` set, the KL split by the kind of row it is taken on, each part averaged over its own
+positions:
+
+    loss = CE_sft + beta * KL_replay + task_kl_beta * KL_task + replay_weight * CE_replay + laplace
+
 The three token terms are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step
 and every data-parallel rank), exactly as `transformers.Trainer` normalises its causal-LM loss with
 `num_items_in_batch`; the step-wide counts come in as `TokenCounts`.
@@ -23,6 +28,9 @@ and every data-parallel rank), exactly as `transformers.Trainer` normalises its 
       pi~(v) = pi(v) / (1 - pi(y)) for v != y, pi~(y) = 0   (likewise pi_0~),
   and the KL is taken between pi~ and pi_0~: it keeps the initial model's preferences among the alternatives and
   exerts no pull on y, so it never opposes the CE. Every other KL position keeps the full KL.
+  task_kl_beta: the KL on SFT rows (KL_task) gets a weight of its own, e.g. a small one for Mask-the-Target on the
+  task's rows beside the replay rows' KL at beta; KL_replay is then the KL on replay rows alone. It needs a kl_on
+  that covers both kinds of row (all, prompt_and_replay).
 - Laplace (LaLoRA, arXiv 2512.17720), once per optimizer step: dW_l = (alpha / r) * B_l @ A_l is the LoRA update of
   adapted layer l and F_l the diagonal Fisher of the initial model's weights on surrogate source text, per token
   (curvature.py), so sum(F * dW^2) / 2 is the second-order estimate of how much the update raises the per-token
@@ -56,7 +64,8 @@ class Positions(NamedTuple):
 
     sft: torch.Tensor  # SFT CE
     replay: torch.Tensor  # replay CE
-    kl: torch.Tensor  # KL
+    kl: torch.Tensor  # KL (KL_replay and KL_task together)
+    kl_task: torch.Tensor  # the KL positions of KL_task (none unless task_kl_beta is set)
     kl_masked: torch.Tensor  # KL without the label (kl_mask_target)
 
 
@@ -64,7 +73,8 @@ class TokenCounts(NamedTuple):
     """Number of positions each token term is averaged over (summed over a whole optimizer step)."""
 
     sft: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor  # KL positions but KL_task's
+    kl_task: torch.Tensor
     replay: torch.Tensor
 
     def as_tensor(self) -> torch.Tensor:
@@ -79,20 +89,22 @@ class LossParts(NamedTuple):
     total: torch.Tensor
     sft_ce: torch.Tensor
     kl: torch.Tensor
+    kl_task: torch.Tensor
     replay_ce: torch.Tensor
     laplace: torch.Tensor
 
 
 class ARRObjective(nn.Module):
     def __init__(self, beta: float = 1.0, kl_on: str = "all", kl_direction: str = "forward",
-                 kl_mask_target: bool = False, replay_weight: float = 1.0, laplace_lambda: float = 0.0):
+                 kl_mask_target: bool = False, replay_weight: float = 1.0, laplace_lambda: float = 0.0,
+                 task_kl_beta: float | None = None):
         super().__init__()
         self.beta, self.kl_on, self.kl_direction, self.kl_mask_target = beta, kl_on, kl_direction, kl_mask_target
-        self.replay_weight, self.laplace_lambda = replay_weight, laplace_lambda
+        self.replay_weight, self.laplace_lambda, self.task_kl_beta = replay_weight, laplace_lambda, task_kl_beta
 
     @property
     def needs_reference(self) -> bool:
-        return self.beta > 0
+        return self.beta > 0 or bool(self.task_kl_beta)
 
     def kl_rows(self) -> tuple[str, ...]:
         """The kinds of row ("sft", "replay") that hold KL positions: what a reference cache must cover."""
@@ -107,11 +119,13 @@ class ARRObjective(nn.Module):
         sft, replay = trained & ~replay_rows, trained & replay_rows
         where = {"all": has_next, "sft": ~replay_rows, "replay": replay_rows, "prompt_and_replay": ~sft}[self.kl_on]
         kl = has_next & where & self.needs_reference
-        return Positions(sft, replay, kl, kl & sft & self.kl_mask_target)
+        kl_task = kl & ~replay_rows & (self.task_kl_beta is not None)
+        return Positions(sft, replay, kl, kl_task, kl & sft & self.kl_mask_target)
 
     def count_tokens(self, batch: dict) -> TokenCounts:
         positions = self.positions(batch)
-        return TokenCounts(positions.sft.sum(), positions.kl.sum(), positions.replay.sum())
+        return TokenCounts(positions.sft.sum(), (positions.kl & ~positions.kl_task).sum(), positions.kl_task.sum(),
+                           positions.replay.sum())
 
     def laplace_penalty(self, curvature: Iterable[tuple[Callable[[], torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """laplace_lambda / 2 * sum_l sum(F_l * dW_l^2). `curvature` pairs a function rebuilding each dW_l with its
@@ -136,15 +150,19 @@ class ARRObjective(nn.Module):
         if positions.kl.any() and reference is None:
             raise ValueError("beta > 0 needs the initial model's log-probs (a reference)")
         selected = positions.sft | positions.replay | positions.kl  # row-major, like the reference's KL positions
-        weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
-                               self.replay_weight / counts.replay.clamp(min=1)]).float()
+        task_beta = self.task_kl_beta or 0.0
+        weights = (torch.stack([torch.ones(()), torch.tensor(self.beta), torch.tensor(task_beta),
+                                torch.tensor(self.replay_weight)]).to(counts.sft.device)
+                   / counts.as_tensor().clamp(min=1)).float()
         sums, gradient_term = chunked_token_loss(
             outputs[:, :-1][selected], head, batch["labels"][:, 1:][selected].clamp(min=0), positions.sft[selected],
-            positions.replay[selected], positions.kl[selected], positions.kl_masked[selected], weights,
-            reference.select(positions.kl) if positions.kl.any() else None, self.kl_direction, chunk_size)
-        sft_ce, kl, replay_ce = (sums / counts.as_tensor().clamp(min=1)).unbind()
+            positions.replay[selected], positions.kl[selected], positions.kl_task[selected],
+            positions.kl_masked[selected], weights, reference.select(positions.kl) if positions.kl.any() else None,
+            self.kl_direction, chunk_size)
+        sft_ce, kl, kl_task, replay_ce = (sums / counts.as_tensor().clamp(min=1)).unbind()
         laplace = self.laplace_penalty(curvature) * step_share if curvature else sft_ce.new_zeros(())
-        total = sft_ce + self.beta * kl + self.replay_weight * replay_ce + laplace.to(sft_ce.device)
+        total = (sft_ce + self.beta * kl + task_beta * kl_task + self.replay_weight * replay_ce
+                 + laplace.to(sft_ce.device))
         if gradient_term is not None:
             total = total + gradient_term
-        return LossParts(total, sft_ce, kl, replay_ce, laplace)
+        return LossParts(total, sft_ce, kl, kl_task, replay_ce, laplace)

@@ -230,7 +230,8 @@ def trained_parts(trainer: ARRTrainer) -> list[str]:
     """The loss parts the run trains: a part of weight 0 (the replay CE of self-replay, the KL at beta 0) is
     measured and logged, not trained."""
     objective = trainer.objective
-    weights = {"sft_ce": 1.0, "kl": objective.beta, "laplace": objective.laplace_lambda,
+    weights = {"sft_ce": 1.0, "kl": objective.beta, "kl_task": objective.task_kl_beta or 0.0,
+               "laplace": objective.laplace_lambda,
                "replay_ce": objective.replay_weight if trainer.args.uses_replay else 0.0}
     return [name for name in LOSS_PART_NAMES if weights[name] > 0]
 

@@ -188,7 +188,7 @@ class ARRTrainer(Trainer):
         self_replay = isinstance(replay_dataset, str) and replay_dataset == SELF
         replay_weight = args.replay_weight if args.replay_weight is not None else float(not self_replay)
         self.objective = ARRObjective(args.beta, args.kl_on, args.kl_direction, args.kl_mask_target, replay_weight,
-                                      args.laplace_lambda)
+                                      args.laplace_lambda, args.task_kl_beta)
         self.earlier_prompts = earlier_prompts
         dataset, self.replay_sampler, curvature_blocks = self._prepare_data(
             model, processing_class, train_dataset, replay_dataset, self_replay, curvature_dataset, sft_format, args)

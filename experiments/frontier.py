@@ -87,6 +87,8 @@ METHODS = {
     "arr_self_replay_kl_top64_a48_r50": {**_DEFAULT, "replay_ratio": 0.5},
     "arr_self_replay_kl_top64_a48_b03": {**_DEFAULT, "beta": 0.3},
     "arr_self_replay_kl_top64_a48_b3": {**_DEFAULT, "beta": 3.0},
+    # Mask-the-Target on the task's rows at a small weight of its own (task_kl_beta 0.1) beside the replay KL at 1
+    "arr_self_replay_kl_top64_a48_mtt01": {**_DEFAULT, "kl_on": "all", "task_kl_beta": 0.1},
     # a peer's recipe: the defaults of the MER control in IBM's AISteer360 (branch MER,
     # aisteer360/algorithms/structural_control/mer, by one of the ARR paper's authors; whether the paper used exactly
     # these is not known): reverse KL over the full vocabulary, beta 0.01, one replay row per task row (on top of

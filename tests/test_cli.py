@@ -60,6 +60,21 @@ def test_train_from_yaml_writes_adapter_config_and_metrics(files, capsys, llama_
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_task_kl_beta_trains_the_task_rows_kl_as_a_part_of_its_own(files, capsys):
+    """Mask-the-Target on the task's rows at a small weight beside the replay rows' KL: both KL parts are trained,
+    logged and closed on; a run without task_kl_beta has no such part."""
+    code, out, err = run_cli(capsys, "train", files["config"], "kl_on=all", "kl_mask_target=true", "task_kl_beta=0.1",
+                             "learning_rate=0.05", "eval_after=none")
+    assert code == 0, err
+    assert "kl_task=" in out.strip().splitlines()[-1]
+    metrics = json.loads((files["out"] / "metrics.json").read_text())
+    assert metrics["trained_parts"] == ["sft_ce", "kl", "kl_task", "replay_ce"]
+    assert all(h["kl_task"] > 0 and h["kl"] > 0 for h in metrics["history"][1:])  # (step 1: the adapter is still 0)
+    for h in metrics["history"]:  # beta 0.2 (the config's) on the replay rows' KL, 0.1 on the task rows'
+        assert h["loss"] == pytest.approx(h["sft_ce"] + 0.2 * h["kl"] + 0.1 * h["kl_task"] + h["replay_ce"], abs=1e-5)
+    assert yaml.safe_load((files["out"] / "arr_config.yaml").read_text())["task_kl_beta"] == 0.1
+
+
 def test_train_ends_with_the_report_of_what_the_run_forgot_and_learned(files, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ARR_CACHE", str(tmp_path / "cache"))
     held_out = write_jsonl(tmp_path / "test.jsonl", sft_records(30)[24:])

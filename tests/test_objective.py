@@ -192,19 +192,27 @@ def autograd_loss(objective, logits, batch, ref_logits, topk=None):
         rest = torch.ones_like(logp, dtype=torch.bool).scatter(1, idx, False)
         logp = torch.cat([logp.gather(1, idx), logp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)], 1)
         ref = torch.cat([ref.gather(1, idx), ref.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)], 1)
-    kl = safe_kl(logp, ref, objective.kl_direction).sum() / pos.kl.sum().clamp(min=1)
-    return sft_ce + objective.beta * kl + objective.replay_weight * replay_ce, (sft_ce, kl, replay_ce)
+    per_position = safe_kl(logp, ref, objective.kl_direction)
+    task_rows = ~batch["is_replay"].bool()[:, None].expand_as(pos.kl)  # task_kl_beta: their KL is a term of its own
+    on_task = task_rows[pos.kl] & (objective.task_kl_beta is not None)
+    kl = per_position[~on_task].sum() / (~on_task).sum().clamp(min=1)
+    kl_task = per_position[on_task].sum() / on_task.sum().clamp(min=1)
+    total = (sft_ce + objective.beta * kl + (objective.task_kl_beta or 0) * kl_task
+             + objective.replay_weight * replay_ce)
+    return total, (sft_ce, kl, kl_task, replay_ce)
 
 
-@pytest.mark.parametrize("kl_on, direction, mask, cache", [
-    ("all", "forward", False, None), ("sft", "reverse", False, None), ("replay", "forward", False, None),
-    ("prompt_and_replay", "forward", False, None), ("all", "forward", True, None), ("all", "reverse", True, None),
-    ("all", "forward", False, 5), ("all", "reverse", False, 5), ("all", "forward", True, 5), ("all", "reverse", True, 5),
-    ("sft", "forward", False, "exact"), ("all", "forward", True, "exact")])
-def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, direction, mask, cache):
+@pytest.mark.parametrize("kl_on, direction, mask, cache, task_beta", [
+    ("all", "forward", False, None, None), ("sft", "reverse", False, None, None),
+    ("replay", "forward", False, None, None), ("prompt_and_replay", "forward", False, None, None),
+    ("all", "forward", True, None, None), ("all", "reverse", True, None, None), ("all", "forward", False, 5, None),
+    ("all", "reverse", False, 5, None), ("all", "forward", True, 5, None), ("all", "reverse", True, 5, None),
+    ("sft", "forward", False, "exact", None), ("all", "forward", True, "exact", None),
+    ("all", "forward", True, 5, 0.1), ("prompt_and_replay", "reverse", False, None, 2.0)])
+def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, direction, mask, cache, task_beta):
     """The chunked loss from hidden states (closed-form gradients, LoRA on the head) and the full-logits path,
     against autograd through the definitions: on-line reference, or a cached one (exact or top k), with and without
-    the target masked."""
+    the target masked, with one KL or the task rows' KL at a weight of its own (task_kl_beta)."""
     batch = batch_of(tokenizer, n=3, replay_rows=2)
     ROW_TOKENS[:] = [batch["input_ids"]]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -212,7 +220,8 @@ def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, di
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
                            LoraConfig(**{**LORA, "target_modules": ["q_proj", "v_proj", "lm_head"]}))
     initial = InitialModel(model)  # at the init: π₀ is the adapter switched off
-    objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, kl_mask_target=mask, replay_weight=0.5)
+    objective = ARRObjective(beta=0.7, kl_on=kl_on, kl_direction=direction, kl_mask_target=mask, replay_weight=0.5,
+                             task_kl_beta=task_beta)
     for name, p in model.named_parameters():  # move the adapter so KL and all gradients are non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
@@ -229,6 +238,7 @@ def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, di
     total.backward()
     expected = grads()
     assert expected_parts[1].item() > 1e-4
+    assert expected_parts[2].item() > 1e-4 if task_beta else expected_parts[2].item() == 0
     assert objective.positions(batch).kl_masked.any() == mask
 
     def reference(hidden_form):
@@ -249,7 +259,7 @@ def test_loss_is_gradient_exact_against_autograd(llama_dir, tokenizer, kl_on, di
             parts = objective(model(**inputs).logits, batch, reference(False))
         parts.total.backward()
         assert parts.total.item() == pytest.approx(total.item(), rel=1e-5)
-        assert [parts.sft_ce.item(), parts.kl.item(), parts.replay_ce.item()] == pytest.approx(
+        assert [parts.sft_ce.item(), parts.kl.item(), parts.kl_task.item(), parts.replay_ce.item()] == pytest.approx(
             [v.item() for v in expected_parts], rel=1e-5, abs=1e-7)
         got = grads()
         lm_head_grads = [n for n in expected if "lm_head" in n and "lora" in n]
@@ -397,13 +407,13 @@ def test_kl_positions_take_chunks_of_their_own_in_order(monkeypatch):
 
     real = cl._chunk_sums_and_logit_grad
     monkeypatch.setattr(cl, "_chunk_sums_and_logit_grad", lambda *args: chunks.append(args[4].clone()) or real(*args))
-    weights = torch.tensor([1.0, 0.5, 0.0])
+    weights = torch.tensor([1.0, 0.5, 0.0, 0.0])
     none = torch.zeros(n, dtype=torch.bool)
     results = []
     for chunk_size in (4, 0):
         inputs.grad = None
-        sums, term = cl.chunked_token_loss(inputs, head, targets, sft, none, kl, none, weights, reference, "forward",
-                                           chunk_size)
+        sums, term = cl.chunked_token_loss(inputs, head, targets, sft, none, kl, none, none, weights, reference,
+                                           "forward", chunk_size)
         term.backward()
         results.append((sums, inputs.grad.clone()))
         if chunk_size:
@@ -428,7 +438,8 @@ def test_the_full_logits_path_takes_bf16_logits():
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         inputs = logits.to(dtype).detach().requires_grad_()
-        sums, term = cl.chunked_token_loss(inputs, None, targets, ~kl, none, kl, none, torch.tensor([1.0, 0.5, 0.0]),
+        sums, term = cl.chunked_token_loss(inputs, None, targets, ~kl, none, kl, none, none,
+                                           torch.tensor([1.0, 0.5, 0.0, 0.0]),
                                            lambda a, b: RefLogprobs(ref.logp[a:b].clone()), "forward", 0)
         term.backward()
         assert inputs.grad.dtype == dtype
