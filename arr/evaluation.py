@@ -504,7 +504,8 @@ def format_table(result: dict, lora: tuple[float, str] = REFERENCE_LORA) -> str:
     for name, after in result["after"].items():
         words, unit, lower = ROWS.get(name, (name, "", name.endswith(LOWER_IS_BETTER_LM_EVAL)))
         before, delta = result["before"][name], result["delta"][name]
-        relative = f"{delta / abs(before):+.1%}" if abs(before) > 1e-12 else ""
+        # none from an accuracy near 0 (a new task's before): it would measure the denominator, not the change
+        relative = f"{delta / abs(before):+.1%}" if abs(before) >= (0.05 if unit == "points" else 1e-12) else ""
         if unit == "points":
             n = result.get("items", {}).get(name)
             note = (f"at chance for this model ({CHANCE[name]:.0%} ± {100 * half_interval(CHANCE[name], n):.0f} points "

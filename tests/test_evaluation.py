@@ -100,6 +100,10 @@ def test_headline_forgetting_and_table():
     # MMLU at 28% over 24 questions: within 25% +- 17 points, flagged as at chance, not presented as a score
     assert "at chance for this model" in rows["mmlu"] and "at chance" not in rows["knowledge_mc"]
     assert "+0.3000 nats/token" in rows["forgetting"] and "task_em" not in rows  # a probe that did not run: no row
+    learned = {**result, "before": {**result["before"], "task_em": 0.003}, "after": {**result["after"], "task_em": 0.9},
+               "delta": {**result["delta"], "task_em": 0.897}, "items": {**result["items"], "task_em": 300}}
+    task_row = next(line for line in ev.format_table(learned).splitlines() if line.startswith("task_em"))
+    assert "+89.7 points" in task_row and "%" not in task_row.split("points")[1]  # no relative change from 0.3%
     table = ev.format_table(result)
     assert "For scale: +0.2481 for plain LoRA on the embedded default recipe" in " ".join(table.split())
     assert "+0.1000 for plain LoRA in this comparison" in " ".join(
