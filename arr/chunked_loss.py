@@ -177,7 +177,7 @@ def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, kl_task, masked, 
         values, target = kl_and_target(model_logp, ref, direction)
         del ref  # kl_and_target wrote over an exact reference; its memory goes now
         on_task = kl_task[kl_rows]
-        kl_sum, kl_task_sum = values[~on_task].sum(), values[on_task].sum()
+        kl_sum, kl_task_sum = (values * ~on_task).sum(), (values * on_task).sum()
         if track:  # weight * (p - t) on the KL rows, written over t
             p_kl = logp.exp_() if aliased else model_logp.exp_()
             kl_grad = target.neg_().add_(p_kl).mul_(torch.where(on_task, weights[2], weights[1])[:, None])

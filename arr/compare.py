@@ -156,7 +156,8 @@ def family_and_strength(objective: dict, setting: dict | None = None) -> dict:
     family = {(True, True): "arr", (True, False): "kl_only", (False, True): "replay_only", (False, False): "lora"}[
         (kl_on, replay_on)]
     knob = "replay_ratio" if family == "replay_only" else "beta"
-    return {"family": family + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
+    split = "+task_kl" if objective.get("task_kl_beta") is not None else ""  # a curve of its own beside beta's
+    return {"family": family + split + suffix, "strength": None if family == "lora" else (knob, objective[knob])}
 
 
 def is_lora(method: dict) -> bool:

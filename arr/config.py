@@ -195,7 +195,7 @@ class DataArguments:
 class ARRConfig(TrainingArguments):
     r"""Training arguments plus the ARR objective
 
-        loss = CE_sft + beta * KL + replay_weight * CE_replay
+        loss = CE_sft + beta * KL + replay_weight * CE_replay     (task_kl_beta: KL split by row, see the key)
 
     KL is the per-token KL divergence between the model being trained (pi) and the initial model (pi_0, the same
     network with the LoRA adapter disabled), over the full vocabulary, averaged over the tokens `kl_on` selects.
@@ -345,7 +345,8 @@ class ARRConfig(TrainingArguments):
         default=None,
         metadata={"help": "Adaptive KL: a per-token KL budget. After every optimizer step beta is multiplied by "
                           "1 + kl_adapt_rate * clip(KL / kl_target - 1, -1, 1), so the measured KL settles near "
-                          "the target; `beta` is the starting value. Empty: beta stays fixed."},
+                          "the target; `beta` is the starting value (with task_kl_beta: the replay rows' KL and its "
+                          "beta; the task rows' KL keeps its weight). Empty: beta stays fixed."},
     )
     kl_adapt_rate: float = field(
         default=0.2, metadata={"help": "Largest relative change of beta per optimizer step under kl_target."}
@@ -439,6 +440,10 @@ def check_objective(cfg) -> None:
                           "kl_on=all for a KL on the task's own rows, replay_ratio > 0, or beta=0")
     if cfg.task_kl_beta is not None and not cfg.task_kl_beta >= 0:
         raise ConfigError(f"config key task_kl_beta must be >= 0, got {cfg.task_kl_beta}")
+    if cfg.task_kl_beta is not None and cfg.replay_ratio == 0:
+        raise ConfigError("config key task_kl_beta weighs the KL on the task's rows apart from the replay rows', and "
+                          "replay_ratio=0 draws none: set replay_ratio > 0, or leave task_kl_beta unset and weigh "
+                          "the task rows' KL with beta")
     if cfg.task_kl_beta is not None and cfg.kl_on not in ("all", "prompt_and_replay"):
         raise ConfigError(f"config key task_kl_beta weighs the KL on the task's rows apart from the replay rows', and "
                           f"kl_on={cfg.kl_on} takes it on one kind of row: set kl_on=all or kl_on=prompt_and_replay, "

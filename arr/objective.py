@@ -7,7 +7,7 @@ positions:
 
     loss = CE_sft + beta * KL_replay + task_kl_beta * KL_task + replay_weight * CE_replay + laplace
 
-The three token terms are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step
+The token terms are token means over one *optimizer step* (every micro-batch of a gradient-accumulation step
 and every data-parallel rank), exactly as `transformers.Trainer` normalises its causal-LM loss with
 `num_items_in_batch`; the step-wide counts come in as `TokenCounts`.
 
@@ -141,19 +141,19 @@ class ARRObjective(nn.Module):
                 ) -> LossParts:
         """`outputs`: the trained model's final hidden states [B, T, H] with its `head`, or its logits [B, T, V]
         (head None). `batch`: labels, is_replay and the layout (batch.py). `reference`: a reference.py Reference,
-        needed when beta > 0. `counts`: the step-wide denominators (default: this batch's own). `chunk_size`:
+        needed when a KL is taken. `counts`: the step-wide denominators (default: this batch's own). `chunk_size`:
         positions per chunk of logits (0: one chunk of the KL positions and one of the rest). `curvature`: the
         Laplace pairs (see laplace_penalty), whose penalty counts `step_share` of its value in this call (1 /
         gradient-accumulation steps)."""
         positions = self.positions(batch)
         counts = counts if counts is not None else self.count_tokens(batch)
         if positions.kl.any() and reference is None:
-            raise ValueError("beta > 0 needs the initial model's log-probs (a reference)")
+            raise ValueError("a KL (beta or task_kl_beta > 0) needs the initial model's log-probs (a reference)")
         selected = positions.sft | positions.replay | positions.kl  # row-major, like the reference's KL positions
         task_beta = self.task_kl_beta or 0.0
-        weights = (torch.stack([torch.ones(()), torch.tensor(self.beta), torch.tensor(task_beta),
-                                torch.tensor(self.replay_weight)]).to(counts.sft.device)
-                   / counts.as_tensor().clamp(min=1)).float()
+        weights = torch.stack([1 / counts.sft.clamp(min=1), self.beta / counts.kl.clamp(min=1),
+                               task_beta / counts.kl_task.clamp(min=1),
+                               self.replay_weight / counts.replay.clamp(min=1)]).float()
         sums, gradient_term = chunked_token_loss(
             outputs[:, :-1][selected], head, batch["labels"][:, 1:][selected].clamp(min=0), positions.sft[selected],
             positions.replay[selected], positions.kl[selected], positions.kl_task[selected],

@@ -151,7 +151,8 @@ def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: boo
     self_replay = config.uses_replay and data_args.replay_data == SELF
     if self_replay and config.self_replay_prompts is not None:
         read_prompts(config.self_replay_prompts)
-    reference, curvature = config.beta > 0 and config.ref_cache != "none", config.laplace_lambda > 0
+    reference = (config.beta > 0 or bool(config.task_kl_beta)) and config.ref_cache != "none"
+    curvature = config.laplace_lambda > 0
     folders = {"ref_cache_dir": reference and config.ref_cache_dir,
                "laplace_cache_dir": curvature and config.laplace_cache_dir}
     if (default_model or self_replay or config.eval_after != "none" or reference and not config.ref_cache_dir

@@ -331,7 +331,7 @@ class ARRTrainer(Trainer):
         return self.replay_sampler or super()._get_train_sampler(train_dataset)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Per-part token counts [sft, kl, replay] of one optimizer step, summed over its micro-batches and (as
+        """Per-part token counts (TokenCounts) of one optimizer step, summed over its micro-batches and (as
         the Trainer does for its own count) over all processes."""
         if not batch_samples:
             return None

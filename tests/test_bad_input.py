@@ -91,6 +91,9 @@ CASES = {
     "task_kl_beta with one kind of KL row": ({}, ["task_kl_beta=0.1"], "config key task_kl_beta weighs the KL on "
                                              "the task's rows apart from the replay rows', and kl_on=replay"),
     "negative task_kl_beta": ({}, ["kl_on=all", "task_kl_beta=-1"], "task_kl_beta must be >= 0, got -1"),
+    "task_kl_beta without replay rows": ({}, ["kl_on=all", "replay_ratio=0", "task_kl_beta=0.1"],
+                                         "task_kl_beta weighs the KL on the task's rows apart from the replay rows', "
+                                         "and replay_ratio=0 draws none"),
     "bad kl_direction": ({}, ["kl_direction=sideways"], "kl_direction must be one of forward, reverse"),
     "bad sft_format": ({}, ["sft_format=csv"], "sft_format must be one of auto, messages, alpaca"),
     "max_length too small": ({}, ["max_length=1"], "max_length must be >= 2, got 1"),

@@ -131,6 +131,7 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
     assert family_and_strength({**base, "laplace_lambda": 100.0, "replay_ratio": 0.0}, {"max_steps": 48}) == {
         "family": "laplace+kl (48 steps)", "strength": ("laplace_lambda", 100.0)}
     assert family_and_strength(base, {"max_steps": 48, "seed": 1})["family"] == "arr (48 steps, seed 1)"
+    assert family_and_strength({**base, "task_kl_beta": 0.1}) == {"family": "arr+task_kl", "strength": ("beta", 1.0)}
     assert families == {"lora": {"family": "lora", "strength": None},
                         "arr": {"family": "arr", "strength": ("beta", 1.0)},
                         "laplace_10": {"family": "laplace", "strength": ("laplace_lambda", 10.0)},

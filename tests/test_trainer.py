@@ -122,10 +122,15 @@ def test_arr_run_logs_parts_keeps_ratio_and_saved_adapter_reproduces_logits(llam
     assert (base - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("chunk,cache", [(1024, "none"), (0, "none"), (1024, "exact")])
-def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir, tokenizer, tmp_path, chunk, cache):
+@pytest.mark.parametrize("chunk,cache,split", [(1024, "none", {}), (0, "none", {}), (1024, "exact", {}),
+                                               (1024, "none", {"kl_on": "all", "task_kl_beta": 0.3})])
+def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(llama_dir, tokenizer, tmp_path, chunk, cache,
+                                                                       split):
+    """Also with the KL split by row (task_kl_beta): packed rows hold task and replay tokens side by side."""
     padded, packed = (mixed_step(llama_dir, tokenizer, tmp_path / str(padding_free), padding_free=padding_free,
-                                 loss_chunk_size=chunk, ref_cache=cache) for padding_free in (False, True))
+                                 loss_chunk_size=chunk, ref_cache=cache, **split) for padding_free in (False, True))
+    if split:
+        assert packed.parts[LOSS_PART_NAMES.index("kl_task")] > 1e-4
     # SFT rows of about 30 tokens share the replay row's width of 64 in pairs: 3 rows, not 4
     assert padded.batch["input_ids"].shape == (4, 64) and packed.batch["input_ids"].shape == (3, 64)
     assert_same_step(packed, padded)
@@ -143,7 +148,7 @@ def mixed_step(model_dir, tokenizer, out, **config) -> Step:
     rows = [trainer.train_dataset[i] for i in (0, 1, 2, len(trainer.train_dataset) - 1)]
     assert [r["is_replay"] for r in rows] == [False, False, False, True]
     step = one_step(trainer, rows)
-    assert step.parts[1] > 1e-4 and step.parts[2] > 0
+    assert step.parts[LOSS_PART_NAMES.index("kl")] > 1e-4 and step.parts[LOSS_PART_NAMES.index("replay_ce")] > 0
     return step
 
 
@@ -218,7 +223,8 @@ def assert_bf16_within_1_percent(peft_model, tokenizer, out, expected, **config)
     bf16, logged, _ = trained(peft_model, tokenizer, out, bf16=True, use_cpu=not torch.cuda.is_available(),
                               max_steps=len(expected), **config)
     assert bf16.accelerator.mixed_precision == "bf16" and len(logged) == len(expected)
-    parts, expected = logged[:, :-2], expected[:, :-2]  # loss, sft_ce, kl, replay_ce (not laplace, the grad norm)
+    columns = [1 + LOSS_PART_NAMES.index(name) for name in ("sft_ce", "kl", "replay_ce")]  # those these runs train
+    parts, expected = logged[:, [0, *columns]], expected[:, [0, *columns]]  # and the loss
     torch.testing.assert_close(parts, expected, rtol=1e-2, atol=0)
     assert (parts / expected - 1).abs().max() > 1e-5  # bf16 really rounded
 
