@@ -318,11 +318,12 @@ def task_scores(model, tokenizer, task_data: str | None, items: int, batch_size:
 
 
 @cache
-def task_manager(include_path: str | None):
-    """lm-eval's task index (it reads every task YAML it ships: built once, for before and after)."""
+def task_manager(include_path: str | None, own_only: bool = False):
+    """lm-eval's task index, built once for before and after: of the tasks under `include_path` alone (`own_only`),
+    or of those and every task YAML lm-eval ships (over 14,000 entries: most of a minute to index)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=not own_only)
 
 
 def lm_eval_scores(model, tokenizer, args: EvalArgs) -> dict[str, float]:
@@ -334,10 +335,21 @@ def lm_eval_scores(model, tokenizer, args: EvalArgs) -> dict[str, float]:
     except ImportError as e:
         raise ARRError(f"lm_eval_tasks need the lm-eval harness: pip install 'arr[lm-eval]' ({e})") from None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+
+    def evaluate(own_only: bool) -> dict:
+        return simple_evaluate(model=lm, tasks=list(args.lm_eval_tasks), limit=args.lm_eval_limit,
+                               task_manager=task_manager(args.lm_eval_include_path, own_only),
+                               bootstrap_iters=0, random_seed=args.seed)["results"]
+
+    own = args.lm_eval_include_path is not None and set(args.lm_eval_tasks) <= set(
+        task_manager(args.lm_eval_include_path, True).all_tasks)
     try:
-        results = simple_evaluate(model=lm, tasks=list(args.lm_eval_tasks), limit=args.lm_eval_limit,
-                                  task_manager=task_manager(args.lm_eval_include_path),
-                                  bootstrap_iters=0, random_seed=args.seed)["results"]
+        try:  # tasks of the user's own folder are indexed from it alone, unless they need lm-eval's own
+            results = evaluate(own_only=own)
+        except (KeyError, ValueError):
+            if not own:
+                raise
+            results = evaluate(own_only=False)
     except (KeyError, ValueError) as e:  # lm-eval's way of saying a task name is unknown
         raise ARRError(f"lm_eval_tasks: {' '.join(str(e).split())}") from None
     return {f"lm_eval:{task}:{metric.partition(',')[0]}": float(value)

@@ -198,8 +198,36 @@ def test_lm_eval_task_on_the_in_memory_model_matches_hand_loglikelihoods(tmp_pat
     after, expected_after = ev.lm_eval_scores(model, tokenizer, args), hand_accuracy()
     assert before["lm_eval:arr_tiny_mc:acc"] == pytest.approx(expected_before)
     assert after["lm_eval:arr_tiny_mc:acc"] == pytest.approx(expected_after)
+    # the folder's own task was indexed from the folder alone, not with the 14,000 lm-eval ships (most of a minute)
+    assert ev.task_manager.cache_info().currsize == 1
     with pytest.raises(ev.ARRError, match="lm_eval_tasks"):
-        ev.lm_eval_scores(model, tokenizer, ev.EvalArgs(lm_eval_tasks=["no_such_task_xyz"]))
+        ev.lm_eval_scores(model, tokenizer, ev.EvalArgs(lm_eval_tasks=["no_such_task_xyz"],
+                                                        lm_eval_include_path=str(tmp_path / "tasks")))
+
+
+def test_lm_eval_tasks_of_ones_own_folder_that_need_lm_evals_own_are_indexed_with_them(monkeypatch, llama_dir,
+                                                                                      tokenizer, tmp_path):
+    """A group in the user's folder may list tasks lm-eval ships: the folder-only index fails on it, and the full
+    index is used instead."""
+    from types import SimpleNamespace
+
+    import lm_eval
+
+    managers = {False: SimpleNamespace(all_tasks=["mine", "theirs"]), True: SimpleNamespace(all_tasks=["mine"])}
+    used = []
+
+    def simple_evaluate(task_manager, **kwargs):
+        used.append(task_manager)
+        if task_manager is managers[True]:
+            raise KeyError("theirs")  # the group's member lm-eval ships
+        return {"results": {"mine": {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(ev, "task_manager", lambda path, own_only=False: managers[own_only])
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    args = ev.EvalArgs(lm_eval_tasks=["mine"], lm_eval_include_path=str(tmp_path))
+    assert ev.lm_eval_scores(model, tokenizer, args) == {"lm_eval:mine:acc": 0.5}
+    assert used == [managers[True], managers[False]]
 
 
 def test_self_replay_prompts_are_disjoint_from_every_probe():
