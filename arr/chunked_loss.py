@@ -156,10 +156,10 @@ def kl_and_target(logp: torch.Tensor, ref: RefLogprobs, direction: str = "forwar
 @torch.no_grad()
 def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, kl_task, masked, weights, reference, direction,
                                track):
-    """One chunk: the four loss sums (sft NLL, KL, task KL, replay NLL) and, when `track`, the gradient of the weighted loss
-    on the chunk's logits. `logp` holds the chunk's float32 logits and is overwritten; `reference()` gives the
-    reference at the chunk's KL positions (None: no KL here). With every position under an unmasked KL, at most three
-    [chunk, V] tensors exist at a time (reverse KL briefly a fourth)."""
+    """One chunk: the four loss sums (sft NLL, KL, task KL, replay NLL) and, when `track`, the gradient of the
+    weighted loss on the chunk's logits. `logp` holds the chunk's float32 logits and is overwritten; `reference()`
+    gives the reference at the chunk's KL positions (None: no KL here). With every position under an unmasked KL, at
+    most three [chunk, V] tensors exist at a time (reverse KL briefly a fourth)."""
     logp = log_softmax_float(logp)
     nll = -logp.gather(1, targets[:, None]).squeeze(1)
     kl_sum, kl_task_sum, kl_grad, p = nll.new_zeros(()), nll.new_zeros(()), None, None
@@ -196,15 +196,16 @@ def _chunk_sums_and_logit_grad(logp, targets, sft, replay, kl, kl_task, masked, 
 
 def chunked_token_loss(inputs: torch.Tensor, head: torch.nn.Module | None, targets: torch.Tensor, sft: torch.Tensor,
                        replay: torch.Tensor, kl: torch.Tensor, kl_task: torch.Tensor, masked: torch.Tensor,
-                       weights: torch.Tensor,
-                       reference: Callable[[int, int], RefLogprobs] | None, direction: str, chunk_size: int):
+                       weights: torch.Tensor, reference: Callable[[int, int], RefLogprobs] | None, direction: str,
+                       chunk_size: int):
     """Loss sums and gradients over n selected positions.
 
     inputs: [n, H] final hidden states (then `head` maps them to logits) or [n, V] logits (head None);
     targets: [n] next-token labels (any valid id where no CE is taken); sft, replay, kl, kl_task, masked: [n] bools,
     which terms each position takes (kl_task: its KL is summed apart, as the task KL; masked: its KL leaves the label
     out); weights: [4] the factors of the sft CE, KL, task KL and replay CE sums in the loss; reference(a, b): the
-    reference log-probs of the KL positions a..b-1 in order. Returns the [4] sums and a term of value 0 whose gradient is the weighted loss's (None when nothing is tracked)."""
+    reference log-probs of the KL positions a..b-1 in order. Returns the [4] sums and a term of value 0 whose
+    gradient is the weighted loss's (None when nothing is tracked)."""
     head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
     track = torch.is_grad_enabled() and (inputs.requires_grad or bool(head_params))
     input_grad = torch.zeros_like(inputs) if track and inputs.requires_grad else None
