@@ -3,18 +3,21 @@ learns each task as well as plain LoRA does.
 
     python -m experiments.frontier [OUTPUT_DIR] [--seeds 42 1 2 3 4] [--tasks date topic reverse catalogue]
                                    [--methods NAME ...] [--workload embedded|epochs3] [--docs docs/results]
+                                   [--ledger FILE] [--summary-only]
 
 For every seed (outer loop, so that a cut-short run still covers every task) and task (experiments/tasks.py) it runs
-`arr compare` on the embedded recipe with the task's training data and the methods below, each method's keys pinned
-so that a change of the shipped defaults does not change what a name means, and scores the task on its `frontier`
-split (300 held-out items). Then, against plain LoRA at the same task, workload and seed: forgetting removed =
-1 - F / F_lora, task score kept = EM / EM_lora (exact match) and task NLL gain kept = (NLL_before - NLL) /
+`arr compare` on the embedded recipe with the task's training data for each of the methods below, each method's keys
+pinned so that a change of the shipped defaults does not change what a name means, and scores the task on its
+`frontier` split (300 held-out items). Then, against plain LoRA at the same task, workload and seed: forgetting
+removed = 1 - F / F_lora, task score kept = EM / EM_lora (exact match) and task NLL gain kept = (NLL_before - NLL) /
 (NLL_before - NLL_lora) (the held-out answers' NLL, continuous), averaged over seeds with a 95% t interval and its
 half-width, per task and pooled (the mean over tasks, per seed, then over the seeds that ran every task), the train
 wall time relative to LoRA, and the per-probe deltas (knowledge_mc among them). `default` in frontier.json is the
 method whose keys give the shipped configuration (shipped_default). Writes OUTPUT_DIR/frontier.json, frontier.md and
-frontier.png (and copies them to --docs when given). Finished runs and evaluations are reused. The `epochs3`
-workload (3 epochs of each task's 200 rows instead of the recipe's 24 steps) writes to TASK-epochs3 folders.
+frontier.png (and copies them to --docs when given). Each evaluated (task, seed, method) is added to the ledger
+(docs/results/ledger/frontier.jsonl, experiments/ledger.py), which the summary reads and the next call skips, on any
+machine; finished runs and evaluations in OUTPUT_DIR are reused too. The `epochs3` workload (3 epochs of each task's
+200 rows instead of the recipe's 24 steps) writes to TASK-epochs3 folders.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from arr.plots import draw, draw_front, t_interval
 from arr.keys import DEFAULT_RECIPE
 from arr.train import resolved_config
 from bench.overhead import WORKLOADS
+from experiments.ledger import LEDGERS, Ledger, canonical, run_identity
 from experiments.tasks import SIZES, TASKS
 
 # The headline probes at the sizes of the earlier frontier; the task on its whole frontier split; knowledge_mc at 385
@@ -125,18 +129,41 @@ def folder(out: Path, task: str, workload: str) -> Path:
     return out / (task if workload == "embedded" else f"{task}-{workload}")
 
 
-def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], workload: str = "embedded") -> None:
-    out = out.resolve()  # the task files' paths are part of each run's config: the same from any working directory
+def unit_key(overrides: dict, method: str, eval_args: EvalArgs, task: str, workload: str) -> dict:
+    """The ledger key of one method's run and evaluation on one (task, workload, seed): the embedded recipe resolved
+    with `overrides` and the method's keys, as compare resolves it, and the probes' settings."""
+    recipe = read_config(str(DEFAULT_RECIPE), [])
+    resolved = resolved_config(*build_config({**recipe, **overrides, **expand_method(METHODS[method])}))
+    return {"experiment": "frontier", "task": task, "workload": workload, "run": run_identity(resolved),
+            "eval": run_identity(vars(eval_args))}
+
+
+def units(out: Path, seeds: list[int], tasks: list[str], workload: str):
+    """(seed, task, the runs' overrides, the probes' settings) of every unit, its task's files written into `out`."""
     for seed in seeds:
         for task in tasks:
             bundled = task == "date"  # the recipe's own task
             data = {} if bundled else {"sft_data": write_jsonl(out / "tasks" / task / "train.jsonl",
                                                                TASKS[task]("train"))}
             test = write_jsonl(out / "tasks" / task / "frontier.jsonl", TASKS[task]("frontier"))
-            print(f"==== seed {seed}, task {task}, workload {workload}", flush=True)
-            compare(folder(out, task, workload) / f"seed{seed}",
-                    overrides={**data, **WORKLOADS[workload], "seed": seed}, methods={m: METHODS[m] for m in methods},
-                    eval_args=EvalArgs(**PROBE_SIZES, task_data=test))
+            yield seed, task, {**data, **WORKLOADS[workload], "seed": seed}, EvalArgs(**PROBE_SIZES, task_data=test)
+
+
+def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
+        workload: str = "embedded") -> None:
+    """Each unit not in `ledger` by `arr compare` of its one method (so that a stopped sweep keeps every finished
+    method; the initial model's probe values are cached across calls), added to the ledger when evaluated."""
+    out = out.resolve()  # the task files' paths are part of each run's config: the same from any working directory
+    for seed, task, overrides, eval_args in units(out, seeds, tasks, workload):
+        for method in methods:
+            key = unit_key(overrides, method, eval_args, task, workload)
+            if ledger.get(key) is not None:
+                print(f"==== seed {seed}, task {task}, workload {workload}, {method}: recorded", flush=True)
+                continue
+            print(f"==== seed {seed}, task {task}, workload {workload}, {method}", flush=True)
+            results = compare(folder(out, task, workload) / f"seed{seed}", overrides=overrides,
+                              methods={method: METHODS[method]}, eval_args=eval_args)
+            ledger.add(key, results["methods"][method], method=method)
 
 
 def interval(values: list[float]) -> list[float] | None:
@@ -162,14 +189,16 @@ def shares(m: dict, lora: dict) -> dict:
             "knowledge_delta": m["probes"]["delta"].get("knowledge_mc")}
 
 
-def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], workload: str = "embedded") -> dict:
-    """frontier.json's content from the results.json of every (task, seed) comparison found in `out`."""
-    runs = {}  # (task, seed) -> results["methods"]
-    for task in tasks:
-        for seed in seeds:
-            path = folder(out, task, workload) / f"seed{seed}" / "results.json"
-            if path.is_file():
-                runs[task, seed] = json.loads(path.read_text())["methods"]
+def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
+              workload: str = "embedded") -> dict:
+    """frontier.json's content from the units of `ledger` (their task files written into `out`)."""
+    recorded = ledger.entries()
+    runs = {}  # (task, seed) -> {method: result}
+    for seed, task, overrides, eval_args in units(out.resolve(), seeds, tasks, workload):
+        for method in methods:
+            result = recorded.get(canonical(unit_key(overrides, method, eval_args, task, workload)))
+            if result is not None:
+                runs.setdefault((task, seed), {})[method] = result
     summary = {"tasks": tasks, "seeds": seeds, "workload": workload, "default": shipped_default(),
                "probe_sizes": PROBE_SIZES, "methods": {}}
     for name in methods:
@@ -283,14 +312,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--workload", default="embedded", choices=list(WORKLOADS),
                         help="embedded: the recipe's 24 steps; epochs3: 3 epochs of the task's rows")
-    parser.add_argument("--summary-only", action="store_true", help="summarise the runs already in OUTPUT_DIR")
+    parser.add_argument("--summary-only", action="store_true", help="summarise the units in the ledger, run none")
+    parser.add_argument("--ledger", default=str(LEDGERS / "frontier.jsonl"),
+                        help="the finished (task, seed, method) units: read first, added to (experiments/ledger.py)")
     parser.add_argument("--docs", default=None, help="also copy frontier.json/.md/.png into this folder")
     args = parser.parse_args()
     out = Path(args.out)
     methods = args.methods if "lora" in args.methods else ["lora", *args.methods]
+    ledger = Ledger(args.ledger)
     if not args.summary_only:
-        run(out, args.seeds, args.tasks, methods, args.workload)
-    summary = summarise(out, args.seeds, args.tasks, methods, args.workload)
+        run(out, args.seeds, args.tasks, methods, ledger, args.workload)
+    summary = summarise(out, args.seeds, args.tasks, methods, ledger, args.workload)
     stem = "frontier" if args.workload == "embedded" else f"frontier-{args.workload}"
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     (out / f"{stem}.md").write_text(table(summary))

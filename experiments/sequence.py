@@ -1,7 +1,7 @@
 """One fine-tune after another: what a sequence of tasks does to the earlier ones, per method.
 
     python -m experiments.sequence [OUTPUT_DIR] [--seeds 42 1 2] [--tasks date topic reverse] [--methods ...]
-                                   [--task-items 50] [--knowledge-items 385] [--docs docs/results]
+                                   [--task-items 50] [--knowledge-items 385] [--docs docs/results] [--ledger FILE]
 
 Each task is learned from the previous task's adapter (`init_adapter`), in the order given, by `arr train` as a
 user runs it: the bundled date task by the embedded recipe (24 steps of 8 at learning rate 1e-3), any other task from
@@ -20,7 +20,9 @@ Per method and seed: R[i][j] = task j's exact match on its first --task-items he
 plasticity R[j][j] against LoRA's, the general forgetting after the last task against the original base (the
 headline of evaluation.py on experiments/frontier.py's probe sizes), and the wall time of the whole sequence
 against LoRA's. Writes OUTPUT_DIR/sequence.json, sequence.md and sequence.png (one heatmap of R per method, its
-general forgetting in the title); finished runs are reused.
+general forgetting in the title). Each finished (method, seed) is added to the ledger
+(docs/results/ledger/sequence.jsonl, experiments/ledger.py) and read from it on the next call, on any machine;
+finished runs in OUTPUT_DIR are reused too.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ from pathlib import Path
 
 from arr import run_folder
 from arr.cache import write_atomically
+from arr.config import build_config
+from arr.keys import DEFAULT_RECIPE, read_config
 from arr.plots import t_interval
+from arr.train import resolved_config
 from experiments.frontier import PROBE_SIZES, write_jsonl
+from experiments.ledger import LEDGERS, Ledger, content_hash, run_identity
 from experiments.tasks import TASKS
 
 _LORA = {"method": "lora", "ref_cache": "none", "replay_data": None}
@@ -95,53 +101,80 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     return row, report
 
 
-def lora_steps(out: Path, seed: int, tasks: list[str]) -> int:
+def stage_identity(keys: dict) -> dict:
+    """What one stage learns, as a ledger key: the embedded recipe resolved with `keys`, less init_adapter (the
+    earlier stages of the same unit name it)."""
+    recipe = read_config(str(DEFAULT_RECIPE), [])
+    return run_identity(resolved_config(*build_config({**recipe, **keys})), leave_out=("init_adapter",))
+
+
+def unit_key(stages: list[dict], tests: list[str], items: int, general: dict) -> dict:
+    """The ledger key of one method's sequence at one seed: its stages' keys (seed included), the held-out files and
+    the probes."""
+    return {"experiment": "sequence", "stages": [stage_identity(keys) for keys in stages],
+            "tests": [content_hash(t) for t in tests], "task_items": items, "general": general}
+
+
+def lora_steps(results: dict, seed: int) -> int:
     """The optimizer steps of plain LoRA's whole sequence at `seed`: what joint LoRA trains, so that it sees as many
     updates as the sequence it bounds."""
-    stages = [out / "lora" / f"seed{seed}" / f"{i}_{task}" for i, task in enumerate(tasks)]
-    if not all(run_folder.is_finished(stage) for stage in stages):
+    if seed not in results.get("lora", {}):
         raise SystemExit(f"joint trains as many steps as plain LoRA's sequence at seed {seed}, which is not finished "
-                         "in this folder: run it first (--methods lora joint)")
-    return sum(json.loads((stage / run_folder.METRICS).read_text())["global_steps"] for stage in stages)
+                         "in this folder or the ledger: run it first (--methods lora joint)")
+    return sum(results["lora"][seed]["steps"])
 
 
 def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], items: int, general: dict,
-        finished=lambda results: None) -> dict:
-    """Every method's sequence at every seed; `finished(results)` after each (method, seed)."""
+        ledger: Ledger, finished=lambda results: None) -> dict:
+    """Every method's sequence at every seed, each (method, seed) read from `ledger` when recorded there and added
+    to it when run; `finished(results)` after each."""
     out = out.resolve()
     files = {task: task_files(out, task) for task in tasks}
     tests = [files[t][1] for t in tasks]
-    results = {}  # method -> seed -> {R, forgetting, seconds}
+    results = {}  # method -> seed -> {R, forgetting, seconds, steps, delta}
     for seed in seeds:
         for method in methods:
             folder = out / method / f"seed{seed}"
-            R, seconds, previous = [], 0.0, None
             if method == "joint":
                 mixed = [r for t in tasks for r in TASKS[t]("train")]
                 data = write_jsonl(out / "tasks" / "joint.jsonl", mixed)
-                steps = lora_steps(out, seed, tasks)
-                metrics = train(folder / "joint", {**METHODS[method], "seed": seed, "sft_data": data,
-                                                   "max_steps": steps})
-                if metrics["global_steps"] != steps:  # a finished run is reused, and one of other steps is no bound
-                    raise SystemExit(f"{folder / 'joint'} holds a finished joint run of {metrics['global_steps']} "
-                                     f"steps, not plain LoRA's {steps}: move it aside to retrain it")
-                row, report = scores(folder / "joint", tests, items, general)
-                R, seconds = [row], metrics["train_seconds"]
-                last = folder / "joint"
+                stages = {"joint": {**METHODS[method], "seed": seed, "sft_data": data,
+                                    "max_steps": lora_steps(results, seed)}}
             else:
-                for i, task in enumerate(tasks):
-                    run_dir = folder / f"{i}_{task}"
-                    keys = {**METHODS[method], "seed": seed, "init_adapter": str(previous) if previous else None,
-                            **({"sft_data": files[task][0]} if files[task][0] else {})}
-                    seconds += train(run_dir, keys)["train_seconds"]
-                    row, report = scores(run_dir, tests[: i + 1], items, general if i == len(tasks) - 1 else None)
-                    R.append(row)
-                    previous = last = run_dir
-            print(f"== seed {seed}, {method}: R = {R}, forgetting {report['forgetting']:+.4f}", flush=True)
-            results.setdefault(method, {})[seed] = {"R": R, "forgetting": report["forgetting"], "seconds": seconds,
-                                                    "delta": report["delta"], "run": str(last)}
+                stages = {f"{i}_{task}": {**METHODS[method], "seed": seed,
+                                          **({"sft_data": files[task][0]} if files[task][0] else {})}
+                          for i, task in enumerate(tasks)}
+            key = unit_key(list(stages.values()), tests, items, general)
+            unit = ledger.get(key)
+            if unit is None:
+                unit = run_unit(folder, stages, tests, items, general)
+                ledger.add(key, unit, method=method)
+            else:
+                print(f"== seed {seed}, {method}: recorded in {ledger.path}", flush=True)
+            print(f"== seed {seed}, {method}: R = {unit['R']}, forgetting {unit['forgetting']:+.4f}", flush=True)
+            results.setdefault(method, {})[seed] = unit
             finished(results)
     return results
+
+
+def run_unit(folder: Path, stages: dict, tests: list[str], items: int, general: dict) -> dict:
+    """Train `stages` ({run folder name: keys}) in order, each from the previous one's adapter, and score each on the
+    held-out files of the tasks learned so far (a joint run, the one stage, on all); the general probes after the
+    last."""
+    R, seconds, steps, previous = [], 0.0, [], None
+    for i, (name, keys) in enumerate(stages.items()):
+        run_dir = folder / name
+        metrics = train(run_dir, {**keys, "init_adapter": str(previous) if previous else None})
+        if metrics["global_steps"] != keys.get("max_steps", metrics["global_steps"]):  # a reused run of other steps
+            raise SystemExit(f"{run_dir} holds a finished run of {metrics['global_steps']} steps, not the "
+                             f"{keys['max_steps']} asked: move it aside to retrain it")
+        seconds += metrics["train_seconds"]
+        steps.append(metrics["global_steps"])
+        last = i == len(stages) - 1
+        row, report = scores(run_dir, tests if len(stages) == 1 else tests[: i + 1], items, general if last else None)
+        R.append(row)
+        previous = run_dir
+    return {"R": R, "forgetting": report["forgetting"], "seconds": seconds, "steps": steps, "delta": report["delta"]}
 
 
 def bwt(R: list[list[float]]) -> float | None:
@@ -174,7 +207,8 @@ def summarise(results: dict, tasks: list[str], seeds: list[int], items: int, pro
             if method != "joint":
                 diag = [own["R"][j][j] / base["R"][j][j] for j in range(len(tasks)) if base["R"][j][j]]
                 shares["kept"].append(statistics.mean(diag) if diag else None)
-            shares["wall_ratio"].append(own["seconds"] / base["seconds"])
+            shares["wall_ratio"].append(own["seconds"] / base["seconds"] if own["seconds"] and base["seconds"]
+                                        else None)  # (units recovered without their train time)
         entry["ci"] = {}
         for key, values in shares.items():
             entry[key], ci = with_ci(values)
@@ -240,6 +274,8 @@ def main() -> None:
     parser.add_argument("--knowledge-items", type=int, default=PROBE_SIZES["knowledge_items"],
                         help="knowledge_mc's questions among the general probes after the last task (0: none)")
     parser.add_argument("--docs", default=None, help="also copy sequence.json/.md/.png into this folder")
+    parser.add_argument("--ledger", default=str(LEDGERS / "sequence.jsonl"),
+                        help="the finished (method, seed) units: read first, added to (experiments/ledger.py)")
     args = parser.parse_args()
     out = Path(args.out)
     methods = [m for m in METHODS if m in args.methods or m == "lora"]  # LoRA first: joint trains its steps
@@ -253,7 +289,7 @@ def main() -> None:
         plot(summary, out / "sequence.png")
         return summary
 
-    summary = write(run(out, args.seeds, args.tasks, methods, args.task_items, general, write))
+    summary = write(run(out, args.seeds, args.tasks, methods, args.task_items, general, Ledger(args.ledger), write))
     print(table(summary))
     if args.docs:
         for name in ("sequence.json", "sequence.md", "sequence.png"):

@@ -11,7 +11,9 @@ from arr.config import build_config, read_config
 from arr.keys import DEFAULT_RECIPE
 from arr.resources import is_heldout_title
 from arr.train import resolved_config
+from experiments import frontier
 from experiments.frontier import METHODS, shipped_default, summarise
+from experiments.ledger import Ledger
 from experiments.tasks import TASKS
 
 
@@ -33,19 +35,27 @@ def test_a_changed_default_names_its_method_or_none(tmp_path, change, expected):
     assert shipped_default(recipe) == expected
 
 
-def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path):
+def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkeypatch):
     def method(forgetting, em, task_nll, knowledge):
         return {"forgetting": forgetting, "task_score": em, "train_seconds": 10.0,
                 "probes": {"before": {"task_nll": 2.0}, "after": {"task_nll": task_nll},
                            "delta": {"knowledge_mc": knowledge}}}
 
-    for seed, arr_em in ((42, 0.45), (1, 0.55)):
-        folder = tmp_path / "date" / f"seed{seed}"
-        folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps({"methods": {
-            "lora": method(0.2, 0.5, 1.0, -0.04), "mer_aisteer360_defaults": method(0.05, arr_em, 1.5, -0.01)}}))
-    pooled = summarise(tmp_path, [42, 1], ["date"], ["lora", "mer_aisteer360_defaults"])["methods"][
-        "mer_aisteer360_defaults"]["pooled"]
+    compared = []
+
+    def fake_compare(out, overrides, methods, eval_args):  # one method a call; MER's task score differs per seed
+        (name,) = methods
+        compared.append((overrides["seed"], name))
+        em = {42: 0.45, 1: 0.55}[overrides["seed"]]
+        return {"methods": {name: method(0.2, 0.5, 1.0, -0.04) if name == "lora" else method(0.05, em, 1.5, -0.01)}}
+
+    monkeypatch.setattr(frontier, "compare", fake_compare)
+    ledger, names = Ledger(tmp_path / "ledger.jsonl"), ["lora", "mer_aisteer360_defaults"]
+    frontier.run(tmp_path / "a", [42, 1], ["date"], names, ledger)
+    assert compared == [(42, "lora"), (42, "mer_aisteer360_defaults"), (1, "lora"), (1, "mer_aisteer360_defaults")]
+    frontier.run(tmp_path / "b", [42, 1], ["date"], names, ledger)  # another machine: every unit recorded
+    assert len(compared) == 4
+    pooled = summarise(tmp_path / "b", [42, 1], ["date"], names, ledger)["methods"]["mer_aisteer360_defaults"]["pooled"]
     assert pooled["removed"]["mean"] == pytest.approx(0.75) and pooled["removed"]["half_width"] == pytest.approx(0)
     assert pooled["kept"]["mean"] == pytest.approx(1.0)
     # kept 0.9 and 1.1 over two seeds: standard deviation 0.1 * sqrt(2), a t interval of 12.706 * 0.1 each side

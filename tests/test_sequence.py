@@ -1,10 +1,9 @@
 """experiments/sequence.py's summary: BWT, what a method removes of LoRA's, plasticity, and the JSON shape."""
 
-import json
-
 import pytest
 
-from arr import run_folder
+from experiments import sequence
+from experiments.ledger import Ledger
 from experiments.sequence import bwt, lora_steps, plot, summarise, table
 
 
@@ -28,16 +27,30 @@ def test_sequence_summary_pairs_each_method_with_lora_per_seed(tmp_path):
     assert (tmp_path / "sequence.png").stat().st_size > 10_000
 
 
-def test_joint_trains_as_many_steps_as_loras_whole_sequence(tmp_path):
-    tasks = ["date", "topic"]
-    for i, (task, steps) in enumerate(zip(tasks, (24, 75))):
-        stage = tmp_path / "lora" / "seed1" / f"{i}_{task}"
-        stage.mkdir(parents=True)
-        for name in (run_folder.ADAPTER_CONFIG, run_folder.CONFIG):
-            (stage / name).write_text("{}")
-        if steps != 75:  # the last stage unfinished first
-            (stage / run_folder.METRICS).write_text(json.dumps({"global_steps": steps}))
+def test_joint_trains_as_many_steps_as_loras_whole_sequence():
     with pytest.raises(SystemExit, match="plain LoRA's sequence at seed 1, which is not finished"):
-        lora_steps(tmp_path, 1, tasks)
-    (stage / run_folder.METRICS).write_text(json.dumps({"global_steps": 75}))
-    assert lora_steps(tmp_path, 1, tasks) == 99
+        lora_steps({"lora": {2: {"steps": [24, 75]}}}, 1)
+    assert lora_steps({"lora": {1: {"steps": [24, 75]}}}, 1) == 99
+
+
+def test_units_in_the_ledger_are_read_on_another_machine_and_new_ones_added(tmp_path, monkeypatch):
+    """A (method, seed) recorded in the ledger is not run again from another output folder (a new machine), a joint
+    run is keyed by LoRA's recorded steps, and other probe sizes are another unit."""
+    trained = []
+
+    def fake_run_unit(folder, stages, tests, items, general):
+        trained.append((folder.parent.name, stages))
+        steps = [keys.get("max_steps", 10 * (i + 1)) for i, keys in enumerate(stages.values())]
+        return {"R": [[0.5] * (i + 1) for i in range(len(stages))], "forgetting": 0.1, "seconds": 5.0,
+                "steps": steps, "delta": {}}
+
+    monkeypatch.setattr(sequence, "run_unit", fake_run_unit)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    general = {"heldout_docs": 4}
+    first = sequence.run(tmp_path / "a", [1], ["date", "topic"], ["lora", "joint"], 5, general, ledger)
+    assert [method for method, _ in trained] == ["lora", "joint"]
+    assert trained[1][1]["joint"]["max_steps"] == 30 and first["joint"][1]["steps"] == [30]
+    assert sequence.run(tmp_path / "b", [1], ["date", "topic"], ["lora", "joint"], 5, general, ledger) == first
+    assert len(trained) == 2 and len(ledger.path.read_text().splitlines()) == 2
+    sequence.run(tmp_path / "b", [1], ["date", "topic"], ["lora"], 5, {"heldout_docs": 8}, ledger)
+    assert len(trained) == 3
