@@ -172,15 +172,17 @@ def markdown_table(results: dict) -> str:
     methods = results["methods"]
     probe_names = list(next(iter(methods.values()))["probes"]["after"])
     lora = {tuple(m["run"].items()): m for m in methods.values() if is_lora(m)}
-    head = ("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | forgetting ↓ | "
-            "task EM ↑ | removed | kept | " + " | ".join(f"Δ {p}" for p in probe_names) + " | train s | peak MB |")
-    rows = [head, "|" + "---|" * (13 + len(probe_names))]
+    head = ("| method | beta | kl_on | task_kl_beta | kl_direction | replay_ratio | kl_target | laplace_lambda | "
+            "forgetting ↓ | task EM ↑ | removed | kept | " + " | ".join(f"Δ {p}" for p in probe_names) +
+            " | train s | peak MB |")
+    rows = [head, "|" + "---|" * (14 + len(probe_names))]
     for name, m in methods.items():
         o, base = m["objective"], lora.get(tuple(m["run"].items()))
         removed = f"{1 - m['forgetting'] / base['forgetting']:.1%}" if base and base["forgetting"] > 0 else "–"
         kept = f"{m['task_score'] / base['task_score']:.1%}" if base and base["task_score"] > 0 else "–"
         deltas = " | ".join(f"{m['probes']['delta'][p]:+.4f}" for p in probe_names)
-        rows.append(f"| {name} | {o['beta']} | {o['kl_on']} | {o['kl_direction']} | {o['replay_ratio']} | "
+        rows.append(f"| {name} | {o['beta']} | {o['kl_on']} | {o.get('task_kl_beta') or '–'} | "  # (older results.json: none)
+                    f"{o['kl_direction']} | {o['replay_ratio']} | "
                     f"{o['kl_target'] if o['kl_target'] else '–'} | {o['laplace_lambda'] or '–'} | "
                     f"{m['forgetting']:+.4f} | {m['task_score']:.3f} | {removed} | {kept} | {deltas} | "
                     f"{m['train_seconds']:.0f} | {m['peak_mem_mb']:.0f} |")

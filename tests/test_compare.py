@@ -62,9 +62,9 @@ def test_compare_writes_results_table_and_plot(tmp_path, llama_dir, monkeypatch,
     assert saved["run"] == saved["methods"]["laplace"]["run"] == {"max_steps": 2, "seed": 42}
     assert saved["methods"]["arr_adaptive"]["strength"] == ["kl_target", 0.1]
     table = (tmp_path / "cmp" / "results.md").read_text().splitlines()
-    assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
-                               "forgetting ↓ | task EM ↑ | removed | kept |")
-    assert len(table) == 8 and table[2].startswith("| lora | 0.0 | all | forward | 0.0 |")
+    assert table[0].startswith("| method | beta | kl_on | task_kl_beta | kl_direction | replay_ratio | kl_target | "
+                               "laplace_lambda | forgetting ↓ | task EM ↑ | removed | kept |")
+    assert len(table) == 8 and table[2].startswith("| lora | 0.0 | all | – | forward | 0.0 |")
     assert saved["methods"]["kl_only"]["objective"]["kl_on"] == "all"  # without replay the KL sits on the task's rows
     png = (tmp_path / "cmp" / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -149,15 +149,19 @@ def test_strength_sweeps_are_grouped_into_curves_in_table_and_plot(tmp_path):
                                         "forgetting": 0.2, "task_score": 0.6, "run": at_48_s1}
     results["methods"]["arr_48_s1"] = {**results["methods"]["arr"], "family": "arr (48 steps, seed 1)",
                                        "run": at_48_s1}
+    task_kl = {**base, "task_kl_beta": 0.1}
+    results["methods"]["arr_task_kl"] = {**results["methods"]["arr"], "objective": task_kl,
+                                         **family_and_strength(task_kl)}
     table = markdown_table(results).splitlines()
-    assert table[0].startswith("| method | beta | kl_on | kl_direction | replay_ratio | kl_target | laplace_lambda | "
-                               "forgetting ↓ | task EM ↑ | removed | kept |")
+    assert table[0].startswith("| method | beta | kl_on | task_kl_beta | kl_direction | replay_ratio | kl_target | "
+                               "laplace_lambda | forgetting ↓ | task EM ↑ | removed | kept |")
     # against LoRA at the same steps: laplace_100 removes 1 - 0.1 / 0.4 of LoRA's forgetting, keeps 0.8 / 0.5
-    assert table[5] == ("| laplace_100 | 0.0 | all | forward | 0.0 | – | 100.0 | +0.1000 | 0.800 | 75.0% | 160.0% "
-                        "| +0.5000 | 1 | 2 |")
-    assert table[2].split(" | ")[9:11] == ["0.0%", "100.0%"]  # lora against itself
-    assert table[8].split(" | ")[9:11] == ["62.5%", "120.0%"]  # arr at 48 steps against lora at 48 (0.3 / 0.8)
-    assert table[10].split(" | ")[9:11] == ["-50.0%", "100.0%"]  # and with seed 1 against lora's seed 1 (0.2 / 0.6)
+    assert table[5] == ("| laplace_100 | 0.0 | all | – | forward | 0.0 | – | 100.0 | +0.1000 | 0.800 | 75.0% | "
+                        "160.0% | +0.5000 | 1 | 2 |")
+    assert table[3].split(" | ")[3] == "–" and table[11].split(" | ")[3] == "0.1"  # task_kl_beta
+    assert table[2].split(" | ")[10:12] == ["0.0%", "100.0%"]  # lora against itself
+    assert table[8].split(" | ")[10:12] == ["62.5%", "120.0%"]  # arr at 48 steps against lora at 48 (0.3 / 0.8)
+    assert table[10].split(" | ")[10:12] == ["-50.0%", "100.0%"]  # and with seed 1 against lora's seed 1 (0.2 / 0.6)
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
