@@ -16,7 +16,16 @@ from pathlib import Path
 
 
 from .errors import ARRError, ConfigError
-from .keys import DEFAULT_RECIPE, check_values, describe_keys, expand_method, read_config, table, train_help
+from .keys import (
+    DEFAULT_RECIPE,
+    check_values,
+    describe_keys,
+    embedded_recipe_applies,
+    expand_method,
+    read_config,
+    table,
+    train_help,
+)
 
 # Each command's usage, for `arr --help` and the command's own --help. Nothing heavy (torch, transformers) is imported
 # before the arguments are parsed, so that help and argument errors come back at once.
@@ -83,7 +92,7 @@ def train_command(args: list[str]) -> int:
 
     # The recipe is a demo sized for the bundled task on 2 CPU cores (24 steps at a high constant learning rate):
     # a user's own data gets the defaults --help shows, and the demo says what it changes.
-    if config_path is None and values.get("sft_data") is None:
+    if embedded_recipe_applies(config_path, values):
         recipe = read_config(str(DEFAULT_RECIPE), [])
         print(f"No CONFIG.yaml and no sft_data: the embedded default recipe {DEFAULT_RECIPE} (the bundled date task) "
               f"sets {', '.join(f'{k}={v}' for k, v in recipe.items())}; other keys are as arr train --help lists",

@@ -66,7 +66,8 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
 # Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
 # batch give the padded batch's loss and gradients to float rounding: tests/test_trainer.py).
 NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
-                   "ref_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to", "logging_dir")
+                   "ref_cache_dir", "laplace_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to",
+                   "logging_dir")
 
 
 def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
@@ -76,6 +77,12 @@ def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:
         return False
     ran = {**defaults, **as_config(yaml.safe_load((run_dir / run_folder.CONFIG).read_text()))}
     return all(ran.get(k) == v for k, v in wanted.items() if k not in NOT_RESULT_KEYS)
+
+
+def method_keys(overrides: dict, method_overrides: dict) -> dict:
+    """The keys a comparison trains a method with, over its config file: its overrides, and the method's keys, which
+    win."""
+    return {**overrides, **expand_method(method_overrides)}
 
 
 def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overrides: dict | None = None,
@@ -92,7 +99,7 @@ def compare(out_dir: str | Path, config_path: str | Path = DEFAULT_RECIPE, overr
                        "run": own, "methods": {}}, None
     drift_answers = None
     for name, method_overrides in methods.items():
-        run_dir, keys = out_dir / name, {**overrides, **expand_method(method_overrides)}  # the method's keys win
+        run_dir, keys = out_dir / name, method_keys(overrides, method_overrides)
         wanted = resolved_config(*build_config({**recipe, **keys}))
         if finished_run(run_dir, wanted, defaults):
             print(f"== {name}: reusing the finished run in {run_dir}", flush=True)
@@ -181,7 +188,7 @@ def markdown_table(results: dict) -> str:
         removed = f"{1 - m['forgetting'] / base['forgetting']:.1%}" if base and base["forgetting"] > 0 else "–"
         kept = f"{m['task_score'] / base['task_score']:.1%}" if base and base["task_score"] > 0 else "–"
         deltas = " | ".join(f"{m['probes']['delta'][p]:+.4f}" for p in probe_names)
-        rows.append(f"| {name} | {o['beta']} | {o['kl_on']} | {o.get('task_kl_beta') or '–'} | "  # (older results.json: none)
+        rows.append(f"| {name} | {o['beta']} | {o['kl_on']} | {'–' if o.get('task_kl_beta') is None else o['task_kl_beta']} | "
                     f"{o['kl_direction']} | {o['replay_ratio']} | "
                     f"{o['kl_target'] if o['kl_target'] else '–'} | {o['laplace_lambda'] or '–'} | "
                     f"{m['forgetting']:+.4f} | {m['task_score']:.3f} | {removed} | {kept} | {deltas} | "

@@ -179,6 +179,12 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     return {**values, **given}
 
 
+def embedded_recipe_applies(config_path: str | None, values: dict) -> bool:
+    """Whether `arr train` trains the embedded recipe: with neither a CONFIG.yaml nor sft_data (the bundled task's
+    demo; one's own data gets the defaults --help shows)."""
+    return config_path is None and values.get("sft_data") is None
+
+
 def is_run_record(path: Path) -> bool:
     """Whether `path` is the arr_config.yaml of a run folder (beside its adapter)."""
     return path.name == run_folder.CONFIG and (path.parent / run_folder.ADAPTER_CONFIG).is_file()

@@ -28,14 +28,14 @@ import shutil
 import statistics
 from pathlib import Path
 
-from arr.compare import compare
+from arr.compare import compare, method_keys
 from arr.config import build_config, expand_method, read_config
 from arr.evaluation import EvalArgs
 from arr.plots import draw, draw_front, t_interval
 from arr.keys import DEFAULT_RECIPE
 from arr.train import resolved_config
 from bench.overhead import WORKLOADS
-from experiments.ledger import LEDGERS, Ledger, canonical, run_identity
+from experiments.ledger import LEDGERS, Ledger, run_identity
 from experiments.tasks import SIZES, TASKS
 
 # The headline probes at the sizes of the earlier frontier; the task on its whole frontier split; knowledge_mc at 385
@@ -133,7 +133,7 @@ def unit_key(overrides: dict, method: str, eval_args: EvalArgs, task: str, workl
     """The ledger key of one method's run and evaluation on one (task, workload, seed): the embedded recipe resolved
     with `overrides` and the method's keys, as compare resolves it, and the probes' settings."""
     recipe = read_config(str(DEFAULT_RECIPE), [])
-    resolved = resolved_config(*build_config({**recipe, **overrides, **expand_method(METHODS[method])}))
+    resolved = resolved_config(*build_config({**recipe, **method_keys(overrides, METHODS[method])}))
     return {"experiment": "frontier", "task": task, "workload": workload, "run": run_identity(resolved),
             "eval": run_identity(vars(eval_args))}
 
@@ -163,7 +163,9 @@ def run(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledge
             print(f"==== seed {seed}, task {task}, workload {workload}, {method}", flush=True)
             results = compare(folder(out, task, workload) / f"seed{seed}", overrides=overrides,
                               methods={method: METHODS[method]}, eval_args=eval_args)
-            ledger.add(key, results["methods"][method], method=method)
+            result = results["methods"][method]
+            ledger.add(key, {**result, "probes": {k: v for k, v in result["probes"].items() if k != "base_model"}},
+                       method=method)  # (the base model's path on this machine)
 
 
 def interval(values: list[float]) -> list[float] | None:
@@ -192,11 +194,10 @@ def shares(m: dict, lora: dict) -> dict:
 def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
               workload: str = "embedded") -> dict:
     """frontier.json's content from the units of `ledger` (their task files written into `out`)."""
-    recorded = ledger.entries()
     runs = {}  # (task, seed) -> {method: result}
     for seed, task, overrides, eval_args in units(out.resolve(), seeds, tasks, workload):
         for method in methods:
-            result = recorded.get(canonical(unit_key(overrides, method, eval_args, task, workload)))
+            result = ledger.get(unit_key(overrides, method, eval_args, task, workload))
             if result is not None:
                 runs.setdefault((task, seed), {})[method] = result
     summary = {"tasks": tasks, "seeds": seeds, "workload": workload, "default": shipped_default(),

@@ -39,7 +39,8 @@ from pathlib import Path
 from arr import run_folder
 from arr.cache import write_atomically
 from arr.config import build_config
-from arr.keys import DEFAULT_RECIPE, read_config
+from arr.compare import finished_run
+from arr.keys import DEFAULT_RECIPE, embedded_recipe_applies, read_config
 from arr.plots import t_interval
 from arr.train import resolved_config
 from experiments.frontier import PROBE_SIZES, write_jsonl
@@ -63,9 +64,16 @@ def task_files(out: Path, task: str) -> tuple[str | None, str]:
     return train, test
 
 
+def resolved(keys: dict) -> dict:
+    """The configuration `arr train key=value...` (no CONFIG.yaml) trains with `keys`: the embedded recipe's for the
+    bundled task, the defaults for one's own data."""
+    recipe = read_config(str(DEFAULT_RECIPE), []) if embedded_recipe_applies(None, keys) else {}
+    return resolved_config(*build_config({**recipe, **keys}))
+
+
 def train(run_dir: Path, keys: dict) -> dict:
-    """One `arr train` of the embedded recipe with `keys`, reused when finished."""
-    if not run_folder.is_finished(run_dir):
+    """One `arr train` with `keys`, reused when `run_dir` holds a finished run of the same configuration."""
+    if not finished_run(run_dir, resolved(keys), resolved_config(*build_config({}))):
         args = [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict)) else v}" for k, v in keys.items()]
         proc = subprocess.run([sys.executable, "-m", "arr", "train", *args, f"output_dir={run_dir}",
                                "overwrite_output_dir=true", "eval_after=none", "disable_tqdm=true"],
@@ -94,25 +102,23 @@ def scores(run_dir: Path, tests: list[str], items: int, general: dict | None) ->
     model = load_trained(ModelArguments(), base, run_dir).eval()
     tokenizer = load_tokenizer(str(run_dir))
     row = [task_scores(model, tokenizer, test, items, 16)["task_em"] for test in tests]
-    report = evaluate_adapter(model, tokenizer, EvalArgs(**{**general, "task_items": 0}),
+    report = evaluate_adapter(model, tokenizer, EvalArgs(**general_probes(general)),
                               cache_before=True) if general else None
     text = json.dumps({"settings": settings, "row": row, "report": report})
     write_atomically(saved, lambda tmp: tmp.write_text(text))
     return row, report
 
 
-def stage_identity(keys: dict) -> dict:
-    """What one stage learns, as a ledger key: the embedded recipe resolved with `keys`, less init_adapter (the
-    earlier stages of the same unit name it)."""
-    recipe = read_config(str(DEFAULT_RECIPE), [])
-    return run_identity(resolved_config(*build_config({**recipe, **keys})), leave_out=("init_adapter",))
-
-
 def unit_key(stages: list[dict], tests: list[str], items: int, general: dict) -> dict:
-    """The ledger key of one method's sequence at one seed: its stages' keys (seed included), the held-out files and
-    the probes."""
-    return {"experiment": "sequence", "stages": [stage_identity(keys) for keys in stages],
-            "tests": [content_hash(t) for t in tests], "task_items": items, "general": general}
+    """The ledger key of one method's sequence at one seed: what each stage trains with (seed included; not
+    init_adapter, which the earlier stages of the unit name), the held-out files and the probes."""
+    return {"experiment": "sequence", "stages": [run_identity(resolved(keys), ("init_adapter",)) for keys in stages],
+            "tests": [content_hash(t) for t in tests], "task_items": items, "general": general_probes(general)}
+
+
+def general_probes(general: dict) -> dict:
+    """The probe sizes of the general probes after the last task (the tasks are scored on their own)."""
+    return {**general, "task_items": 0}
 
 
 def lora_steps(results: dict, seed: int) -> int:
@@ -165,9 +171,6 @@ def run_unit(folder: Path, stages: dict, tests: list[str], items: int, general: 
     for i, (name, keys) in enumerate(stages.items()):
         run_dir = folder / name
         metrics = train(run_dir, {**keys, "init_adapter": str(previous) if previous else None})
-        if metrics["global_steps"] != keys.get("max_steps", metrics["global_steps"]):  # a reused run of other steps
-            raise SystemExit(f"{run_dir} holds a finished run of {metrics['global_steps']} steps, not the "
-                             f"{keys['max_steps']} asked: move it aside to retrain it")
         seconds += metrics["train_seconds"]
         steps.append(metrics["global_steps"])
         last = i == len(stages) - 1

@@ -51,10 +51,13 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
 
     monkeypatch.setattr(frontier, "compare", fake_compare)
     ledger, names = Ledger(tmp_path / "ledger.jsonl"), ["lora", "mer_aisteer360_defaults"]
-    frontier.run(tmp_path / "a", [42, 1], ["date"], names, ledger)
-    assert compared == [(42, "lora"), (42, "mer_aisteer360_defaults"), (1, "lora"), (1, "mer_aisteer360_defaults")]
-    frontier.run(tmp_path / "b", [42, 1], ["date"], names, ledger)  # another machine: every unit recorded
-    assert len(compared) == 4
+    frontier.run(tmp_path / "a", [42, 1], ["date", "topic"], names, ledger)
+    assert compared == [(seed, name) for seed in (42, 1) for _ in ("date", "topic") for name in names]
+    # another machine (its task files elsewhere): every unit recorded, the bundled task's and topic's
+    frontier.run(tmp_path / "b", [42, 1], ["date", "topic"], names, ledger)
+    assert len(compared) == 8
+    frontier.run(tmp_path / "b", [42], ["date"], names, ledger, workload="epochs3")  # another workload: new units
+    assert len(compared) == 10
     pooled = summarise(tmp_path / "b", [42, 1], ["date"], names, ledger)["methods"]["mer_aisteer360_defaults"]["pooled"]
     assert pooled["removed"]["mean"] == pytest.approx(0.75) and pooled["removed"]["half_width"] == pytest.approx(0)
     assert pooled["kept"]["mean"] == pytest.approx(1.0)

@@ -33,6 +33,15 @@ def test_joint_trains_as_many_steps_as_loras_whole_sequence():
     assert lora_steps({"lora": {1: {"steps": [24, 75]}}}, 1) == 99
 
 
+def test_a_stage_is_keyed_by_what_arr_train_trains_it_with(tmp_path):
+    """Without a config file, `arr train` takes the embedded recipe for the bundled task alone."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    bundled, own = sequence.resolved({"seed": 1}), sequence.resolved({"seed": 1, "sft_data": str(data)})
+    assert (bundled["learning_rate"], bundled["max_steps"]) == (1e-3, 24)
+    assert (own["learning_rate"], own["max_steps"], own["num_train_epochs"]) == (2e-4, -1, 3.0)
+
+
 def test_units_in_the_ledger_are_read_on_another_machine_and_new_ones_added(tmp_path, monkeypatch):
     """A (method, seed) recorded in the ledger is not run again from another output folder (a new machine), a joint
     run is keyed by LoRA's recorded steps, and other probe sizes are another unit."""
