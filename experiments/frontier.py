@@ -16,8 +16,9 @@ wall time relative to LoRA, and the per-probe deltas (knowledge_mc among them). 
 method whose keys give the shipped configuration (shipped_default). Writes OUTPUT_DIR/frontier.json, frontier.md and
 frontier.png (and copies them to --docs when given). Each evaluated (task, seed, method) is added to the ledger
 (docs/results/ledger/frontier.jsonl, experiments/ledger.py), which the summary reads and the next call skips, on any
-machine; finished runs and evaluations in OUTPUT_DIR are reused too. The `epochs3` workload (3 epochs of each task's
-200 rows instead of the recipe's 24 steps) writes to TASK-epochs3 folders.
+machine; finished runs and evaluations in OUTPUT_DIR are reused too (each TASK/seedN/results.json holds the last
+method compared there, one a call). The `epochs3` workload (3 epochs of each task's 200 rows instead of the recipe's
+24 steps) writes to TASK-epochs3 folders.
 """
 
 from __future__ import annotations
