@@ -1,7 +1,13 @@
-"""experiments/sequence.py's summary: BWT, what a method removes of LoRA's, plasticity, and the JSON shape."""
+"""experiments/sequence.py: its summary (BWT, what a method removes of LoRA's, plasticity, the JSON shape), its ledger
+keys and the reuse of finished stages."""
+
+import json
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
+from arr import run_folder
 from experiments import sequence
 from experiments.ledger import Ledger
 from experiments.sequence import bwt, lora_steps, plot, summarise, table
@@ -63,3 +69,18 @@ def test_units_in_the_ledger_are_read_on_another_machine_and_new_ones_added(tmp_
     assert len(trained) == 2 and len(ledger.path.read_text().splitlines()) == 2
     sequence.run(tmp_path / "b", [1], ["date", "topic"], ["lora"], 5, {"heldout_docs": 8}, ledger)
     assert len(trained) == 3
+
+
+def test_a_stage_folder_is_reused_only_when_it_holds_the_same_configuration(tmp_path, monkeypatch):
+    """A finished run of other keys in a stage's folder is trained again, not recorded under this stage's key."""
+    run_dir, keys = tmp_path / "0_date", {**sequence.METHODS["lora"], "seed": 1, "init_adapter": None}
+    run_dir.mkdir()
+    (run_dir / run_folder.ADAPTER_CONFIG).write_text("{}")
+    (run_dir / run_folder.METRICS).write_text(json.dumps({"global_steps": 24, "train_seconds": 1.0}))
+    (run_dir / run_folder.CONFIG).write_text(yaml.safe_dump(sequence.resolved(keys)))
+    trained = []
+    monkeypatch.setattr(sequence.subprocess, "run", lambda args, **kw: trained.append(args) or
+                        SimpleNamespace(returncode=0, stdout="done", stderr=""))
+    assert sequence.train(run_dir, keys)["global_steps"] == 24 and trained == []
+    sequence.train(run_dir, {**keys, "seed": 2})
+    assert len(trained) == 1 and "seed=2" in trained[0]
