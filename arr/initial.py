@@ -136,8 +136,20 @@ def load_model(args, path: str):
     if quantization is not None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype), quantization_config=quantization,
-                                                device_map=device_map, **kwargs)
+    return one_cpu_path(AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(args.dtype), quantization_config=quantization, device_map=device_map, **kwargs))
+
+
+def one_cpu_path(model):
+    """The model with each bitsandbytes 4-bit layer computing as it does in training, in every mode. On a CPU with
+    AVX512-BF16, bitsandbytes (0.48+) runs a 4-bit layer in eval mode without gradients through a repacked copy of its
+    weights with bfloat16 scales, so π₀ would be one function in the probes, the reference cache and self-replay, and
+    another in training (SmolLM2's logits move 0.5%), and a layer narrower than a quantization block fails there.
+    bitsandbytes has no public switch for it; its layers read this attribute (absent elsewhere: nothing changes)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

@@ -38,7 +38,8 @@ from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
 from .initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_head, is_quantized,
-                      load_model, load_tokenizer, recordable_quantization_keys, save_adapter, with_adapter)
+                      load_model, load_tokenizer, one_cpu_path, recordable_quantization_keys, save_adapter,
+                      with_adapter)
 from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
 from .watch import ForgettingWatch
@@ -253,6 +254,7 @@ class ARRTrainer(Trainer):
             if peft_config is None:
                 raise TypeError("ARRTrainer trains a LoRA adapter: pass a PeftModel or a peft_config")
             model = with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+        one_cpu_path(model)  # (a model quantized by the caller)
         if args.padding_free and not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are partitioned: no forward yet
             check_packing(model)
         return model, processing_class

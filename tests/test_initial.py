@@ -160,6 +160,16 @@ def test_a_4bit_base_computing_in_bf16_is_held_to_bf16s_rounding(llama_dir):
     assert not computes_in_float32(load_model(ModelArguments(dtype="bfloat16"), str(llama_dir)))
 
 
+def test_a_4bit_base_is_one_function_in_eval_mode_and_in_training(llama_dir):
+    """On a CPU with AVX512-BF16, bitsandbytes ran a 4-bit layer in eval mode without gradients through a repacked
+    copy with bfloat16 scales (and failed on a layer narrower than a quantization block, as the tiny model's are):
+    π₀ in the probes and the reference cache was not π₀ in training. (On other CPUs this holds either way.)"""
+    model = load_model(ModelArguments(load_in_4bit=True), str(llama_dir))
+    with torch.no_grad():
+        in_training = model.train()(IDS).logits
+        torch.testing.assert_close(model.eval()(IDS).logits, in_training, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_smollm2_in_4bit_computing_in_bf16_passes_the_packing_and_head_checks():
     """Held to float32's tolerance, SmolLM2's logits moved by 0.4% with a sequence packed before and QLoRA in bf16
