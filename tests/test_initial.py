@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -168,6 +170,13 @@ def test_a_4bit_base_is_one_function_in_eval_mode_and_in_training(llama_dir):
     with torch.no_grad():
         in_training = model.train()(IDS).logits
         torch.testing.assert_close(model.eval()(IDS).logits, in_training, atol=0, rtol=0)
+
+
+def test_importing_bitsandbytes_after_arr_prints_no_warning_of_a_kernel_arr_does_not_use():
+    """(On a CPU with AVX512-BF16 bitsandbytes warns of its repacked path's missing hub kernel; elsewhere it never
+    does.)"""
+    imported = subprocess.run([sys.executable, "-c", "import arr, bitsandbytes"], capture_output=True, text=True)
+    assert imported.returncode == 0 and "gemm_4bit_forward" not in imported.stderr
 
 
 @pytest.mark.slow
