@@ -1,13 +1,6 @@
 """ARR: LoRA fine-tuning that does not forget (Approximate Regularized Replay, Riemer et al. 2025)."""
 
 import importlib
-import logging
-
-# On a CPU with AVX512-BF16, bitsandbytes warns at import that the hub kernel of its repacked 4-bit CPU path is not
-# installed. ARR keeps 4-bit layers off that path (initial.one_cpu_path), so the line, printed by every command that
-# imports peft, would only alarm.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
 
 # Imported on first use (PEP 562), as transformers does: `arr --help` and argument errors never wait for torch.
 _EXPORTS = {"ARRConfig": "config", "DataArguments": "config", "ModelArguments": "config", "ARRError": "errors",

@@ -8,6 +8,7 @@ Bad input of any kind prints one line, `arr: error: ...`, naming the key or the 
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 import traceback
@@ -249,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # transformers deprecated a property that peft still reads on every model it wraps: harmless, and not ours to fix
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # On a CPU with AVX512-BF16, bitsandbytes warns when peft imports it that the hub kernel of its repacked 4-bit CPU
+    # path is not installed: ARR keeps 4-bit layers off that path (initial.one_cpu_path), so the line would only alarm.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
     try:
         return commands[command](rest)
     except KeyboardInterrupt:

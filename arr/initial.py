@@ -29,6 +29,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,15 +142,32 @@ def load_model(args, path: str):
 
 
 def one_cpu_path(model):
-    """The model with each bitsandbytes 4-bit layer computing as it does in training, in every mode. On a CPU with
-    AVX512-BF16, bitsandbytes (0.48+) runs a 4-bit layer in eval mode without gradients through a repacked copy of its
-    weights with bfloat16 scales, so π₀ would be one function in the probes, the reference cache and self-replay, and
-    another in training (SmolLM2's logits move 0.5%), and a layer narrower than a quantization block fails there.
-    bitsandbytes has no public switch for it; its layers read this attribute (absent elsewhere: nothing changes)."""
+    """The model with each bitsandbytes layer computing on CPU as it does in training, in every mode, so that π₀ is
+    one function in training, the reference cache, self-replay and the probes. bitsandbytes has no public switch for
+    either path; its layers read these attributes (absent on other layers: nothing changes).
+    - 4-bit, on a CPU with AVX512-BF16 (bitsandbytes 0.48+): in eval mode without gradients it repacks the weights with
+      bfloat16 scales for good (SmolLM2's logits move 0.5%, with no gradient through the layer after), and fails on a
+      layer narrower than a quantization block. A model already repacked is refused.
+    - 8-bit, on any CPU: training multiplies by the dequantized weights, eval by int8 inputs (0.8% apart)."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise ConfigError("the 4-bit base was run in eval mode without gradients on this CPU before ARR got "
+                                  "it, and bitsandbytes repacked its weights for inference (bfloat16 scales, no "
+                                  "gradients through them): load it again and pass it to ARRTrainer before running it")
             module.support_avx512bf16_for_cpu = False
+        state = getattr(module, "state", None)
+        if type(state).__name__ == "MatmulLtState":
+            state.__class__ = training_path_state(type(state))
     return model
+
+
+@cache
+def training_path_state(state_class: type) -> type:
+    """bitsandbytes' MatmulLtState with `is_training` always true, whatever Linear8bitLt.forward sets from the
+    module's mode: the matmul it picks by that flag on CPU (the flag decides nothing else for a quantized base)."""
+    return type("TrainingPathState", (state_class,), {"is_training": property(lambda self: True,
+                                                                             lambda self, value: None)})
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

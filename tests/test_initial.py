@@ -162,21 +162,43 @@ def test_a_4bit_base_computing_in_bf16_is_held_to_bf16s_rounding(llama_dir):
     assert not computes_in_float32(load_model(ModelArguments(dtype="bfloat16"), str(llama_dir)))
 
 
-def test_a_4bit_base_is_one_function_in_eval_mode_and_in_training(llama_dir):
-    """On a CPU with AVX512-BF16, bitsandbytes ran a 4-bit layer in eval mode without gradients through a repacked
-    copy with bfloat16 scales (and failed on a layer narrower than a quantization block, as the tiny model's are):
-    π₀ in the probes and the reference cache was not π₀ in training. (On other CPUs this holds either way.)"""
-    model = load_model(ModelArguments(load_in_4bit=True), str(llama_dir))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_is_one_function_in_eval_mode_and_in_training(llama_dir, bits):
+    """On CPU bitsandbytes multiplied an 8-bit layer through int8 inputs in eval mode and through its dequantized
+    weights in training; on a CPU with AVX512-BF16 it ran a 4-bit layer in eval mode without gradients through a
+    repacked copy with bfloat16 scales (and failed on a layer narrower than a quantization block, as the tiny
+    model's are): π₀ in the probes and the reference cache was not π₀ in training."""
+    model = load_model(ModelArguments(**{f"load_in_{bits}bit": True}), str(llama_dir))
     with torch.no_grad():
         in_training = model.train()(IDS).logits
         torch.testing.assert_close(model.eval()(IDS).logits, in_training, atol=0, rtol=0)
 
 
-def test_importing_bitsandbytes_after_arr_prints_no_warning_of_a_kernel_arr_does_not_use():
-    """(On a CPU with AVX512-BF16 bitsandbytes warns of its repacked path's missing hub kernel; elsewhere it never
-    does.)"""
-    imported = subprocess.run([sys.executable, "-c", "import arr, bitsandbytes"], capture_output=True, text=True)
-    assert imported.returncode == 0 and "gemm_4bit_forward" not in imported.stderr
+def test_a_4bit_base_repacked_for_inference_before_arr_got_it_is_refused(tmp_path, tokenizer):
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import BitsAndBytesConfig
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit layers only on a CPU with AVX512-BF16")
+    wide = tiny_model("llama", len(tokenizer))  # layers as wide as a quantization block (64), which it can repack
+    wide.config.hidden_size, wide.config.intermediate_size, wide.config.head_dim = 128, 256, 32
+    AutoModelForCausalLM.from_config(wide.config).save_pretrained(tmp_path / "wide")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "wide", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    assert all(hasattr(m, "support_avx512bf16_for_cpu") for m in base.modules() if type(m).__name__ == "Linear4bit")
+    with torch.no_grad():
+        base.eval()(IDS)
+    with pytest.raises(ConfigError, match="bitsandbytes repacked its weights for inference"):
+        ARRTrainer(base, ARRConfig(output_dir=str(tmp_path / "run"), report_to=[]), train_dataset=sft_records(8),
+                   processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+
+
+def test_an_arr_command_prints_no_warning_of_a_bitsandbytes_kernel_arr_does_not_use():
+    """(On a CPU with AVX512-BF16 bitsandbytes warns at import of its repacked path's missing hub kernel; elsewhere
+    it never does.) The command fails before it imports bitsandbytes, which is then imported under its filters."""
+    code = "from arr.cli import main; main(['eval', 'no-such-run']); import bitsandbytes"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "no-such-run" in imported.stderr and "gemm_4bit_forward" not in imported.stderr
 
 
 @pytest.mark.slow
