@@ -37,7 +37,7 @@ from arr.keys import DEFAULT_RECIPE
 from arr.train import resolved_config
 from bench.overhead import WORKLOADS
 from experiments.ledger import LEDGERS, Ledger, run_identity
-from experiments.tasks import SIZES, TASKS
+from experiments.tasks import SIZES, TASKS, write_jsonl
 
 # The headline probes at the sizes of the earlier frontier; the task on its whole frontier split; knowledge_mc at 385
 # items, a 95% half-width of at most 5 points on its score whatever the score (1.96 * sqrt(0.5 * 0.5 / 385) = 0.050;
@@ -118,12 +118,6 @@ def shipped_default(recipe: Path = DEFAULT_RECIPE) -> str | None:
     matches = [name for name, m in METHODS.items()
                if all(resolved_config(*build_config({**base, **m}))[k] == shipped[k] for k in keys)]
     return matches[0] if len(matches) == 1 else None
-
-
-def write_jsonl(path: Path, records: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def folder(out: Path, task: str, workload: str) -> Path:

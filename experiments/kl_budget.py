@@ -23,7 +23,7 @@ from arr.evaluation import EvalArgs
 # skipped (size 0) to fit nine runs in the time.
 PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens=24, knowledge_items=0, mmlu_items=0,
                    task_items=50)
-from experiments.tasks import TASKS
+from experiments.tasks import TASKS, write_jsonl
 # ARR as it was when this experiment was run (its published table was made with it): KL everywhere, Wikipedia replay
 # (CE and KL) at 0.125.
 _THEN = {"kl_on": "all", "kl_mask_target": False, "replay_data": None, "replay_weight": 1.0,
@@ -33,12 +33,6 @@ METHODS = {
     "arr_beta1": {"method": "arr", **_THEN},
     "arr_kl0.1": {"method": "arr_adaptive", "kl_target": 0.1, **_THEN},
 }
-
-
-def write_jsonl(path: Path, records: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def main(out: Path, tasks: list[str]) -> dict:

@@ -43,9 +43,9 @@ from arr.compare import finished_run
 from arr.keys import DEFAULT_RECIPE, embedded_recipe_applies, read_config
 from arr.plots import t_interval
 from arr.train import resolved_config
-from experiments.frontier import PROBE_SIZES, write_jsonl
+from experiments.frontier import PROBE_SIZES
 from experiments.ledger import LEDGERS, Ledger, content_hash, run_identity
-from experiments.tasks import TASKS
+from experiments.tasks import TASKS, write_jsonl
 
 _LORA = {"method": "lora", "ref_cache": "none", "replay_data": None}
 METHODS = {

@@ -17,12 +17,27 @@ train split has always drawn them; a word list says nothing of a title's descrip
 
 from __future__ import annotations
 
+import json
+import os
 import random
+from pathlib import Path
 
 from arr import resources
 
 SIZES = {"train": 200, "test": 100, "frontier": 300}  # frontier starts where test does
 EXAMPLES = SIZES["train"] + SIZES["frontier"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    """`records` as JSON lines at `path`, its path returned. An unchanged file is left alone and a changed one is
+    replaced whole, so sweeps running side by side never read one half-written."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)
+    return str(path)
 
 
 def _split_task(examples: list[dict], split: str) -> list[dict]:
