@@ -214,7 +214,7 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
                           for p in pairs[0][1]["probes"]["delta"]}}
             for seed, _, sh in pairs:
                 by_seed.setdefault(seed, []).append(sh)
-        complete = [v for v in by_seed.values() if len(v) == len(per_task)]  # seeds that ran every task
+        complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
         pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
                   for k in SHARES if complete and complete[0][0][k] is not None}
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),

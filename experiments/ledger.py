@@ -64,18 +64,23 @@ def matches(recorded, wanted) -> bool:
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._parsed: tuple[tuple[int, int], list[dict]] | None = None  # (the file's mtime and size, its units)
 
     def entries(self) -> list[dict]:
-        """Every unit, oldest first; a line cut short by a crash is left out (its unit runs again)."""
+        """Every unit, oldest first; a line cut short by a crash is left out (its unit runs again). Parsed again only
+        when the file has changed: a summary looks up every unit of a sweep."""
         if not self.path.is_file():
             return []
-        units = []
-        for line in self.path.read_text().splitlines():
-            try:
-                units.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return units
+        stat = self.path.stat()
+        if self._parsed is None or self._parsed[0] != (stat.st_mtime_ns, stat.st_size):
+            units = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    units.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            self._parsed = (stat.st_mtime_ns, stat.st_size), units
+        return self._parsed[1]
 
     def get(self, key: dict) -> dict | None:
         """The result of the last unit whose key matches `key`, or None."""

@@ -65,6 +65,9 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     assert pooled["kept"]["half_width"] == pytest.approx(12.706 * 0.1, rel=1e-3)
     assert pooled["nll_kept"]["mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert pooled["knowledge_delta"]["mean"] == pytest.approx(-0.01)
+    # pooled over tasks means over every task asked for: a task no seed ran leaves nothing pooled
+    partial = summarise(tmp_path / "b", [42, 1], ["date", "topic", "reverse"], names, ledger)["methods"]["lora"]
+    assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
 
 
 # sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
