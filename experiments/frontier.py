@@ -183,7 +183,8 @@ def shares(m: dict, lora: dict) -> dict:
     before, after, lora_after = m["probes"]["before"], m["probes"]["after"], lora["probes"]["after"]
     return {"removed": 1 - m["forgetting"] / lora["forgetting"], "kept": m["task_score"] / lora["task_score"],
             "nll_kept": (before["task_nll"] - after["task_nll"]) / (before["task_nll"] - lora_after["task_nll"]),
-            "knowledge_delta": m["probes"]["delta"].get("knowledge_mc")}
+            "knowledge_delta": m["probes"]["delta"].get("knowledge_mc"),
+            "task_score": m["task_score"], "lora_task_score": lora["task_score"]}
 
 
 def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
@@ -217,6 +218,9 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
         complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
         pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
                   for k in SHARES if complete and complete[0][0][k] is not None}
+        if complete:  # EM summed over the tasks, then kept: a task where LoRA scores near 0 cannot dominate it
+            pooled["kept_of_sums"] = stats([sum(sh["task_score"] for sh in v) / sum(sh["lora_task_score"] for sh in v)
+                                            for v in complete])
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),
                                     "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
     return summary
@@ -233,18 +237,20 @@ def table(summary: dict) -> str:
 
     rows = [f"Workload {summary['workload']}; shipped default: {summary['default']}. Shares of plain LoRA's, mean "
             "over seeds [95% t interval] ±half-width, in points; pooled: the mean over tasks per seed, over the seeds "
-            "that ran every task.", "",
-            "| method | task | seeds | forgetting ↓ | task EM ↑ | removed | kept (EM) | task-NLL gain kept | "
-            "Δ knowledge_mc (points) | wall × LoRA |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "that ran every task; kept of sums: the tasks' EM summed per seed, over LoRA's sum.", "",
+            "| method | task | seeds | forgetting ↓ | task EM ↑ | removed | kept (EM) | kept of sums (EM) | "
+            "task-NLL gain kept | Δ knowledge_mc (points) | wall × LoRA |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         for task, t in m["per_task"].items():
             rows.append(f"| {name} | {task} | {len(t['seeds'])} | {t['forgetting']:+.4f} | {t['task_score']:.3f} | "
-                        f"{pct(t.get('removed'))} | {pct(t.get('kept'))} | {pct(t.get('nll_kept'))} | "
+                        f"{pct(t.get('removed'))} | {pct(t.get('kept'))} | | {pct(t.get('nll_kept'))} | "
                         f"{pct(t.get('knowledge_delta'), True)} | |")
         p = m["pooled"]
         wall = "–" if m["wall_ratio"] is None else f"{m['wall_ratio']:.2f}"
         rows.append(f"| **{name}** | **pooled** | {m['pooled_seeds']} | | | {pct(p.get('removed'))} | "
-                    f"{pct(p.get('kept'))} | {pct(p.get('nll_kept'))} | {pct(p.get('knowledge_delta'), True)} | "
+                    f"{pct(p.get('kept'))} | {pct(p.get('kept_of_sums'))} | {pct(p.get('nll_kept'))} | "
+                    f"{pct(p.get('knowledge_delta'), True)} | "
                     f"{wall} |")
     probes = sorted({p for m in summary["methods"].values() for t in m["per_task"].values() for p in t["delta"]})
     rows += ["", "Per-probe deltas (after − before, mean over seeds):", "",

@@ -47,7 +47,9 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
         (name,) = methods
         compared.append((overrides["seed"], name))
         em = {42: 0.45, 1: 0.55}[overrides["seed"]]
-        return {"methods": {name: method(0.2, 0.5, 1.0, -0.04) if name == "lora" else method(0.05, em, 1.5, -0.01)}}
+        lora_em = 0.1 if "sft_data" in overrides else 0.5  # topic, where LoRA scores low; date
+        return {"methods": {name: method(0.2, lora_em, 1.0, -0.04) if name == "lora"
+                            else method(0.05, em, 1.5, -0.01)}}
 
     monkeypatch.setattr(frontier, "compare", fake_compare)
     ledger, names = Ledger(tmp_path / "ledger.jsonl"), ["lora", "mer_aisteer360_defaults"]
@@ -65,6 +67,10 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     assert pooled["kept"]["half_width"] == pytest.approx(12.706 * 0.1, rel=1e-3)
     assert pooled["nll_kept"]["mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert pooled["knowledge_delta"]["mean"] == pytest.approx(-0.01)
+    # kept per task is 0.9 and 4.5 at seed 42, 1.1 and 5.5 at seed 1; of the EM summed over tasks, 0.9 / 0.6 and 1.1 / 0.6
+    both = summarise(tmp_path / "b", [42, 1], ["date", "topic"], names, ledger)["methods"]["mer_aisteer360_defaults"]
+    assert both["pooled"]["kept"]["mean"] == pytest.approx(3.0)
+    assert both["pooled"]["kept_of_sums"]["mean"] == pytest.approx((0.9 + 1.1) / 0.6 / 2)
     # pooled over tasks means over every task asked for: a task no seed ran leaves nothing pooled
     partial = summarise(tmp_path / "b", [42, 1], ["date", "topic", "reverse"], names, ledger)["methods"]["lora"]
     assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
