@@ -184,6 +184,7 @@ def shares(m: dict, lora: dict) -> dict:
     return {"removed": 1 - m["forgetting"] / lora["forgetting"], "kept": m["task_score"] / lora["task_score"],
             "nll_kept": (before["task_nll"] - after["task_nll"]) / (before["task_nll"] - lora_after["task_nll"]),
             "knowledge_delta": m["probes"]["delta"].get("knowledge_mc"),
+            "forgetting": m["forgetting"], "lora_forgetting": lora["forgetting"],
             "task_score": m["task_score"], "lora_task_score": lora["task_score"]}
 
 
@@ -218,9 +219,12 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
         complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
         pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
                   for k in SHARES if complete and complete[0][0][k] is not None}
-        if complete:  # EM summed over the tasks, then kept: a task where LoRA scores near 0 cannot dominate it
-            pooled["kept_of_sums"] = stats([sum(sh["task_score"] for sh in v) / sum(sh["lora_task_score"] for sh in v)
-                                            for v in complete])
+        if complete:  # summed over the tasks, then shared: a task where LoRA forgets or scores little cannot dominate
+            def of_sums(per_task: list[dict], key: str) -> float:
+                return sum(sh[key] for sh in per_task) / sum(sh[f"lora_{key}"] for sh in per_task)
+
+            pooled["removed_of_sums"] = stats([1 - of_sums(v, "forgetting") for v in complete])
+            pooled["kept_of_sums"] = stats([of_sums(v, "task_score") for v in complete])
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),
                                     "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
     return summary
@@ -237,21 +241,20 @@ def table(summary: dict) -> str:
 
     rows = [f"Workload {summary['workload']}; shipped default: {summary['default']}. Shares of plain LoRA's, mean "
             "over seeds [95% t interval] ±half-width, in points; pooled: the mean over tasks per seed, over the seeds "
-            "that ran every task; kept of sums: the tasks' EM summed per seed, over LoRA's sum.", "",
-            "| method | task | seeds | forgetting ↓ | task EM ↑ | removed | kept (EM) | kept of sums (EM) | "
-            "task-NLL gain kept | Δ knowledge_mc (points) | wall × LoRA |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "that ran every task; of sums: the tasks' forgetting or EM summed per seed, against LoRA's sum.", "",
+            "| method | task | seeds | forgetting ↓ | task EM ↑ | removed | removed of sums | kept (EM) | "
+            "kept of sums (EM) | task-NLL gain kept | Δ knowledge_mc (points) | wall × LoRA |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         for task, t in m["per_task"].items():
             rows.append(f"| {name} | {task} | {len(t['seeds'])} | {t['forgetting']:+.4f} | {t['task_score']:.3f} | "
-                        f"{pct(t.get('removed'))} | {pct(t.get('kept'))} | | {pct(t.get('nll_kept'))} | "
+                        f"{pct(t.get('removed'))} | | {pct(t.get('kept'))} | | {pct(t.get('nll_kept'))} | "
                         f"{pct(t.get('knowledge_delta'), True)} | |")
         p = m["pooled"]
         wall = "–" if m["wall_ratio"] is None else f"{m['wall_ratio']:.2f}"
         rows.append(f"| **{name}** | **pooled** | {m['pooled_seeds']} | | | {pct(p.get('removed'))} | "
-                    f"{pct(p.get('kept'))} | {pct(p.get('kept_of_sums'))} | {pct(p.get('nll_kept'))} | "
-                    f"{pct(p.get('knowledge_delta'), True)} | "
-                    f"{wall} |")
+                    f"{pct(p.get('removed_of_sums'))} | {pct(p.get('kept'))} | {pct(p.get('kept_of_sums'))} | "
+                    f"{pct(p.get('nll_kept'))} | {pct(p.get('knowledge_delta'), True)} | {wall} |")
     probes = sorted({p for m in summary["methods"].values() for t in m["per_task"].values() for p in t["delta"]})
     rows += ["", "Per-probe deltas (after − before, mean over seeds):", "",
              "| method | task | " + " | ".join(f"Δ {p}" for p in probes) + " |", "|---|---|" + "---:|" * len(probes)]

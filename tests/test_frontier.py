@@ -67,10 +67,11 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     assert pooled["kept"]["half_width"] == pytest.approx(12.706 * 0.1, rel=1e-3)
     assert pooled["nll_kept"]["mean"] == pytest.approx(0.5)  # (2.0 - 1.5) / (2.0 - 1.0)
     assert pooled["knowledge_delta"]["mean"] == pytest.approx(-0.01)
-    # kept per task is 0.9 and 4.5 at seed 42, 1.1 and 5.5 at seed 1; of the EM summed over tasks, 0.9 / 0.6 and 1.1 / 0.6
+    # kept per task: 0.9 and 4.5 at seed 42, 1.1 and 5.5 at seed 1; of the EM summed: 0.9 / 0.6 and 1.1 / 0.6
     both = summarise(tmp_path / "b", [42, 1], ["date", "topic"], names, ledger)["methods"]["mer_aisteer360_defaults"]
     assert both["pooled"]["kept"]["mean"] == pytest.approx(3.0)
     assert both["pooled"]["kept_of_sums"]["mean"] == pytest.approx((0.9 + 1.1) / 0.6 / 2)
+    assert both["pooled"]["removed_of_sums"]["mean"] == pytest.approx(1 - 0.1 / 0.4)
     # pooled over tasks means over every task asked for: a task no seed ran leaves nothing pooled
     partial = summarise(tmp_path / "b", [42, 1], ["date", "topic", "reverse"], names, ledger)["methods"]["lora"]
     assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
