@@ -11,7 +11,8 @@ pinned so that a change of the shipped defaults does not change what a name mean
 `frontier` split (300 held-out items). Then, against plain LoRA at the same task, workload and seed: forgetting
 removed = 1 - F / F_lora, task score kept = EM / EM_lora (exact match) and task NLL gain kept = (NLL_before - NLL) /
 (NLL_before - NLL_lora) (the held-out answers' NLL, continuous), averaged over seeds with a 95% t interval and its
-half-width, per task and pooled (the mean over tasks, per seed, then over the seeds that ran every task), the train
+half-width, per task and pooled (the mean over tasks, per seed, then over the seeds that ran every task; beside it
+removed and kept of the forgetting and the EM summed over tasks, where no one task dominates), the train
 wall time relative to LoRA, and the per-probe deltas (knowledge_mc among them). `default` in frontier.json is the
 method whose keys give the shipped configuration (shipped_default). Writes OUTPUT_DIR/frontier.json, frontier.md and
 frontier.png (and copies them to --docs when given). Each evaluated (task, seed, method) is added to the ledger
@@ -175,7 +176,8 @@ def stats(values: list[float]) -> dict:
             "n": len(values)}
 
 
-# What each (task, seed) pair gives against plain LoRA's run of the same pair: the shares of the headline.
+# What each (task, seed) pair gives against plain LoRA's run of the same pair: the shares of the headline (and, for
+# the pooled shares of sums, the method's and LoRA's forgetting and task score themselves).
 SHARES = ("removed", "kept", "nll_kept", "knowledge_delta")
 
 
@@ -188,9 +190,16 @@ def shares(m: dict, lora: dict) -> dict:
             "task_score": m["task_score"], "lora_task_score": lora["task_score"]}
 
 
+def of_sums(one_seed: list[dict], key: str) -> float:
+    """The method's `key` summed over one seed's tasks (their shares() dicts), over LoRA's sum: a task where LoRA
+    forgets or scores little counts for little, where in the mean of the per-task shares it can dominate."""
+    return sum(sh[key] for sh in one_seed) / sum(sh[f"lora_{key}"] for sh in one_seed)
+
+
 def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
               workload: str = "embedded") -> dict:
     """frontier.json's content from the units of `ledger` (their task files written into `out`)."""
+    tasks = list(dict.fromkeys(tasks))  # a task named twice would count twice in the pooled means
     runs = {}  # (task, seed) -> {method: result}
     for seed, task, overrides, eval_args in units(out.resolve(), seeds, tasks, workload):
         for method in methods:
@@ -219,10 +228,7 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
         complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
         pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
                   for k in SHARES if complete and complete[0][0][k] is not None}
-        if complete:  # summed over the tasks, then shared: a task where LoRA forgets or scores little cannot dominate
-            def of_sums(per_task: list[dict], key: str) -> float:
-                return sum(sh[key] for sh in per_task) / sum(sh[f"lora_{key}"] for sh in per_task)
-
+        if complete:
             pooled["removed_of_sums"] = stats([1 - of_sums(v, "forgetting") for v in complete])
             pooled["kept_of_sums"] = stats([of_sums(v, "task_score") for v in complete])
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),

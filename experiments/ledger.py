@@ -12,6 +12,7 @@ key wins: two sweeps running the same unit at once both run it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -64,28 +65,34 @@ def matches(recorded, wanted) -> bool:
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._parsed: tuple[tuple[int, int], list[dict]] | None = None  # (the file's mtime and size, its units)
+        self._parsed: tuple[tuple[int, int, int], list[dict]] | None = None  # (the file's version, its units)
 
     def entries(self) -> list[dict]:
-        """Every unit, oldest first; a line cut short by a crash is left out (its unit runs again). Parsed again only
-        when the file has changed: a summary looks up every unit of a sweep."""
+        """Every unit, oldest first; a line cut short by a crash is left out (its unit runs again)."""
+        return copy.deepcopy(self._units())
+
+    def get(self, key: dict) -> dict | None:
+        """The result of the last unit whose key matches `key`, or None."""
+        wanted = json.loads(json.dumps(key))  # as it would read back: tuples are lists
+        found = next((e["result"] for e in reversed(self._units()) if matches(e["key"], wanted)), None)
+        return copy.deepcopy(found)
+
+    def _units(self) -> list[dict]:
+        """The file's units, parsed again only when it has changed (a summary looks up every unit of a sweep);
+        shared between calls, so only copies leave the class."""
         if not self.path.is_file():
             return []
         stat = self.path.stat()
-        if self._parsed is None or self._parsed[0] != (stat.st_mtime_ns, stat.st_size):
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._parsed is None or self._parsed[0] != version:
             units = []
             for line in self.path.read_text().splitlines():
                 try:
                     units.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue
-            self._parsed = (stat.st_mtime_ns, stat.st_size), units
+            self._parsed = version, units
         return self._parsed[1]
-
-    def get(self, key: dict) -> dict | None:
-        """The result of the last unit whose key matches `key`, or None."""
-        wanted = json.loads(json.dumps(key))  # as it would read back: tuples are lists
-        return next((e["result"] for e in reversed(self.entries()) if matches(e["key"], wanted)), None)
 
     def add(self, key: dict, result: dict, **provenance) -> None:
         """Append one unit, as whole writes to a file opened O_APPEND: two sweeps adding to the same ledger at once

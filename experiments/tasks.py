@@ -18,11 +18,11 @@ train split has always drawn them; a word list says nothing of a title's descrip
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 from arr import resources
+from arr.cache import write_atomically
 
 SIZES = {"train": 200, "test": 100, "frontier": 300}  # frontier starts where test does
 EXAMPLES = SIZES["train"] + SIZES["frontier"]
@@ -32,11 +32,8 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     """`records` as JSON lines at `path`, its path returned. An unchanged file is left alone and a changed one is
     replaced whole, so sweeps running side by side never read one half-written."""
     text = "".join(json.dumps(r) + "\n" for r in records)
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(text)
-        os.replace(partial, path)
+    if not path.is_file() or path.read_text() != text:
+        write_atomically(path, lambda tmp: tmp.write_text(text))
     return str(path)
 
 

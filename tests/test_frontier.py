@@ -14,7 +14,7 @@ from arr.train import resolved_config
 from experiments import frontier
 from experiments.frontier import METHODS, shipped_default, summarise
 from experiments.ledger import Ledger
-from experiments.tasks import TASKS
+from experiments.tasks import TASKS, write_jsonl
 
 
 def test_the_named_default_is_the_shipped_configuration_key_for_key():
@@ -47,8 +47,9 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
         (name,) = methods
         compared.append((overrides["seed"], name))
         em = {42: 0.45, 1: 0.55}[overrides["seed"]]
-        lora_em = 0.1 if "sft_data" in overrides else 0.5  # topic, where LoRA scores low; date
-        return {"methods": {name: method(0.2, lora_em, 1.0, -0.04) if name == "lora"
+        topic = "sft_data" in overrides  # where LoRA forgets and scores less than on date
+        lora_forgetting, lora_em = (0.1, 0.1) if topic else (0.2, 0.5)
+        return {"methods": {name: method(lora_forgetting, lora_em, 1.0, -0.04) if name == "lora"
                             else method(0.05, em, 1.5, -0.01)}}
 
     monkeypatch.setattr(frontier, "compare", fake_compare)
@@ -71,7 +72,12 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     both = summarise(tmp_path / "b", [42, 1], ["date", "topic"], names, ledger)["methods"]["mer_aisteer360_defaults"]
     assert both["pooled"]["kept"]["mean"] == pytest.approx(3.0)
     assert both["pooled"]["kept_of_sums"]["mean"] == pytest.approx((0.9 + 1.1) / 0.6 / 2)
-    assert both["pooled"]["removed_of_sums"]["mean"] == pytest.approx(1 - 0.1 / 0.4)
+    # removed per task: 1 - 0.05 / 0.2 and 1 - 0.05 / 0.1; of the forgetting summed: 1 - 0.1 / 0.3
+    assert both["pooled"]["removed"]["mean"] == pytest.approx((0.75 + 0.5) / 2)
+    assert both["pooled"]["removed_of_sums"]["mean"] == pytest.approx(1 - 0.1 / 0.3)
+    shares_table = frontier.table(summarise(tmp_path / "b", [42, 1], ["date", "topic"], names, ledger))
+    rows = [r for r in shares_table.split("Per-probe")[0].splitlines() if r.startswith("|")]
+    assert len(rows) == 2 + 2 * 3 and {r.count("|") for r in rows} == {rows[0].count("|")}  # every row every column
     # pooled over tasks means over every task asked for: a task no seed ran leaves nothing pooled
     partial = summarise(tmp_path / "b", [42, 1], ["date", "topic", "reverse"], names, ledger)["methods"]["lora"]
     assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
@@ -94,3 +100,14 @@ def test_frontier_split_extends_test_never_meets_train_and_leaves_both_as_they_w
     if task in ("topic", "catalogue"):  # articles of the replay split only: no probe's held-out title
         assert not any(is_heldout_title(t) for t in re.findall(r'"([^"]+)"|Title: ([^\n]+)', "\n".join(
             r["messages"][0]["content"] for r in frontier)) for t in t if t)
+
+
+def test_a_task_file_is_rewritten_only_when_it_changes_and_then_whole(tmp_path):
+    path = tmp_path / "task" / "train.jsonl"
+    write_jsonl(path, [{"a": 1}])
+    first = path.stat()
+    write_jsonl(path, [{"a": 1}])
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    write_jsonl(path, [{"a": 2}])
+    assert path.read_text() == '{"a": 2}\n' and path.stat().st_ino != first.st_ino  # renamed into place
+    assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]

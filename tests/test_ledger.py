@@ -37,3 +37,17 @@ def test_a_field_added_since_matches_at_its_default_and_a_cut_line_is_skipped(tm
     assert ledger.get({"run": {"seed": 2}}) is None
     ledger.add({"run": {"seed": 2}}, {"forgetting": 0.2})
     assert ledger.get({"run": {"seed": 2}}) == {"forgetting": 0.2} and len(ledger.entries()) == 2
+
+
+def test_a_read_follows_the_file_and_a_caller_cannot_change_what_it_holds(tmp_path):
+    ledger, other = Ledger(tmp_path / "units.jsonl"), Ledger(tmp_path / "units.jsonl")
+    ledger.add({"run": {"seed": 1}}, {"forgetting": 0.1})
+    ledger.get({"run": {"seed": 1}})["forgetting"] = 9.0
+    ledger.entries()[0]["result"]["forgetting"] = 9.0
+    assert ledger.get({"run": {"seed": 1}}) == {"forgetting": 0.1}
+    other.add({"run": {"seed": 2}}, {"forgetting": 0.2})  # another sweep's line
+    assert ledger.get({"run": {"seed": 2}}) == {"forgetting": 0.2}
+    replaced = tmp_path / "replaced.jsonl"  # a file of the same size put in its place (a git checkout)
+    replaced.write_text(ledger.path.read_text().replace("0.1", "0.3"))
+    replaced.replace(ledger.path)
+    assert ledger.get({"run": {"seed": 1}}) == {"forgetting": 0.3}
