@@ -181,19 +181,31 @@ def stats(values: list[float]) -> dict:
 SHARES = ("removed", "kept", "nll_kept", "knowledge_delta")
 
 
+def ratio(value: float, lora_value: float) -> float | None:
+    """value over LoRA's; None where LoRA's is 0 (a pair where LoRA forgot or scored nothing has no share)."""
+    return value / lora_value if lora_value else None
+
+
 def shares(m: dict, lora: dict) -> dict:
     before, after, lora_after = m["probes"]["before"], m["probes"]["after"], lora["probes"]["after"]
-    return {"removed": 1 - m["forgetting"] / lora["forgetting"], "kept": m["task_score"] / lora["task_score"],
-            "nll_kept": (before["task_nll"] - after["task_nll"]) / (before["task_nll"] - lora_after["task_nll"]),
+    left = ratio(m["forgetting"], lora["forgetting"])
+    return {"removed": None if left is None else 1 - left, "kept": ratio(m["task_score"], lora["task_score"]),
+            "nll_kept": ratio(before["task_nll"] - after["task_nll"], before["task_nll"] - lora_after["task_nll"]),
             "knowledge_delta": m["probes"]["delta"].get("knowledge_mc"),
             "forgetting": m["forgetting"], "lora_forgetting": lora["forgetting"],
             "task_score": m["task_score"], "lora_task_score": lora["task_score"]}
 
 
-def of_sums(one_seed: list[dict], key: str) -> float:
+def of_sums(one_seed: list[dict], key: str) -> float | None:
     """The method's `key` summed over one seed's tasks (their shares() dicts), over LoRA's sum: a task where LoRA
     forgets or scores little counts for little, where in the mean of the per-task shares it can dominate."""
-    return sum(sh[key] for sh in one_seed) / sum(sh[f"lora_{key}"] for sh in one_seed)
+    return ratio(sum(sh[key] for sh in one_seed), sum(sh[f"lora_{key}"] for sh in one_seed))
+
+
+def defined_stats(values: list[float | None]) -> dict | None:
+    """stats() of the values that are defined (a share is not where LoRA's figure is 0), None if none is."""
+    values = [v for v in values if v is not None]
+    return stats(values) if values else None
 
 
 def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str], ledger: Ledger,
@@ -217,7 +229,7 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
                 continue
             walls += [m["train_seconds"] / runs[task, seed]["lora"]["train_seconds"] for seed, m, _ in pairs]
             per_task[task] = {
-                **{k: stats([sh[k] for _, _, sh in pairs]) for k in SHARES if pairs[0][2][k] is not None},
+                **{k: figure for k in SHARES if (figure := defined_stats([sh[k] for _, _, sh in pairs]))},
                 "seeds": [seed for seed, _, _ in pairs],
                 "forgetting": statistics.mean(m["forgetting"] for _, m, _ in pairs),
                 "task_score": statistics.mean(m["task_score"] for _, m, _ in pairs),
@@ -226,11 +238,12 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
             for seed, _, sh in pairs:
                 by_seed.setdefault(seed, []).append(sh)
         complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
-        pooled = {k: stats([statistics.mean(sh[k] for sh in v) for v in complete])
-                  for k in SHARES if complete and complete[0][0][k] is not None}
-        if complete:
-            pooled["removed_of_sums"] = stats([1 - of_sums(v, "forgetting") for v in complete])
-            pooled["kept_of_sums"] = stats([of_sums(v, "task_score") for v in complete])
+        per_seed = {k: [None if any(sh[k] is None for sh in v) else statistics.mean(sh[k] for sh in v)
+                        for v in complete] for k in SHARES}
+        per_seed["removed_of_sums"] = [None if (left := of_sums(v, "forgetting")) is None else 1 - left
+                                       for v in complete]
+        per_seed["kept_of_sums"] = [of_sums(v, "task_score") for v in complete]
+        pooled = {k: figure for k, values in per_seed.items() if (figure := defined_stats(values))}
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),
                                     "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
     return summary
@@ -288,7 +301,7 @@ def plot(summary: dict, path: Path) -> None:
         for i, name in enumerate(names):
             m = summary["methods"][name]
             t = m["pooled"] if panel == "pooled" else m["per_task"].get(panel)
-            if not t or "removed" not in t:
+            if not t or "removed" not in t or "kept" not in t:
                 continue
             removed, kept = t["removed"], t["kept"]
             x, y = 100 * removed["mean"], 100 * kept["mean"]

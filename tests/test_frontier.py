@@ -83,6 +83,27 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
 
 
+
+def test_a_pair_where_lora_scored_nothing_has_no_kept_share_and_the_summary_goes_on(tmp_path, monkeypatch):
+    def fake_compare(out, overrides, methods, eval_args):  # LoRA's task EM is 0 at seed 1
+        (name,) = methods
+        lora_em = {42: 0.5, 1: 0.0}[overrides["seed"]]
+        em, forgetting = (lora_em, 0.2) if name == "lora" else (0.25, 0.05)
+        return {"methods": {name: {"forgetting": forgetting, "task_score": em, "train_seconds": 10.0,
+                                   "probes": {"before": {"task_nll": 2.0}, "after": {"task_nll": 1.0},
+                                              "delta": {}}}}}
+
+    monkeypatch.setattr(frontier, "compare", fake_compare)
+    ledger, names = Ledger(tmp_path / "ledger.jsonl"), ["lora", "mer_aisteer360_defaults"]
+    frontier.run(tmp_path, [42, 1], ["date"], names, ledger)
+    summary = summarise(tmp_path, [42, 1], ["date"], names, ledger)
+    mer = summary["methods"]["mer_aisteer360_defaults"]
+    assert mer["per_task"]["date"]["removed"]["n"] == 2 and mer["per_task"]["date"]["kept"]["n"] == 1
+    assert mer["pooled"]["kept"] == {"mean": pytest.approx(0.5), "ci": None, "half_width": None, "n": 1}
+    assert mer["pooled"]["kept_of_sums"]["n"] == 1 and mer["pooled"]["removed"]["mean"] == pytest.approx(0.75)
+    assert "knowledge_delta" not in mer["pooled"]  # the probe was off: no share, not a crash
+    assert "| mer_aisteer360_defaults | date | 2 |" in frontier.table(summary)
+
 # sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
 # training runs of every frontier stay the same runs
 SPLITS_BEFORE = {"date": "f2ff5a1b57554673", "topic": "a87daf447a42cd4f", "reverse": "f4ecc8d3143a61d3",
