@@ -12,7 +12,8 @@ pinned so that a change of the shipped defaults does not change what a name mean
 removed = 1 - F / F_lora, task score kept = EM / EM_lora (exact match) and task NLL gain kept = (NLL_before - NLL) /
 (NLL_before - NLL_lora) (the held-out answers' NLL, continuous), averaged over seeds with a 95% t interval and its
 half-width, per task and pooled (the mean over tasks, per seed, then over the seeds that ran every task; beside it
-removed and kept of the forgetting and the EM summed over tasks, where no one task dominates), the train
+removed and kept of the forgetting and the EM summed over tasks, where no one task dominates; a share is undefined
+where LoRA's figure is not above 0, and a pooled mean leaves out a seed with an undefined share), the train
 wall time relative to LoRA, and the per-probe deltas (knowledge_mc among them). `default` in frontier.json is the
 method whose keys give the shipped configuration (shipped_default). Writes OUTPUT_DIR/frontier.json, frontier.md and
 frontier.png (and copies them to --docs when given). Each evaluated (task, seed, method) is added to the ledger
@@ -176,20 +177,22 @@ def stats(values: list[float]) -> dict:
             "n": len(values)}
 
 
-# What each (task, seed) pair gives against plain LoRA's run of the same pair: the shares of the headline (and, for
-# the pooled shares of sums, the method's and LoRA's forgetting and task score themselves).
+# What each (task, seed) pair gives against plain LoRA's run of the same pair: the shares of the headline, None where
+# undefined (and, for the pooled shares of sums, the method's and LoRA's forgetting and task score themselves).
 SHARES = ("removed", "kept", "nll_kept", "knowledge_delta")
 
 
 def ratio(value: float, lora_value: float) -> float | None:
-    """value over LoRA's; None where LoRA's is 0 (a pair where LoRA forgot or scored nothing has no share)."""
-    return value / lora_value if lora_value else None
+    """value over LoRA's; None unless LoRA's is above 0 (a pair where LoRA forgot, scored or learnt nothing has no
+    share; dropping it favours neither side only as far as such pairs are rare, which the table's n= shows)."""
+    return value / lora_value if lora_value > 0 else None
 
 
 def shares(m: dict, lora: dict) -> dict:
     before, after, lora_after = m["probes"]["before"], m["probes"]["after"], lora["probes"]["after"]
-    left = ratio(m["forgetting"], lora["forgetting"])
-    return {"removed": None if left is None else 1 - left, "kept": ratio(m["task_score"], lora["task_score"]),
+    left_share = ratio(m["forgetting"], lora["forgetting"])
+    return {"removed": None if left_share is None else 1 - left_share,
+            "kept": ratio(m["task_score"], lora["task_score"]),
             "nll_kept": ratio(before["task_nll"] - after["task_nll"], before["task_nll"] - lora_after["task_nll"]),
             "knowledge_delta": m["probes"]["delta"].get("knowledge_mc"),
             "forgetting": m["forgetting"], "lora_forgetting": lora["forgetting"],
@@ -203,7 +206,7 @@ def of_sums(one_seed: list[dict], key: str) -> float | None:
 
 
 def defined_stats(values: list[float | None]) -> dict | None:
-    """stats() of the values that are defined (a share is not where LoRA's figure is 0), None if none is."""
+    """stats() of the values that are defined (a share is undefined where LoRA's figure is 0), None if none is."""
     values = [v for v in values if v is not None]
     return stats(values) if values else None
 
@@ -250,13 +253,13 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
 
 
 def table(summary: dict) -> str:
-    def pct(s: dict | None, signed: bool = False) -> str:
+    def pct(s: dict | None, seeds: int, signed: bool = False) -> str:
         if not s:
             return "–"
         value = f"{100 * s['mean']:+.1f}" if signed else f"{100 * s['mean']:.1f}%"
-        if not s["ci"]:
-            return value
-        return f"{value} [{100 * s['ci'][0]:.0f}, {100 * s['ci'][1]:.0f}] ±{100 * s['half_width']:.1f}"
+        if s["ci"]:
+            value += f" [{100 * s['ci'][0]:.0f}, {100 * s['ci'][1]:.0f}] ±{100 * s['half_width']:.1f}"
+        return value if s["n"] == seeds else f"{value} (n={s['n']})"  # fewer seeds where a share is undefined
 
     rows = [f"Workload {summary['workload']}; shipped default: {summary['default']}. Shares of plain LoRA's, mean "
             "over seeds [95% t interval] ±half-width, in points; pooled: the mean over tasks per seed, over the seeds "
@@ -266,14 +269,15 @@ def table(summary: dict) -> str:
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         for task, t in m["per_task"].items():
-            rows.append(f"| {name} | {task} | {len(t['seeds'])} | {t['forgetting']:+.4f} | {t['task_score']:.3f} | "
-                        f"{pct(t.get('removed'))} | | {pct(t.get('kept'))} | | {pct(t.get('nll_kept'))} | "
-                        f"{pct(t.get('knowledge_delta'), True)} | |")
-        p = m["pooled"]
+            n = len(t["seeds"])
+            rows.append(f"| {name} | {task} | {n} | {t['forgetting']:+.4f} | {t['task_score']:.3f} | "
+                        f"{pct(t.get('removed'), n)} | | {pct(t.get('kept'), n)} | | {pct(t.get('nll_kept'), n)} | "
+                        f"{pct(t.get('knowledge_delta'), n, True)} | |")
+        p, n = m["pooled"], m["pooled_seeds"]
         wall = "–" if m["wall_ratio"] is None else f"{m['wall_ratio']:.2f}"
-        rows.append(f"| **{name}** | **pooled** | {m['pooled_seeds']} | | | {pct(p.get('removed'))} | "
-                    f"{pct(p.get('removed_of_sums'))} | {pct(p.get('kept'))} | {pct(p.get('kept_of_sums'))} | "
-                    f"{pct(p.get('nll_kept'))} | {pct(p.get('knowledge_delta'), True)} | {wall} |")
+        rows.append(f"| **{name}** | **pooled** | {n} | | | {pct(p.get('removed'), n)} | "
+                    f"{pct(p.get('removed_of_sums'), n)} | {pct(p.get('kept'), n)} | {pct(p.get('kept_of_sums'), n)} | "
+                    f"{pct(p.get('nll_kept'), n)} | {pct(p.get('knowledge_delta'), n, True)} | {wall} |")
     probes = sorted({p for m in summary["methods"].values() for t in m["per_task"].values() for p in t["delta"]})
     rows += ["", "Per-probe deltas (after − before, mean over seeds):", "",
              "| method | task | " + " | ".join(f"Δ {p}" for p in probes) + " |", "|---|---|" + "---:|" * len(probes)]

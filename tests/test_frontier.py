@@ -83,26 +83,34 @@ def test_summary_pairs_every_method_with_lora_per_task_and_seed(tmp_path, monkey
     assert set(partial["per_task"]) == {"date", "topic"} and partial["pooled"] == {} and partial["pooled_seeds"] == 0
 
 
-
-def test_a_pair_where_lora_scored_nothing_has_no_kept_share_and_the_summary_goes_on(tmp_path, monkeypatch):
-    def fake_compare(out, overrides, methods, eval_args):  # LoRA's task EM is 0 at seed 1
+def test_a_share_where_lora_scored_or_forgot_nothing_is_undefined_and_the_summary_goes_on(tmp_path, monkeypatch):
+    def fake_compare(out, overrides, methods, eval_args):  # LoRA: EM 0 on date at seed 1, forgetting 0 on topic at 42
         (name,) = methods
-        lora_em = {42: 0.5, 1: 0.0}[overrides["seed"]]
-        em, forgetting = (lora_em, 0.2) if name == "lora" else (0.25, 0.05)
+        topic, seed = "sft_data" in overrides, overrides["seed"]
+        lora = (0.0 if topic and seed == 42 else 0.2, 0.0 if not topic and seed == 1 else 0.5)
+        forgetting, em = lora if name == "lora" else (0.05, 0.25)
         return {"methods": {name: {"forgetting": forgetting, "task_score": em, "train_seconds": 10.0,
                                    "probes": {"before": {"task_nll": 2.0}, "after": {"task_nll": 1.0},
                                               "delta": {}}}}}
 
     monkeypatch.setattr(frontier, "compare", fake_compare)
     ledger, names = Ledger(tmp_path / "ledger.jsonl"), ["lora", "mer_aisteer360_defaults"]
-    frontier.run(tmp_path, [42, 1], ["date"], names, ledger)
-    summary = summarise(tmp_path, [42, 1], ["date"], names, ledger)
+    frontier.run(tmp_path, [42, 1], ["date", "topic"], names, ledger)
+    summary = summarise(tmp_path, [42, 1], ["date", "topic"], names, ledger)
     mer = summary["methods"]["mer_aisteer360_defaults"]
-    assert mer["per_task"]["date"]["removed"]["n"] == 2 and mer["per_task"]["date"]["kept"]["n"] == 1
+    assert [mer["per_task"][t][k]["n"] for t in ("date", "topic") for k in ("removed", "kept")] == [2, 1, 1, 2]
+    # pooled: seed 42 has every kept share (0.5 and 0.5), seed 1 every removed share (0.75 and 0.75)
     assert mer["pooled"]["kept"] == {"mean": pytest.approx(0.5), "ci": None, "half_width": None, "n": 1}
-    assert mer["pooled"]["kept_of_sums"]["n"] == 1 and mer["pooled"]["removed"]["mean"] == pytest.approx(0.75)
-    assert "knowledge_delta" not in mer["pooled"]  # the probe was off: no share, not a crash
-    assert "| mer_aisteer360_defaults | date | 2 |" in frontier.table(summary)
+    assert mer["pooled"]["removed"] == {"mean": pytest.approx(0.75), "ci": None, "half_width": None, "n": 1}
+    # of the sums every seed is defined: kept 0.5 / 1.0 at 42 and 0.5 / 0.5 at 1; removed 1 - 0.1 / 0.2, 1 - 0.1 / 0.4
+    assert mer["pooled"]["kept_of_sums"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert mer["pooled"]["removed_of_sums"]["mean"] == pytest.approx((0.5 + 0.75) / 2)
+    assert "knowledge_delta" not in mer["pooled"]  # the probe was off
+    pooled_row = next(r for r in frontier.table(summary).splitlines() if r.startswith("| **mer_aisteer360_defaults"))
+    assert "| 75.0% (n=1) |" in pooled_row and "| 50.0% (n=1) |" in pooled_row
+    frontier.plot(summary, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
 
 # sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
 # training runs of every frontier stay the same runs
