@@ -221,7 +221,7 @@ class ARRConfig(TrainingArguments):
         default=True, metadata={"help": "Kept True: a resumed run restores the adaptive beta (kl_target) with it."}
     )
 
-    beta: float = field(default=1.0, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
+    beta: float = field(default=3.0, metadata={"help": "Weight of the KL penalty to the initial model (>= 0)."})
     kl_on: str = field(
         default="replay",
         metadata={"help": "Where the KL is taken: 'all' (every position), 'prompt_and_replay' (every position "

@@ -27,6 +27,7 @@ seconds this adds are counted as the cache build). Variants (shipped defaults, a
   arr_replay_online  the shipped default with the on-line reference on the replay rows (ref_cache: none)
   arr_added      the shipped default with its replay added on top of the task's rows (replay_mode: add): every
                  step trains the batch's task rows, as plain LoRA, and about 8/7 replay rows besides
+  arr_b1         the shipped default at beta 1, the default before issue 28's frontier (the same work a step)
   arr_kl_all     the KL on every position of every row (kl_on: all, the default before), ref_cache: auto
   arr_online     arr_kl_all with the on-line exact reference on every step (ref_cache: none)
   arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
@@ -60,6 +61,7 @@ VARIANTS = {
     "arr": {},
     "arr_replay_online": {"ref_cache": "none"},
     "arr_added": {"replay_mode": "add"},
+    "arr_b1": {"beta": 1.0},
     "arr_kl_all": _KL_ALL,
     "arr_online": {**_KL_ALL, "ref_cache": "none"},
     "arr_naive": {**_KL_ALL, "ref_cache": "none", "loss_chunk_size": 0},

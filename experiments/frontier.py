@@ -83,13 +83,14 @@ METHODS = {
     # the same as arr_self_replay_kl through a top-64 reference cache of the replay rows (no reference forward in
     # the steps), and that with answers of at most 48 tokens (replay rows a third shorter)
     "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, **_TOP64},
-    # the shipped default, its keys as the shipped configuration writes them (so shipped_default finds it): the same
-    # run as arr_self_replay_kl_top64 with answers of at most 48 tokens (kl_mask_target does nothing without a KL on
-    # the task's rows, replay_weight null is 0 with self-generated replay, ref_cache auto is the top-64 cache here)
+    # the default before issue #28's frontier, its keys as the shipped configuration writes them (so shipped_default
+    # finds it and its _b3): the same run as arr_self_replay_kl_top64 with answers of at most 48 tokens
+    # (kl_mask_target does nothing without a KL on the task's rows, replay_weight null is 0 with self-generated
+    # replay, ref_cache auto is the top-64 cache here)
     "arr_self_replay_kl_top64_a48": _DEFAULT,
     # candidates around it (issue #28): replay added on top of the task's 8 rows a step instead of in place of one
     "arr_self_replay_kl_top64_a48_added": {**_DEFAULT, "replay_mode": "add"},
-    # more replay (in place), and a weaker and a stronger KL
+    # more replay (in place), and a weaker and a stronger KL (beta 3: the shipped default, chosen by issue #28)
     "arr_self_replay_kl_top64_a48_r25": {**_DEFAULT, "replay_ratio": 0.25},
     "arr_self_replay_kl_top64_a48_r50": {**_DEFAULT, "replay_ratio": 0.5},
     "arr_self_replay_kl_top64_a48_b03": {**_DEFAULT, "beta": 0.3},
@@ -107,7 +108,7 @@ METHODS = {
                                 "lora_alpha": 64, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
 }
 DEFAULT_METHODS = ("lora", "arr_self_replay_kl_top64_a48", "arr_self_replay_kl_top64_a48_added",
-                   "mer_aisteer360_defaults")
+                   "arr_self_replay_kl_top64_a48_b3", "mer_aisteer360_defaults")
 
 
 def shipped_default(recipe: Path = DEFAULT_RECIPE) -> str | None:

@@ -26,8 +26,9 @@ def test_the_named_default_is_the_shipped_configuration_key_for_key():
            {k: v for k, v in shipped.items() if k not in NOT_RESULT_KEYS}
 
 
-@pytest.mark.parametrize("change, expected", [("beta: 3.0", "arr_self_replay_kl_top64_a48_b3"),
-                                              ("replay_mode: add", "arr_self_replay_kl_top64_a48_added"),
+@pytest.mark.parametrize("change, expected", [("beta: 1.0", "arr_self_replay_kl_top64_a48"),
+                                              ("beta: 1.0\nreplay_mode: add", "arr_self_replay_kl_top64_a48_added"),
+                                              ("", "arr_self_replay_kl_top64_a48_b3"),
                                               ("beta: 0.7", None)])
 def test_a_changed_default_names_its_method_or_none(tmp_path, change, expected):
     recipe = tmp_path / "recipe.yaml"
