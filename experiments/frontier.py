@@ -53,7 +53,7 @@ _SELF = dict(replay_data="self", self_replay_temperature=0.0)
 _TOP64 = dict(ref_cache="topk", ref_cache_topk=64)  # a reference cache of the top 64 log-probs per position
 # self-generated replay held by the KL alone, at 1/8, the KL on the replay rows only
 _SELF_REPLAY_KL = {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125}
-_DEFAULT = {**_SELF_REPLAY_KL, "kl_mask_target": True, "replay_weight": None, "ref_cache": "auto",
+_A48 = {**_SELF_REPLAY_KL, "kl_mask_target": True, "replay_weight": None, "ref_cache": "auto",
             "ref_cache_topk": 64, "self_replay_max_new_tokens": 48}
 METHODS = {
     # plain LoRA; the objective keys, which do nothing without KL and replay, pinned as its runs were trained
@@ -83,20 +83,20 @@ METHODS = {
     # the same as arr_self_replay_kl through a top-64 reference cache of the replay rows (no reference forward in
     # the steps), and that with answers of at most 48 tokens (replay rows a third shorter)
     "arr_self_replay_kl_top64": {**_SELF_REPLAY_KL, **_TOP64},
-    # the default before issue #28's frontier, its keys as the shipped configuration writes them (so shipped_default
-    # finds it and its _b3): the same run as arr_self_replay_kl_top64 with answers of at most 48 tokens
-    # (kl_mask_target does nothing without a KL on the task's rows, replay_weight null is 0 with self-generated
-    # replay, ref_cache auto is the top-64 cache here)
-    "arr_self_replay_kl_top64_a48": _DEFAULT,
+    # the same run as arr_self_replay_kl_top64 with answers of at most 48 tokens, its keys as the shipped
+    # configuration writes them, so that shipped_default finds its variants (kl_mask_target does nothing without a KL
+    # on the task's rows, replay_weight null is 0 with self-generated replay, ref_cache auto is the top-64 cache here);
+    # at beta 1, the default before issue #28's frontier
+    "arr_self_replay_kl_top64_a48": _A48,
     # candidates around it (issue #28): replay added on top of the task's 8 rows a step instead of in place of one
-    "arr_self_replay_kl_top64_a48_added": {**_DEFAULT, "replay_mode": "add"},
+    "arr_self_replay_kl_top64_a48_added": {**_A48, "replay_mode": "add"},
     # more replay (in place), and a weaker and a stronger KL (beta 3: the shipped default, chosen by issue #28)
-    "arr_self_replay_kl_top64_a48_r25": {**_DEFAULT, "replay_ratio": 0.25},
-    "arr_self_replay_kl_top64_a48_r50": {**_DEFAULT, "replay_ratio": 0.5},
-    "arr_self_replay_kl_top64_a48_b03": {**_DEFAULT, "beta": 0.3},
-    "arr_self_replay_kl_top64_a48_b3": {**_DEFAULT, "beta": 3.0},
+    "arr_self_replay_kl_top64_a48_r25": {**_A48, "replay_ratio": 0.25},
+    "arr_self_replay_kl_top64_a48_r50": {**_A48, "replay_ratio": 0.5},
+    "arr_self_replay_kl_top64_a48_b03": {**_A48, "beta": 0.3},
+    "arr_self_replay_kl_top64_a48_b3": {**_A48, "beta": 3.0},
     # Mask-the-Target on the task's rows at a small weight of its own (task_kl_beta 0.1) beside the replay KL at 1
-    "arr_self_replay_kl_top64_a48_mtt01": {**_DEFAULT, "kl_on": "all", "task_kl_beta": 0.1},
+    "arr_self_replay_kl_top64_a48_mtt01": {**_A48, "kl_on": "all", "task_kl_beta": 0.1},
     # a peer's recipe: the defaults of the MER control in IBM's AISteer360 (branch MER,
     # aisteer360/algorithms/structural_control/mer, by one of the ARR paper's authors; whether the paper used exactly
     # these is not known): reverse KL over the full vocabulary, beta 0.01, one replay row per task row (on top of

@@ -3,8 +3,8 @@
     python -m experiments.kl_budget [OUTPUT_DIR [TASK ...]]    (default runs/kl_budget, all three tasks; ~50 min)
 
 For three tasks of different kinds (the bundled date normalisation, Wikipedia topic classification, word-order
-reversal) it runs `arr compare` on the embedded default recipe with plain LoRA, ARR at the shipped fixed beta (1)
-and ARR with the adaptive beta at kl_target 0.1, then prints one table: per task and method the
+reversal) it runs `arr compare` on the embedded default recipe with plain LoRA, ARR at the fixed beta then shipped
+(1) and ARR with the adaptive beta at kl_target 0.1 (from 1), then prints one table: per task and method the
 forgetting, the share of plain LoRA's forgetting removed, the task score and its share of plain LoRA's, and the
 per-token KL of the last 8 training steps. Finished runs and evaluations in OUTPUT_DIR are reused.
 """
@@ -24,9 +24,9 @@ from arr.evaluation import EvalArgs
 PROBE_SIZES = dict(heldout_docs=16, chat_items=32, drift_prompts=6, drift_tokens=24, knowledge_items=0, mmlu_items=0,
                    task_items=50)
 from experiments.tasks import TASKS, write_jsonl
-# ARR as it was when this experiment was run (its published table was made with it): KL everywhere, Wikipedia replay
-# (CE and KL) at 0.125.
-_THEN = {"kl_on": "all", "kl_mask_target": False, "replay_data": None, "replay_weight": 1.0,
+# ARR as it was when this experiment was run (its published table was made with it): beta 1, KL everywhere,
+# Wikipedia replay (CE and KL) at 0.125.
+_THEN = {"beta": 1.0, "kl_on": "all", "kl_mask_target": False, "replay_data": None, "replay_weight": 1.0,
          "replay_ratio": 0.125}
 METHODS = {
     "lora": {"method": "lora"},

@@ -10,9 +10,10 @@ default order goes from the task plain LoRA learns most exactly (date) to the on
 initial model (reverse), so that each later task has room to overwrite the earlier ones.
 Methods (keys pinned, as in experiments/frontier.py):
   lora          plain LoRA, sequentially
-  arr           the shipped ARR default with no earlier-task replay (lineage_replay: none)
-  arr_lineage   the shipped default with π₀'s answers to the earlier tasks' prompts in its replay
-                (lineage_replay: prompts, half the replay rows)
+  arr           the shipped ARR default at beta 1 (the default its published runs trained) with no earlier-task
+                replay (lineage_replay: none)
+  arr_lineage   the same with π₀'s answers to the earlier tasks' prompts in its replay (lineage_replay: prompts,
+                half the replay rows)
   joint         plain LoRA on all tasks' training data mixed, for as many optimizer steps as plain LoRA's whole
                 sequence at the same seed, at the defaults for one's own data: the upper bound of what can be kept
 Per method and seed: R[i][j] = task j's exact match on its first --task-items held-out items after training task i
@@ -50,8 +51,8 @@ from experiments.tasks import TASKS, write_jsonl
 _LORA = {"method": "lora", "ref_cache": "none", "replay_data": None}
 METHODS = {
     "lora": _LORA,
-    "arr": {"lineage_replay": "none"},
-    "arr_lineage": {"lineage_replay": "prompts", "lineage_replay_share": 0.5},
+    "arr": {"beta": 1.0, "lineage_replay": "none"},
+    "arr_lineage": {"beta": 1.0, "lineage_replay": "prompts", "lineage_replay_share": 0.5},
     "joint": _LORA,
 }
 SEQUENTIAL = ("lora", "arr", "arr_lineage")

@@ -177,7 +177,7 @@ def test_method_presets_expand_and_explicit_keys_win():
     _, _, mixed = build_config({"method": "laplace", "beta": 0.5, "laplace_lambda": 3})
     assert (mixed.beta, mixed.replay_ratio, mixed.laplace_lambda) == (0.5, 0.0, 3.0)
     _, _, adaptive = build_config({"method": "arr_adaptive"})
-    assert adaptive.kl_target is not None and adaptive.beta == 1.0 and adaptive.replay_ratio == 0.125
+    assert adaptive.kl_target is not None and adaptive.beta == 3.0 and adaptive.replay_ratio == 0.125  # from the default
     _, data, replay_only = build_config({"method": "replay_only"})
     assert (replay_only.beta, data.replay_data) == (0.0, None)  # Wikipedia's next-token CE, not self-replay's
 
