@@ -54,7 +54,7 @@ _TOP64 = dict(ref_cache="topk", ref_cache_topk=64)  # a reference cache of the t
 # self-generated replay held by the KL alone, at 1/8, the KL on the replay rows only
 _SELF_REPLAY_KL = {**_OBJECTIVE, **_SELF, "kl_on": "replay", "replay_weight": 0.0, "replay_ratio": 0.125}
 _A48 = {**_SELF_REPLAY_KL, "kl_mask_target": True, "replay_weight": None, "ref_cache": "auto",
-            "ref_cache_topk": 64, "self_replay_max_new_tokens": 48}
+        "ref_cache_topk": 64, "self_replay_max_new_tokens": 48}
 METHODS = {
     # plain LoRA; the objective keys, which do nothing without KL and replay, pinned as its runs were trained
     "lora": {"method": "lora", "ref_cache": "none", "replay_data": None, "kl_on": "all", "kl_mask_target": False,
@@ -189,10 +189,15 @@ def ratio(value: float, lora_value: float) -> float | None:
     return value / lora_value if lora_value > 0 else None
 
 
+def share_removed(forgetting: float, lora_forgetting: float) -> float | None:
+    """The share of LoRA's forgetting removed, 1 - F / F_lora; None where that ratio is."""
+    left = ratio(forgetting, lora_forgetting)
+    return None if left is None else 1 - left
+
+
 def shares(m: dict, lora: dict) -> dict:
     before, after, lora_after = m["probes"]["before"], m["probes"]["after"], lora["probes"]["after"]
-    left_share = ratio(m["forgetting"], lora["forgetting"])
-    return {"removed": None if left_share is None else 1 - left_share,
+    return {"removed": share_removed(m["forgetting"], lora["forgetting"]),
             "kept": ratio(m["task_score"], lora["task_score"]),
             "nll_kept": ratio(before["task_nll"] - after["task_nll"], before["task_nll"] - lora_after["task_nll"]),
             "knowledge_delta": m["probes"]["delta"].get("knowledge_mc"),
@@ -200,10 +205,11 @@ def shares(m: dict, lora: dict) -> dict:
             "task_score": m["task_score"], "lora_task_score": lora["task_score"]}
 
 
-def of_sums(one_seed: list[dict], key: str) -> float | None:
-    """The method's `key` summed over one seed's tasks (their shares() dicts), over LoRA's sum: a task where LoRA
-    forgets or scores little counts for little, where in the mean of the per-task shares it can dominate."""
-    return ratio(sum(sh[key] for sh in one_seed), sum(sh[f"lora_{key}"] for sh in one_seed))
+def sums(one_seed: list[dict], key: str) -> tuple[float, float]:
+    """The method's `key` and LoRA's, each summed over one seed's tasks (their shares() dicts): in a share of the sums
+    a task where LoRA forgets or scores little counts for little, where in the mean of the per-task shares it can
+    dominate."""
+    return sum(sh[key] for sh in one_seed), sum(sh[f"lora_{key}"] for sh in one_seed)
 
 
 def defined_stats(values: list[float | None]) -> dict | None:
@@ -244,9 +250,8 @@ def summarise(out: Path, seeds: list[int], tasks: list[str], methods: list[str],
         complete = [v for v in by_seed.values() if len(v) == len(tasks)]  # seeds that ran every task
         per_seed = {k: [None if any(sh[k] is None for sh in v) else statistics.mean(sh[k] for sh in v)
                         for v in complete] for k in SHARES}
-        per_seed["removed_of_sums"] = [None if (left := of_sums(v, "forgetting")) is None else 1 - left
-                                       for v in complete]
-        per_seed["kept_of_sums"] = [of_sums(v, "task_score") for v in complete]
+        per_seed["removed_of_sums"] = [share_removed(*sums(v, "forgetting")) for v in complete]
+        per_seed["kept_of_sums"] = [ratio(*sums(v, "task_score")) for v in complete]
         pooled = {k: figure for k, values in per_seed.items() if (figure := defined_stats(values))}
         summary["methods"][name] = {"per_task": per_task, "pooled": pooled, "pooled_seeds": len(complete),
                                     "wall_ratio": statistics.mean(walls) if walls else None, "config": METHODS[name]}
