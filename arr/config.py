@@ -404,6 +404,20 @@ class ARRConfig(TrainingArguments):
         """Sequences per optimizer step, over every micro-batch and process."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
+    def trained_keys(self) -> dict:
+        """The keys that say what the run trains: ARR's own but those of CHANGEABLE_ON_RESUME, with the learning rate
+        and the seed. Each checkpoint records them, and a resumed run must keep them (run_folder.check_resumed_keys)."""
+        trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
+        names = [name for name in ARRConfig.__annotations__ if name not in trainer_keys | CHANGEABLE_ON_RESUME]
+        return {name: getattr(self, name) for name in [*names, "learning_rate", "seed"]}
+
+
+# ARR keys a resumed run may change, as it may change max_steps: where the caches live, the chunking of a
+# gradient-exact loss, and what is measured, when the run stops and what is written after it. None of them changes a
+# step's update. The run folder records one value of every other key, so a run trained with two is refused.
+CHANGEABLE_ON_RESUME = {"overwrite_output_dir", "ref_cache_dir", "laplace_cache_dir", "loss_chunk_size", "eval_after",
+                        "probe_steps", "forgetting_budget", "save_merged_model"}
+
 
 # Float keys where infinity means something: max_grad_norm=inf clips nothing but still logs the gradient norm.
 INFINITY_MEANS_SOMETHING = ("max_grad_norm",)

@@ -11,6 +11,7 @@ writes RESULTS_* and one run folder per method, each with its EVAL.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ EVAL = "eval.json"
 REPORT_PNG = "report.png"  # the report drawn: before and after per probe, the loss parts and probe rounds over steps
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
 STAGING = ".staging"  # a checkpoint being written
+TRAINED_KEYS = "arr_trained_keys.json"  # in each checkpoint: the keys it trained with (ARRConfig.trained_keys)
 LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder, and removed when it ends
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
@@ -45,18 +47,39 @@ def check_writable(key: str, folder: str | Path) -> None:
         raise ConfigError(f"{key}: {str(folder)!r} is not writable ({e.strerror})") from None
 
 
-def check_resumable(path: str) -> None:
-    """Refuse `--resume` where there is nothing to resume, saying what is there instead."""
+def check_resumable(path: str, trained_keys: dict) -> None:
+    """Refuse `--resume` where there is nothing to resume, saying what is there instead, and where the run's keys
+    differ from those its newest checkpoint trained with."""
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(path)
     if is_finished(out):
         raise ConfigError(f"--resume: output_dir {path!r} holds a finished run, nothing to resume; evaluate it with "
                           f"arr eval {path}, or train it anew with overwrite_output_dir=true and no --resume")
-    if not out.is_dir() or get_last_checkpoint(str(out)) is None:
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint is None:
         there = ("does not exist" if not out.exists() else "is not a folder" if not out.is_dir()
                  else "holds no checkpoint")
         raise ConfigError(f"--resume: output_dir {path!r} {there}, nothing to resume; run without --resume to start")
+    check_resumed_keys(checkpoint, trained_keys)
+
+
+def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
+    """Refuse to resume `checkpoint` with keys (ARRConfig.trained_keys) other than those it trained with, such as a
+    default changed since, naming the values that resume it as it trained. A checkpoint written before arr recorded
+    its keys is resumed unchecked."""
+    recorded = Path(checkpoint) / TRAINED_KEYS
+    if not recorded.is_file():
+        return
+    then = json.loads(recorded.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(trained_keys, default=str))
+    changed = [key for key in then if key in now and now[key] != then[key]]
+    if changed:
+        def given(values):
+            return " ".join(f"{key}={values[key] if isinstance(values[key], str) else json.dumps(values[key])}"
+                            for key in changed)
+        raise ConfigError(f"--resume: {str(checkpoint)!r} trained with {given(then)}, and this run has {given(now)}; "
+                          f"pass {given(then)} to resume it as it trained (a run records one value of each key)")
 
 
 @contextmanager

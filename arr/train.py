@@ -145,7 +145,7 @@ def check_inputs(data_args: DataArguments, config: ARRConfig, default_model: boo
     """What the run will read and where it will write, checked before anything is loaded or written, so that a bad
     one fails now and not after the training (the SFT data is read, tokenized, as the model loads)."""
     if resume:
-        run_folder.check_resumable(config.output_dir)
+        run_folder.check_resumable(config.output_dir, config.trained_keys())
     if data_args.eval_data is not None and (config.eval_after != "none" or config.probe_steps):
         task_examples(data_args.eval_data, eval_args.task_items)
     self_replay = config.uses_replay and data_args.replay_data == SELF

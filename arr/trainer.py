@@ -9,6 +9,7 @@ named steps, in TRL's manner: `_prepare_model`, `_prepare_data`, then (after the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from torch.profiler import record_function
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from . import run_folder
 from .cache import reference_cache
@@ -472,8 +473,14 @@ class ARRTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
-        """The Trainer's, except that resuming from a checkpoint at max_steps trains nothing (StepChecks): the run
-        is complete and its model is the checkpoint's."""
+        """The Trainer's, except that a checkpoint is refused when this run's keys differ from those it trained with
+        (run_folder.check_resumed_keys), and resuming from one at max_steps trains nothing (StepChecks): the run is
+        complete and its model is the checkpoint's."""
+        if resume_from_checkpoint:
+            checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                          else resume_from_checkpoint)
+            if checkpoint is not None:  # (none: the Trainer's own error says so)
+                run_folder.check_resumed_keys(checkpoint, self.args.trained_keys())
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         except RunComplete:
@@ -500,6 +507,8 @@ class ARRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            with open(os.path.join(staging, name, run_folder.TRAINED_KEYS), "w", encoding="utf-8") as f:
+                json.dump(self.args.trained_keys(), f, indent=1, default=str)
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

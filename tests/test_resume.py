@@ -4,6 +4,7 @@ loss parts, as an uninterrupted one."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,13 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from arr import ARRConfig, ARRTrainer
 from arr.cli import main
+from arr.errors import ConfigError
+from arr.run_folder import TRAINED_KEYS
 from arr.train import StopOnSignal, mean_loss
-from conftest import sft_records, write_jsonl
+from conftest import assert_one_error_line, sft_records, write_jsonl
+from test_trainer import fresh_peft
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
@@ -151,6 +156,40 @@ def test_resuming_a_checkpoint_at_max_steps_trains_no_further_step(stop_config, 
     assert main(["train", str(stop_config), f"output_dir={out}", "save_strategy=steps", "save_steps=3",
                  "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["global_steps"] == 3
+    assert_same_run(finished(out), finished(stop_config.parent / "full"))
+
+
+def test_a_checkpoint_is_resumed_only_with_the_keys_it_trained_with(stop_config, tmp_path, capsys, llama_dir,
+                                                                    tokenizer):
+    """Each checkpoint records the keys that say what it trains. --resume with other values (a default changed
+    since, a key typed anew) is refused before anything is loaded, naming the values that resume it as it trained;
+    ARRTrainer.train refuses it too. With those values it resumes to the uninterrupted run."""
+    out = tmp_path / "out"
+    args = ["train", str(stop_config), f"output_dir={out}", "save_strategy=steps", "save_steps=2"]
+    assert main(args) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "arr_config.yaml"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoint-3")  # killed after step 2's checkpoint: step 3 is trained again
+    checkpoint = out / "checkpoint-2"
+    recorded = json.loads((checkpoint / TRAINED_KEYS).read_text())
+    assert (recorded["beta"], recorded["learning_rate"], recorded["seed"], recorded["kl_on"]) == (0.5, 1e-2, 42, "all")
+    on_disk = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+
+    code = main([*args, "beta=3.0", "learning_rate=0.02", "loss_chunk_size=64", "--resume"])
+    err = capsys.readouterr().err
+    assert "Loading" not in err
+    assert_one_error_line(code, err, f"arr: error: --resume: {str(checkpoint)!r} trained with beta=0.5 learning_rate=0.01, and "
+                          "this run has beta=3.0 learning_rate=0.02; pass beta=0.5 learning_rate=0.01 to resume it as "
+                          "it trained (a run records one value of each key)")
+    assert sorted(p.name for p in out.rglob("*")) == on_disk
+    config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", kl_mask_target=False, replay_ratio=0.0,
+                       learning_rate=1e-2, report_to="none")
+    with pytest.raises(ConfigError, match="trained with kl_mask_target=true, and this run has kl_mask_target=false"):
+        ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(8), processing_class=tokenizer).train(
+            resume_from_checkpoint=True)
+
+    assert main([*args, "--resume"]) == 0
     assert_same_run(finished(out), finished(stop_config.parent / "full"))
 
 
