@@ -296,7 +296,8 @@ def table(summary: dict) -> str:
 
 def plot(summary: dict, path: Path) -> None:
     """One panel per task and a pooled one: each method's mean (forgetting removed, task score kept) against plain
-    LoRA, with its 95% intervals as error bars, and the Pareto front of the means."""
+    LoRA, with its 95% intervals as error bars, and the Pareto front of the means. The legend marks the shipped
+    default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,7 +319,8 @@ def plot(summary: dict, path: Path) -> None:
             point = {"x": x, "y": y,
                      "xerr": [[x - 100 * removed["ci"][0]], [100 * removed["ci"][1] - x]] if removed["ci"] else None,
                      "yerr": [[y - 100 * kept["ci"][0]], [100 * kept["ci"][1] - y]] if kept["ci"] else None}
-            draw(ax, point, plt.cm.tab10(i), "os^DvP*Xh"[i % 9], label=name if panel == panels[0] else None)
+            label = f"{name} (shipped default)" if name == summary["default"] else name
+            draw(ax, point, plt.cm.tab10(i), "os^DvP*Xh"[i % 9], label=label if panel == panels[0] else None)
             means[name] = (x, y)
         draw_front(ax, means)
         if means:  # limits from the means: a two-seed 95% interval may span the whole scale

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+from matplotlib.figure import Figure
 
 from arr.compare import NOT_RESULT_KEYS
 from arr.config import build_config, read_config
@@ -109,8 +110,11 @@ def test_a_share_where_lora_scored_or_forgot_nothing_is_undefined_and_the_summar
     assert "knowledge_delta" not in mer["pooled"]  # the probe was off
     pooled_row = next(r for r in frontier.table(summary).splitlines() if r.startswith("| **mer_aisteer360_defaults"))
     assert "| 75.0% (n=1) |" in pooled_row and "| 50.0% (n=1) |" in pooled_row
-    frontier.plot(summary, tmp_path / "frontier.png")
+    legends = []
+    monkeypatch.setattr(Figure, "legend", lambda fig, handles, labels, **kw: legends.append(labels))
+    frontier.plot({**summary, "default": "mer_aisteer360_defaults"}, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert legends == [["mer_aisteer360_defaults (shipped default)"]]
 
 
 # sha256 of json.dumps([train, test]) of each task as the tasks drew them before the frontier split was added: the
