@@ -21,7 +21,7 @@ import yaml
 
 from . import run_folder
 from .cache import write_atomically
-from .config import build_config
+from .config import NOT_RESULT_KEYS, build_config
 from .evaluation import (
     EvalArgs,
     before_values,
@@ -35,7 +35,7 @@ from .evaluation import (
     run_base_model,
 )
 from .initial import initial_model
-from .keys import DEFAULT_RECIPE, METHODS as PRESETS, as_config, expand_method, read_config
+from .keys import DEFAULT_RECIPE, METHODS as PRESETS, as_config, expand_method, override, read_config
 from .plots import draw, draw_front, mean_point
 from .lineage import lineage_scores, recorded_lineage
 from .train import resolved_config
@@ -52,7 +52,7 @@ QUICK = {"train": {"max_steps": 8, "per_device_train_batch_size": 4},
 
 
 def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
-    args = [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
+    args = [override(k, v) for k, v in overrides.items()]
     proc = subprocess.run([sys.executable, "-m", "arr", "train", str(config_path), *args, f"output_dir={out}",
                            "overwrite_output_dir=true",  # a finished run of another configuration is replaced
                            "eval_after=none"],  # compare evaluates every method against one shared "before"
@@ -61,13 +61,6 @@ def train_run(name: str, config_path: Path, overrides: dict, out: Path) -> dict:
         raise RuntimeError(f"training {name} failed:\n{proc.stderr[-3000:]}")
     print(proc.stdout.strip().splitlines()[-1], flush=True)
     return json.loads((out / run_folder.METRICS).read_text())
-
-
-# Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
-# batch give the padded batch's loss and gradients to float rounding: tests/test_trainer.py).
-NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
-                   "ref_cache_dir", "laplace_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to",
-                   "logging_dir")
 
 
 def finished_run(run_dir: Path, wanted: dict, defaults: dict) -> bool:

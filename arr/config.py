@@ -405,18 +405,26 @@ class ARRConfig(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
     def trained_keys(self) -> dict:
-        """The keys that say what the run trains: ARR's own but those of CHANGEABLE_ON_RESUME, with the learning rate
-        and the seed. Each checkpoint records them, and a resumed run must keep them (run_folder.check_resumed_keys)."""
+        """The keys of the objective and the optimisation: ARR's own but those of CHANGEABLE_ON_RESUME, and the
+        Trainer's of OPTIMISATION_KEYS. Each checkpoint records them, and a resumed run must
+        keep them (run_folder.check_resumed_keys): a restored optimizer and scheduler keep the checkpoint's learning
+        rate whatever the run says, and the others would change the steps left without a word."""
         trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
-        names = [name for name in ARRConfig.__annotations__ if name not in trainer_keys | CHANGEABLE_ON_RESUME]
-        return {name: getattr(self, name) for name in [*names, "learning_rate", "seed"]}
+        own = [f.name for f in dataclasses.fields(ARRConfig) if f.name not in trainer_keys | CHANGEABLE_ON_RESUME]
+        return {name: getattr(self, name) for name in [*own, *OPTIMISATION_KEYS]}
 
 
-# ARR keys a resumed run may change, as it may change max_steps: where the caches live, the chunking of a
-# gradient-exact loss, and what is measured, when the run stops and what is written after it. None of them changes a
-# step's update. The run folder records one value of every other key, so a run trained with two is refused.
-CHANGEABLE_ON_RESUME = {"overwrite_output_dir", "ref_cache_dir", "laplace_cache_dir", "loss_chunk_size", "eval_after",
-                        "probe_steps", "forgetting_budget", "save_merged_model"}
+# Keys that change where a run is written or how fast it runs, not what it learns (the chunked loss and a packed
+# batch give the padded batch's loss and gradients to float rounding: tests/test_trainer.py).
+NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
+                   "ref_cache_dir", "laplace_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to",
+                   "logging_dir")
+# ARR keys a resumed run may change besides those: what is measured, when the run stops (as max_steps may change)
+# and what is written after it.
+CHANGEABLE_ON_RESUME = {*NOT_RESULT_KEYS, "probe_steps", "forgetting_budget", "save_merged_model"}
+OPTIMISATION_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+                     "max_grad_norm", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")
 
 
 # Float keys where infinity means something: max_grad_norm=inf clips nothing but still logs the gradient norm.

@@ -179,6 +179,12 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
     return {**values, **given}
 
 
+def override(key: str, value) -> str:
+    """`key=value` as read_config reads it back: null, booleans, lists and mappings in JSON, which YAML reads."""
+    text = json.dumps(value, separators=(",", ":")) if value is None or isinstance(value, (bool, list, dict)) else value
+    return f"{key}={text}"
+
+
 def embedded_recipe_applies(config_path: str | None, values: dict) -> bool:
     """Whether `arr train` trains the embedded recipe: with neither a CONFIG.yaml nor sft_data (the bundled task's
     demo; one's own data gets the defaults --help shows)."""

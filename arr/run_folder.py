@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -64,22 +65,32 @@ def check_resumable(path: str, trained_keys: dict) -> None:
     check_resumed_keys(checkpoint, trained_keys)
 
 
+def record_trained_keys(checkpoint: str | Path, trained_keys: dict) -> None:
+    """Write a checkpoint's TRAINED_KEYS (ARRConfig.trained_keys), as JSON reads them back."""
+    (Path(checkpoint) / TRAINED_KEYS).write_text(json.dumps(trained_keys, indent=1, default=str), encoding="utf-8")
+
+
 def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
     """Refuse to resume `checkpoint` with keys (ARRConfig.trained_keys) other than those it trained with, such as a
     default changed since, naming the values that resume it as it trained. A checkpoint written before arr recorded
     its keys is resumed unchecked."""
+    from .keys import override
+
     recorded = Path(checkpoint) / TRAINED_KEYS
     if not recorded.is_file():
         return
-    then = json.loads(recorded.read_text(encoding="utf-8"))
+    try:
+        then = json.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read {str(recorded)!r} ({e}); resume from an earlier checkpoint by "
+                          "moving this one away") from None
     now = json.loads(json.dumps(trained_keys, default=str))
     changed = [key for key in then if key in now and now[key] != then[key]]
     if changed:
         def given(values):
-            return " ".join(f"{key}={values[key] if isinstance(values[key], str) else json.dumps(values[key])}"
-                            for key in changed)
+            return " ".join(shlex.quote(override(key, values[key])) for key in changed)
         raise ConfigError(f"--resume: {str(checkpoint)!r} trained with {given(then)}, and this run has {given(now)}; "
-                          f"pass {given(then)} to resume it as it trained (a run records one value of each key)")
+                          f"pass {given(then)} to resume it as it trained (a run trains with one value of each key)")
 
 
 @contextmanager

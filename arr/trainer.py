@@ -9,7 +9,6 @@ named steps, in TRL's manner: `_prepare_model`, `_prepare_data`, then (after the
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -491,24 +490,25 @@ class ARRTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into `.staging/` and renamed into place once complete, so a crash never
-        leaves a `checkpoint-N` that looks complete but is not (resume picks the newest one). The Trainer has no
-        public hook for where a checkpoint is written, hence the two private methods overridden here."""
+        """The Trainer's checkpoint with the keys it trained with (run_folder.TRAINED_KEYS), written into `.staging/`
+        and renamed into place once complete, so a crash never leaves a `checkpoint-N` that looks complete but is not
+        (resume picks the newest one). The Trainer has no public hook for where a checkpoint is written, hence the two
+        private methods overridden here."""
         run_dir = super()._get_output_dir(trial)
         staging = self._staging_dir = os.path.join(run_dir, run_folder.STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                run_folder.record_trained_keys(os.path.join(staging, name), self.args.trained_keys())
         except (OSError, SafetensorError) as e:  # a full disk: the checkpoints written before stay as they were
             shutil.rmtree(staging, ignore_errors=True)
-            raise ARRError(f"cannot write {PREFIX_CHECKPOINT_DIR}-{self.state.global_step} into {run_dir!r} "
-                           f"({' '.join(str(e).split())}); the checkpoints before it are untouched") from None
+            raise ARRError(f"cannot write {name} into {run_dir!r} ({' '.join(str(e).split())}); the checkpoints "
+                           "before it are untouched") from None
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            with open(os.path.join(staging, name, run_folder.TRAINED_KEYS), "w", encoding="utf-8") as f:
-                json.dump(self.args.trained_keys(), f, indent=1, default=str)
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

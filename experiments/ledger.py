@@ -20,7 +20,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from arr.compare import NOT_RESULT_KEYS
+from arr.config import NOT_RESULT_KEYS
 
 LEDGERS = Path(__file__).resolve().parent.parent / "docs" / "results" / "ledger"
 # Keys whose value may be a data file: a run is named by the file's content, which a new machine writes elsewhere

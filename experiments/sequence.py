@@ -41,7 +41,7 @@ from arr import run_folder
 from arr.cache import write_atomically
 from arr.config import build_config
 from arr.compare import finished_run
-from arr.keys import DEFAULT_RECIPE, embedded_recipe_applies, read_config
+from arr.keys import DEFAULT_RECIPE, embedded_recipe_applies, override, read_config
 from arr.plots import t_interval
 from arr.train import resolved_config
 from experiments.frontier import PROBE_SIZES
@@ -75,7 +75,7 @@ def resolved(keys: dict) -> dict:
 def train(run_dir: Path, keys: dict) -> dict:
     """One `arr train` with `keys`, reused when `run_dir` holds a finished run of the same configuration."""
     if not finished_run(run_dir, resolved(keys), resolved_config(*build_config({}))):
-        args = [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict)) else v}" for k, v in keys.items()]
+        args = [override(k, v) for k, v in keys.items()]
         proc = subprocess.run([sys.executable, "-m", "arr", "train", *args, f"output_dir={run_dir}",
                                "overwrite_output_dir=true", "eval_after=none", "disable_tqdm=true"],
                               capture_output=True, text=True)

@@ -7,8 +7,7 @@ import re
 import pytest
 from matplotlib.figure import Figure
 
-from arr.compare import NOT_RESULT_KEYS
-from arr.config import build_config, read_config
+from arr.config import NOT_RESULT_KEYS, build_config, read_config
 from arr.keys import DEFAULT_RECIPE
 from arr.resources import is_heldout_title
 from arr.train import resolved_config

@@ -176,15 +176,17 @@ def test_a_checkpoint_is_resumed_only_with_the_keys_it_trained_with(stop_config,
     on_disk = sorted(p.name for p in out.rglob("*"))
     capsys.readouterr()
 
-    code = main([*args, "beta=3.0", "learning_rate=0.02", "loss_chunk_size=64", "--resume"])
+    code = main([*args, "beta=3.0", "learning_rate=0.02", "lr_scheduler_type=cosine", "loss_chunk_size=64",
+                 "max_steps=4", "--resume"])  # (loss_chunk_size and max_steps may change)
     err = capsys.readouterr().err
     assert "Loading" not in err
-    assert_one_error_line(code, err, f"arr: error: --resume: {str(checkpoint)!r} trained with beta=0.5 learning_rate=0.01, and "
-                          "this run has beta=3.0 learning_rate=0.02; pass beta=0.5 learning_rate=0.01 to resume it as "
-                          "it trained (a run records one value of each key)")
+    then = "beta=0.5 learning_rate=0.01 lr_scheduler_type=linear"
+    assert_one_error_line(code, err, f"arr: error: --resume: {str(checkpoint)!r} trained with {then}, and this run "
+                          f"has beta=3.0 learning_rate=0.02 lr_scheduler_type=cosine; pass {then} to resume it as it "
+                          "trained (a run trains with one value of each key)")
     assert sorted(p.name for p in out.rglob("*")) == on_disk
     config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", kl_mask_target=False, replay_ratio=0.0,
-                       learning_rate=1e-2, report_to="none")
+                       learning_rate=1e-2, per_device_train_batch_size=4, report_to="none")
     with pytest.raises(ConfigError, match="trained with kl_mask_target=true, and this run has kl_mask_target=false"):
         ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(8), processing_class=tokenizer).train(
             resume_from_checkpoint=True)
