@@ -245,6 +245,15 @@ def adapter_layers(peft_model: PeftModel) -> list[torch.nn.Module]:
     return [m for m in peft_model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
 
+def lora_keys(peft_model: PeftModel) -> dict:
+    """The active adapter's LoRA keys, by their config keys (ADAPTER_KEYS and lora_dropout)."""
+    config = peft_model.peft_config[peft_model.active_adapter]
+    keys = {key: getattr(config, name) for key, name in {**ADAPTER_KEYS, "lora_dropout": "lora_dropout"}.items()}
+    if isinstance(keys["lora_target_modules"], (set, list)):  # (PEFT holds a set: no order)
+        keys["lora_target_modules"] = sorted(keys["lora_target_modules"])
+    return keys
+
+
 def starts_as_base(peft_model: PeftModel) -> bool:
     """Whether the active adapter is a no-op now: every LoRA B (and DoRA's, whose magnitude is the base norm at
     B = 0) zero, and no trained module copy. The standard init is; PiSSA/OLoRA and a trained adapter are not."""

@@ -38,8 +38,8 @@ from .errors import ARRError, ConfigError
 from .evaluation import EvalArgs, report_args
 from .objective import ARRObjective, LossParts, TokenCounts
 from .initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_head, is_quantized,
-                      load_model, load_tokenizer, one_cpu_path, recordable_quantization_keys, save_adapter,
-                      with_adapter)
+                      load_model, load_tokenizer, lora_keys, one_cpu_path, recordable_quantization_keys,
+                      save_adapter, with_adapter)
 from .reference import CachedReference, OnlineReference
 from .self_replay import SELF, self_replay_rows
 from .watch import ForgettingWatch
@@ -479,12 +479,18 @@ class ARRTrainer(Trainer):
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
             if checkpoint is not None:  # (none: the Trainer's own error says so)
-                run_folder.check_resumed_keys(checkpoint, self.args.trained_keys())
+                run_folder.check_resumed_keys(checkpoint, self.trained_keys())
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         except RunComplete:
             self.is_in_train = False
             return TrainOutput(self.state.global_step, 0.0, {})  # (the Trainer's training_loss of no step)
+
+    def trained_keys(self) -> dict:
+        """What the run trains, as its checkpoints record it: the objective's and the optimisation's keys
+        (ARRConfig.trained_keys) and the adapter's LoRA keys, whose changed values a resumed PEFT model would take
+        without a word (its load_adapter keeps the adapter's config and loads the weights into it)."""
+        return {**self.args.trained_keys(), **lora_keys(self.accelerator.unwrap_model(self.model))}
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -500,7 +506,7 @@ class ARRTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                run_folder.record_trained_keys(os.path.join(staging, name), self.args.trained_keys())
+                run_folder.record_trained_keys(os.path.join(staging, name), self.trained_keys())
         except (OSError, SafetensorError) as e:  # a full disk: the checkpoints written before stay as they were
             shutil.rmtree(staging, ignore_errors=True)
             raise ARRError(f"cannot write {name} into {run_dir!r} ({' '.join(str(e).split())}); the checkpoints "

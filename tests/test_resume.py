@@ -163,7 +163,8 @@ def test_a_checkpoint_is_resumed_only_with_the_keys_it_trained_with(stop_config,
                                                                     tokenizer):
     """Each checkpoint records the keys that say what it trains. --resume with other values (a default changed
     since, a key typed anew) is refused before anything is loaded, naming the values that resume it as it trained;
-    ARRTrainer.train refuses it too. With those values it resumes to the uninterrupted run."""
+    ARRTrainer.train refuses them too, the adapter's LoRA keys among them. With those values it resumes to the
+    uninterrupted run."""
     out = tmp_path / "out"
     args = ["train", str(stop_config), f"output_dir={out}", "save_strategy=steps", "save_steps=2"]
     assert main(args) == 0
@@ -173,6 +174,8 @@ def test_a_checkpoint_is_resumed_only_with_the_keys_it_trained_with(stop_config,
     checkpoint = out / "checkpoint-2"
     recorded = json.loads((checkpoint / TRAINED_KEYS).read_text())
     assert (recorded["beta"], recorded["learning_rate"], recorded["seed"], recorded["kl_on"]) == (0.5, 1e-2, 42, "all")
+    assert (recorded["lora_r"], recorded["lora_alpha"]) == (4, 32) and recorded["lora_target_modules"] == sorted(
+        recorded["lora_target_modules"])  # (a set in PEFT: sorted, so that it compares)
     on_disk = sorted(p.name for p in out.rglob("*"))
     capsys.readouterr()
 
@@ -185,10 +188,12 @@ def test_a_checkpoint_is_resumed_only_with_the_keys_it_trained_with(stop_config,
                           f"has beta=3.0 learning_rate=0.02 lr_scheduler_type=cosine; pass {then} to resume it as it "
                           "trained (a run trains with one value of each key)")
     assert sorted(p.name for p in out.rglob("*")) == on_disk
-    config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", kl_mask_target=False, replay_ratio=0.0,
-                       learning_rate=1e-2, per_device_train_batch_size=4, report_to="none")
-    with pytest.raises(ConfigError, match="trained with kl_mask_target=true, and this run has kl_mask_target=false"):
-        ARRTrainer(fresh_peft(llama_dir), config, train_dataset=sft_records(8), processing_class=tokenizer).train(
+    # in Python, an adapter that loads into the same shapes but scales them otherwise (PEFT would load it silently)
+    config = ARRConfig(output_dir=str(out), beta=0.5, kl_on="all", replay_ratio=0.0, learning_rate=1e-2,
+                       per_device_train_batch_size=4, report_to="none")
+    model = fresh_peft(llama_dir, r=4, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear")
+    with pytest.raises(ConfigError, match="trained with lora_alpha=32, and this run has lora_alpha=64; pass"):
+        ARRTrainer(model, config, train_dataset=sft_records(8), processing_class=tokenizer).train(
             resume_from_checkpoint=True)
 
     assert main([*args, "--resume"]) == 0
