@@ -406,9 +406,9 @@ class ARRConfig(TrainingArguments):
 
     def trained_keys(self) -> dict:
         """The keys of the objective and the optimisation: ARR's own but those of CHANGEABLE_ON_RESUME, and the
-        Trainer's of OPTIMISATION_KEYS. Each checkpoint records them, and a resumed run must
-        keep them (run_folder.check_resumed_keys): a restored optimizer and scheduler keep the checkpoint's learning
-        rate whatever the run says, and the others would change the steps left without a word."""
+        Trainer's of OPTIMISATION_KEYS. Each checkpoint records them, and a resumed run must keep them
+        (run_folder.check_resumed_keys): a restored optimizer and scheduler keep the checkpoint's learning rate
+        whatever the run says, and the others would change the steps left without a word."""
         trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}
         own = [f.name for f in dataclasses.fields(ARRConfig) if f.name not in trainer_keys | CHANGEABLE_ON_RESUME]
         return {name: getattr(self, name) for name in [*own, *OPTIMISATION_KEYS]}

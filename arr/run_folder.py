@@ -29,7 +29,7 @@ EVAL = "eval.json"
 REPORT_PNG = "report.png"  # the report drawn: before and after per probe, the loss parts and probe rounds over steps
 MERGED = "merged"  # save_merged_model: the adapter merged into the base model
 STAGING = ".staging"  # a checkpoint being written
-TRAINED_KEYS = "arr_trained_keys.json"  # in each checkpoint: the keys it trained with (ARRConfig.trained_keys)
+TRAINED_KEYS = "arr_trained_keys.json"  # in each checkpoint: the keys it trained with (ARRTrainer.trained_keys)
 LOCK = ".arr.lock"  # held (flock) by the `arr train` writing the folder, and removed when it ends
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 
@@ -66,14 +66,15 @@ def check_resumable(path: str, trained_keys: dict) -> None:
 
 
 def record_trained_keys(checkpoint: str | Path, trained_keys: dict) -> None:
-    """Write a checkpoint's TRAINED_KEYS (ARRConfig.trained_keys), as JSON reads them back."""
+    """Write a checkpoint's TRAINED_KEYS (ARRTrainer.trained_keys), as JSON reads them back."""
     (Path(checkpoint) / TRAINED_KEYS).write_text(json.dumps(trained_keys, indent=1, default=str), encoding="utf-8")
 
 
 def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
-    """Refuse to resume `checkpoint` with keys (ARRConfig.trained_keys) other than those it trained with, such as a
-    default changed since, naming the values that resume it as it trained. A checkpoint written before arr recorded
-    its keys is resumed unchecked."""
+    """Refuse to resume `checkpoint` with keys other than those it trained with, such as a default changed since,
+    naming the values that resume it as it trained. `trained_keys`: ARRTrainer.trained_keys, or before the model
+    loads ARRConfig.trained_keys (a key missing on either side is not compared). A checkpoint written before arr
+    recorded its keys is resumed unchecked."""
     from .keys import override
 
     recorded = Path(checkpoint) / TRAINED_KEYS
