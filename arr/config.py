@@ -419,9 +419,10 @@ class ARRConfig(TrainingArguments):
 NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "eval_after", "eval_data", "loss_chunk_size", "padding_free",
                    "ref_cache_dir", "laplace_cache_dir", "dataloader_pin_memory", "disable_tqdm", "report_to",
                    "logging_dir")
-# ARR keys a resumed run may change besides those: what is measured, when the run stops (as max_steps may change)
-# and what is written after it.
-CHANGEABLE_ON_RESUME = {*NOT_RESULT_KEYS, "probe_steps", "forgetting_budget", "save_merged_model"}
+# ARR keys a resumed run may change besides those: what is measured, when the run stops (as max_steps may change),
+# what is written after it, and a data file's path (as for the data keys, which are not ARRConfig's).
+CHANGEABLE_ON_RESUME = {*NOT_RESULT_KEYS, "probe_steps", "forgetting_budget", "save_merged_model",
+                        "self_replay_prompts"}
 OPTIMISATION_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
                      "max_grad_norm", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")

@@ -246,12 +246,12 @@ def adapter_layers(peft_model: PeftModel) -> list[torch.nn.Module]:
 
 
 def lora_keys(peft_model: PeftModel) -> dict:
-    """The active adapter's LoRA keys, by their config keys (ADAPTER_KEYS and lora_dropout)."""
+    """The active adapter's LoRA keys, by their config keys (ADAPTER_KEYS, lora_dropout and init_lora_weights)."""
     config = peft_model.peft_config[peft_model.active_adapter]
     keys = {key: getattr(config, name) for key, name in {**ADAPTER_KEYS, "lora_dropout": "lora_dropout"}.items()}
     if isinstance(keys["lora_target_modules"], (set, list)):  # (PEFT holds a set: no order)
         keys["lora_target_modules"] = sorted(keys["lora_target_modules"])
-    return keys
+    return {**keys, "init_lora_weights": str(config.init_lora_weights).lower()}
 
 
 def starts_as_base(peft_model: PeftModel) -> bool:
@@ -300,6 +300,16 @@ class InitialModel:
     @property
     def kind(self) -> str:
         return "base + initial adapter" if self.snapshot else "base"
+
+    def check_checkpoint(self, checkpoint: str | Path) -> None:
+        """Refuse to resume a checkpoint trained against another π₀: one that holds the snapshot (a run that
+        started from init_adapter or a base-rewriting init) by a run that starts from the bare base, or the reverse;
+        the Trainer would load its adapters into the wrong model without a word."""
+        trained_against = "base + initial adapter" if (Path(checkpoint) / INITIAL_ADAPTER).is_dir() else "base"
+        if trained_against != self.kind:
+            raise ConfigError(f"--resume: {str(checkpoint)!r} trained against {trained_against} as the initial "
+                              f"model, and this run's is {self.kind}; resume with the init_adapter and "
+                              "init_lora_weights the run started with")
 
     def _check_convertible(self, config, init: str) -> None:
         model = self.peft_model

@@ -180,9 +180,9 @@ def read_config(path: str | None, overrides: list[str]) -> dict:
 
 
 def override(key: str, value) -> str:
-    """`key=value` as read_config reads it back: null, booleans, lists and mappings in JSON, which YAML reads."""
-    text = json.dumps(value, separators=(",", ":")) if value is None or isinstance(value, (bool, list, dict)) else value
-    return f"{key}={text}"
+    """`key=value` as read_config reads it back (YAML, which quotes what it would read otherwise: 'no', 1.0e-06)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    return f"{key}={text.removesuffix('...').strip()}"  # (a scalar's document ends with ...)
 
 
 def embedded_recipe_applies(config_path: str | None, values: dict) -> bool:

@@ -82,6 +82,8 @@ def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
         return
     try:
         then = json.loads(recorded.read_text(encoding="utf-8"))
+        if not isinstance(then, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {str(recorded)!r} ({e}); resume from an earlier checkpoint by "
                           "moving this one away") from None

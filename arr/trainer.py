@@ -479,6 +479,7 @@ class ARRTrainer(Trainer):
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
             if checkpoint is not None:  # (none: the Trainer's own error says so)
+                self.initial.check_checkpoint(checkpoint)
                 run_folder.check_resumed_keys(checkpoint, self.trained_keys())
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)

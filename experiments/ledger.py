@@ -34,7 +34,7 @@ def content_hash(path: str | None) -> str | None:
 
 def run_identity(resolved: dict, leave_out: tuple[str, ...] = ()) -> dict:
     """A resolved configuration (train.resolved_config, or EvalArgs' fields) as a ledger key: less the keys that do
-    not change the result (compare.NOT_RESULT_KEYS) and `leave_out`, each data file as its content's hash."""
+    not change the result (arr.config.NOT_RESULT_KEYS) and `leave_out`, each data file as its content's hash."""
     def named(key, value):
         return content_hash(value) if key in DATA_KEYS and isinstance(value, str) and Path(value).is_file() else value
 

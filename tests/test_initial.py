@@ -19,6 +19,7 @@ from arr.errors import ConfigError
 from arr.evaluation import load_run
 from arr.initial import (INITIAL_ADAPTER, InitialModel, computes_in_float32, fingerprint, initial_model, load_model,
                          recordable_quantization_keys, with_adapter)
+from arr.run_folder import TRAINED_KEYS
 from arr.trainer import ARRTrainer, check_head, check_packing
 from bench.tiny import tiny_model
 from conftest import assert_one_error_line, replay_texts, sft_records
@@ -349,3 +350,22 @@ def test_the_fingerprint_sums_a_long_tensor_a_chunk_at_a_time_to_the_same_digits
     recorder = AllocationPeak()
     chunked = initial.tensor_digest([("w", weights)]).hexdigest()
     assert recorder.stop() < 2 and chunked == whole
+
+
+def test_a_checkpoint_resumes_only_against_the_initial_model_it_trained_against(llama_dir, tokenizer, tmp_path):
+    """A checkpoint of a PiSSA run (π₀: the residual base and the snapshot of the starting adapter) resumed by a run
+    from the standard init, whose π₀ is the bare base: the Trainer would load its adapters into that model without
+    a word, so it is refused, naming the keys to give."""
+    config = ARRConfig(output_dir=str(tmp_path / "run"), beta=1.0, kl_on="all", replay_ratio=0.0, ref_cache="none",
+                       max_steps=1, save_strategy="steps", save_steps=1, per_device_train_batch_size=2,
+                       report_to="none", disable_tqdm=True)
+    def peft(init):
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), LoraConfig(**LORA, init_lora_weights=init))
+
+    ARRTrainer(peft("pissa"), config, train_dataset=sft_records(4), processing_class=tokenizer).train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert json.loads((checkpoint / TRAINED_KEYS).read_text())["init_lora_weights"] == "pissa"
+    resumed = ARRTrainer(peft(True), config, train_dataset=sft_records(4), processing_class=tokenizer)
+    with pytest.raises(ConfigError, match=rf"^--resume: {str(checkpoint)!r} trained against base \+ initial adapter as "
+                                          r"the initial model, and this run's is base; resume with the init_adapter"):
+        resumed.train(resume_from_checkpoint=True)
