@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from arr.cli import main
-from arr.keys import read_config
+from arr.keys import override, read_config
 from conftest import replay_texts, sft_records, write_jsonl
 
 
@@ -343,3 +343,11 @@ def test_a_run_record_is_a_config_again_and_holds_no_secret(tmp_path):
     # any other YAML is read as written: a lineage key there is an unknown key
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"seed": 1, "lineage": []}))
     assert read_config(str(tmp_path / "mine.yaml"), []) == {"seed": 1, "lineage": []}
+
+
+@pytest.mark.parametrize("value", [None, True, "all", "no", "1.0", 1e-8, 0.0002, 3, float("inf"), ["q_proj", "v_proj"],
+                                   {"min_lr": 1e-6}])
+def test_an_override_reads_back_as_the_value_it_was_made_from(value):
+    """key=value as refusals suggest it and compare passes it: YAML that read_config reads back unchanged, words
+    like 'no' and nested floats like 1e-06 included (YAML 1.1 would read them as a bool and a string)."""
+    assert read_config(None, [override("key", value)])["key"] == value
