@@ -472,9 +472,9 @@ class ARRTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
-        """The Trainer's, except that a checkpoint is refused when this run's keys differ from those it trained with
-        (run_folder.check_resumed_keys), and resuming from one at max_steps trains nothing (StepChecks): the run is
-        complete and its model is the checkpoint's."""
+        """The Trainer's, except that a checkpoint is refused when it trained against another initial model or with
+        other keys than this run's (InitialModel.check_checkpoint, run_folder.check_resumed_keys), and resuming from
+        one at max_steps trains nothing (StepChecks): the run is complete and its model is the checkpoint's."""
         if resume_from_checkpoint:
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
