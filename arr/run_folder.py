@@ -65,9 +65,14 @@ def check_resumable(path: str, trained_keys: dict) -> None:
     check_resumed_keys(checkpoint, trained_keys)
 
 
+def _keys_json(trained_keys: dict) -> str:
+    """TRAINED_KEYS's text: values JSON cannot hold (an enum, a path) as their str, so a record and a run compare."""
+    return json.dumps(trained_keys, indent=1, default=str)
+
+
 def record_trained_keys(checkpoint: str | Path, trained_keys: dict) -> None:
-    """Write a checkpoint's TRAINED_KEYS (ARRTrainer.trained_keys), as JSON reads them back."""
-    (Path(checkpoint) / TRAINED_KEYS).write_text(json.dumps(trained_keys, indent=1, default=str), encoding="utf-8")
+    """Write a checkpoint's TRAINED_KEYS (ARRTrainer.trained_keys)."""
+    (Path(checkpoint) / TRAINED_KEYS).write_text(_keys_json(trained_keys), encoding="utf-8")
 
 
 def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
@@ -87,7 +92,7 @@ def check_resumed_keys(checkpoint: str | Path, trained_keys: dict) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {str(recorded)!r} ({e}); resume from an earlier checkpoint by "
                           "moving this one away") from None
-    now = json.loads(json.dumps(trained_keys, default=str))
+    now = json.loads(_keys_json(trained_keys))
     changed = [key for key in then if key in now and now[key] != then[key]]
     if changed:
         def given(values):
