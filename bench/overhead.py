@@ -62,6 +62,11 @@ VARIANTS = {
     "arr_replay_online": {"ref_cache": "none"},
     "arr_added": {"replay_mode": "add"},
     "arr_b1": {"beta": 1.0},
+    # the frontier's other candidates (experiments/frontier.py, issue 28), which are at beta 1: their steps' cost
+    "arr_b1_r25": {"beta": 1.0, "replay_ratio": 0.25},
+    "arr_b1_r50": {"beta": 1.0, "replay_ratio": 0.5},
+    "arr_b03": {"beta": 0.3},
+    "arr_b1_mtt01": {"beta": 1.0, "kl_on": "all", "task_kl_beta": 0.1},
     "arr_kl_all": _KL_ALL,
     "arr_online": {**_KL_ALL, "ref_cache": "none"},
     "arr_naive": {**_KL_ALL, "ref_cache": "none", "loss_chunk_size": 0},
