@@ -28,6 +28,9 @@ seconds this adds are counted as the cache build). Variants (shipped defaults, a
   arr_added      the shipped default with its replay added on top of the task's rows (replay_mode: add): every
                  step trains the batch's task rows, as plain LoRA, and about 8/7 replay rows besides
   arr_b1         the shipped default at beta 1, the default before issue 28's frontier (the same work a step)
+  arr_b1_r25, arr_b1_r50, arr_b03, arr_b1_mtt01
+                 the steps of issue 28's other frontier candidates (experiments/frontier.py's _r25, _r50, _b03,
+                 _mtt01): arr_b1 with replay ratio 0.25 or 0.5, beta 0.3, or kl_on: all with task_kl_beta 0.1
   arr_kl_all     the KL on every position of every row (kl_on: all, the default before), ref_cache: auto
   arr_online     arr_kl_all with the on-line exact reference on every step (ref_cache: none)
   arr_naive      arr_online with the loss through full [batch, seq, vocab] logits (loss_chunk_size = 0)
