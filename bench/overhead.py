@@ -65,7 +65,7 @@ VARIANTS = {
     "arr_replay_online": {"ref_cache": "none"},
     "arr_added": {"replay_mode": "add"},
     "arr_b1": {"beta": 1.0},
-    # the frontier's other candidates (experiments/frontier.py, issue 28), which are at beta 1: their steps' cost
+    # the steps of the frontier's other candidates (experiments/frontier.py, issue 28): beta 1 unless they set it
     "arr_b1_r25": {"beta": 1.0, "replay_ratio": 0.25},
     "arr_b1_r50": {"beta": 1.0, "replay_ratio": 0.5},
     "arr_b03": {"beta": 0.3},
