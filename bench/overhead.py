@@ -40,8 +40,9 @@ For a top-k cache the KL it gives is compared with the exact KL of the trained m
 A run's wall time counts its cache build: what a first run costs. A later run that reads the cache costs its steps
 alone ("when an earlier run built it").
 The last line printed is one JSON object with wall_ratio and peak_mem_ratio of the shipped default against plain LoRA
-on each workload (top level: the embedded recipe), and wall_ratio_cache_reused, a later run's wall ratio, from this
-run (with --repeats N, the medians of N interleaved repeats, each against its own LoRA run).
+on each workload (top level: the embedded recipe), wall_ratio_cache_reused, a later run's wall ratio, from this
+run, and with --memory alloc_peak_ratio (with --repeats N, the medians of N interleaved repeats, each against its
+own LoRA run).
 """
 
 from __future__ import annotations
