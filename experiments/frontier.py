@@ -333,9 +333,10 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("task score kept (% of LoRA)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
+    columns = min(5, max(1, len(labels)))  # in rows of five: one row of nine entries runs off the figure
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * -(-len(labels) // columns), 1, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the whole legend, whatever its rows
     plt.close(fig)
 
 
