@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -335,7 +336,7 @@ def plot(summary: dict, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     columns = min(5, max(1, len(labels)))  # in rows of five: one row of nine entries runs off the figure
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.02 + 0.06 * -(-len(labels) // columns), 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * math.ceil(len(labels) / columns), 1, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")  # the whole legend, whatever its rows
     plt.close(fig)
 
